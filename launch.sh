@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One entry point for users and CI. On first use it makes a virtual environment (.venv, or
+# $WAN_SPMD_VENV) and installs wan_spmd into it: the CPU torch wheel where there is no GPU.
+#   ./launch.sh generate --prompt "..." --image examples/example.png   # any wan_spmd command
+#   ./launch.sh test [pytest args]                                      # the test suite
+#   ./launch.sh torchrun --nproc-per-node 2 -m wan_spmd serve ...       # torchrun from the venv
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+venv=${WAN_SPMD_VENV:-$here/.venv}
+python=${PYTHON:-python3}
+
+if [ ! -f "$venv/.installed" ]; then
+  echo "launch.sh: setting up $venv (first use only)" >&2
+  "$python" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    "$venv/bin/python" -m pip install -q "torch>=2.11"
+  else
+    # Pinned: an open range would pull a multi-GB CUDA build onto a CPU-only machine.
+    "$venv/bin/python" -m pip install -q "torch==2.13.0"
+  fi
+  "$venv/bin/python" -m pip install -q -e "$here[test]"
+  touch "$venv/.installed"
+fi
+
+cmd=${1:-}
+case "$cmd" in
+  test) shift; cd "$here" && exec "$venv/bin/python" -m pytest "$@" ;;
+  torchrun) shift; exec "$venv/bin/torchrun" "$@" ;;
+  "") exec "$venv/bin/wan_spmd" --help ;;
+  *) exec "$venv/bin/wan_spmd" "$@" ;;
+esac

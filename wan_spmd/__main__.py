@@ -1,0 +1,3 @@
+from wan_spmd.cli import main
+
+main()

@@ -1,0 +1,299 @@
+"""The one request schema shared by every front (CLI, HTTP, JSONL), validated once on rank 0.
+
+Values arrive as strings (form fields, CLI flags) or JSON scalars; `resolve_params` turns them,
+plus the layered defaults and the model's facts, into a frozen `GenerationParams` or raises
+`RequestError` naming the field. No torch here: the HTTP layer uses this module too.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from wan_spmd.config import ModelInfo
+
+# The request's own keys (the HTTP form's names). `image`/`input_reference` carry the image and
+# are handled by each front; `model`, `id` and `output` are front-specific and accepted here.
+PARAM_KEYS = (
+    "prompt",
+    "negative_prompt",
+    "size",
+    "width",
+    "height",
+    "seconds",
+    "fps",
+    "num_frames",
+    "num_inference_steps",
+    "guidance_scale",
+    "guidance_scale_2",
+    "boundary_ratio",
+    "flow_shift",
+    "seed",
+)
+FRONT_KEYS = frozenset({"model", "image", "input_reference", "id", "output"})
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(ValueError):
+    """Bad input from a user; `field` names the request key at fault (None for the whole request)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The validation limits every front shares (each has a flag)."""
+
+    max_width: int = 1920
+    """Widest frame in pixels."""
+    max_height: int = 1920
+    """Tallest frame in pixels."""
+    max_frames: int = 161
+    """Most frames per video."""
+    max_steps: int = 200
+    """Most denoising steps (the least is 1)."""
+    max_fps: int = 60
+    """Highest frame rate."""
+    max_upload_bytes: int = 20 * 1024 * 1024
+    """Largest image upload."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """A validated request with every default filled in; what the pipeline runs."""
+
+    prompt: str
+    negative_prompt: str
+    image: bytes | None
+    """The encoded input image (PNG, JPEG, ...) for I2V; None for T2V."""
+    width: int
+    height: int
+    num_frames: int
+    fps: int
+    num_inference_steps: int
+    guidance_scale: float
+    """Classifier-free guidance of the high-noise expert; CFG runs at all only when > 1."""
+    guidance_scale_2: float
+    """Guidance of the low-noise expert."""
+    boundary_ratio: float
+    flow_shift: float
+    seed: int
+    warnings: tuple[str, ...] = ()
+    """What was ignored or derived (unknown keys, rounded frame counts), reported back."""
+
+    @property
+    def size(self) -> str:
+        return f"{self.width}x{self.height}"
+
+    @property
+    def seconds(self) -> float:
+        return self.num_frames / self.fps
+
+    def summary(self) -> dict[str, Any]:
+        """The parameters as JSON-friendly values (no image bytes), for answers and logs."""
+        out = asdict(self)
+        out["image"] = None if self.image is None else f"<{len(self.image)} bytes>"
+        out["warnings"] = list(self.warnings)
+        return out
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip() == "")
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise RequestError(f"{name} must be an integer, got {value!r}", name)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise RequestError(f"{name} must be an integer, got {value!r}", name) from None
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise RequestError(f"{name} must be a number, got {value!r}", name)
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{name} must be a number, got {value!r}", name) from None
+    if not math.isfinite(number):
+        raise RequestError(f"{name} must be a finite number, got {value!r}", name)
+    return number
+
+
+def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
+    """'1280x720' -> (1280, 720)."""
+    text = str(value).strip().lower()
+    parts = text.split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise RequestError(f"{name} must look like WIDTHxHEIGHT (e.g. 1280x720), got {value!r}", name)
+    return int(parts[0]), int(parts[1])
+
+
+def decode_image(data: bytes, name: str = "image") -> Image.Image:
+    """Decode and fully load an image, so truncated files fail here and not inside the pipeline."""
+    if not data:
+        raise RequestError(f"{name} is empty; send a PNG or JPEG image", name)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise RequestError(f"{name} is not a readable image ({exc.__class__.__name__}); send a PNG or JPEG", name) from None
+
+
+def size_from_area(image_width: int, image_height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
+    """Official Wan2.2 I2V sizing: keep the image's aspect ratio within `max_area` pixels, each side
+    rounded down to a multiple of 16 (VAE stride 8 x patch 2)."""
+    aspect = image_height / image_width
+    height = int(math.sqrt(max_area * aspect) // multiple * multiple)
+    width = int(math.sqrt(max_area / aspect) // multiple * multiple)
+    return max(width, multiple), max(height, multiple)
+
+
+def derive_num_frames(seconds: float, fps: int) -> int:
+    """Frames from a duration, rounded as diffusers rounds (`n // 4 * 4 + 1`): 5 s x 16 fps -> 81."""
+    return int(seconds * fps) // 4 * 4 + 1
+
+
+def resolve_params(
+    request: Mapping[str, Any],
+    *,
+    info: ModelInfo,
+    defaults: Mapping[str, Any],
+    limits: Limits = Limits(),
+    image: bytes | None = None,
+) -> GenerationParams:
+    """Validate one request against the limits and the model, filling in defaults.
+
+    Explicit values the model cannot take are errors; derived values (frames from seconds x fps,
+    I2V size from the image) are rounded and reported in `warnings`.
+    """
+    warnings: list[str] = []
+    unknown = sorted(k for k in request if k not in PARAM_KEYS and k not in FRONT_KEYS)
+    if unknown:
+        warnings.append(f"ignored unknown keys: {', '.join(unknown)}")
+    req = {k: v for k, v in request.items() if k in PARAM_KEYS and not _is_blank(v)}
+
+    def pick(name: str) -> Any:
+        return req[name] if name in req else defaults.get(name)
+
+    # 1. Prompts
+    prompt = request.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RequestError("prompt is required and must be a non-empty string", "prompt")
+    negative_prompt = pick("negative_prompt") or ""
+    if not isinstance(negative_prompt, str):
+        raise RequestError("negative_prompt must be a string", "negative_prompt")
+
+    # 2. Image: required for I2V, refused for T2V
+    pil_image = None
+    if info.is_i2v:
+        if image is None:
+            raise RequestError(
+                "this is an image-to-video model: send an input image (--image PATH, input_reference upload)",
+                "input_reference",
+            )
+        if len(image) > limits.max_upload_bytes:
+            raise RequestError(
+                f"image is {len(image)} bytes, over the {limits.max_upload_bytes}-byte limit", "input_reference"
+            )
+        pil_image = decode_image(image, "input_reference")
+    elif image is not None:
+        raise RequestError("this is a text-to-video model: it takes no input image", "input_reference")
+
+    # 3. Size: size wins over width/height; else the image's aspect (I2V) or the default size
+    multiple = info.spatial_multiple
+    if "size" in req:
+        width, height = parse_size(req["size"])
+        size_field = "size"
+    elif "width" in req or "height" in req:
+        if "width" not in req or "height" not in req:
+            missing = "height" if "width" in req else "width"
+            raise RequestError(f"give both width and height (or size), {missing} is missing", missing)
+        width, height = _as_int("width", req["width"]), _as_int("height", req["height"])
+        size_field = "width"
+    elif pil_image is not None and defaults.get("max_area"):
+        area_w, area_h = parse_size(defaults["max_area"], "max_area")
+        width, height = size_from_area(pil_image.width, pil_image.height, area_w * area_h, multiple)
+        size_field = "size"
+        warnings.append(f"size {width}x{height} follows the image's aspect ratio within {area_w}x{area_h}")
+    elif defaults.get("size"):
+        width, height = parse_size(defaults["size"])
+        size_field = "size"
+    else:
+        raise RequestError("size is required (e.g. 1280x720)", "size")
+    for value, dim, limit in ((width, "width", limits.max_width), (height, "height", limits.max_height)):
+        if value < multiple or value % multiple:
+            raise RequestError(f"{dim} {value} must be a positive multiple of {multiple}", size_field)
+        if value > limit:
+            raise RequestError(f"{dim} {value} is over the limit {limit}", size_field)
+
+    # 4. Frames: num_frames wins over seconds x fps
+    fps = _as_int("fps", pick("fps") if pick("fps") is not None else 16)
+    if not 1 <= fps <= limits.max_fps:
+        raise RequestError(f"fps {fps} must be between 1 and {limits.max_fps}", "fps")
+    if "num_frames" in req or "seconds" not in req:
+        num_frames = _as_int("num_frames", pick("num_frames"))
+        if num_frames < 1 or num_frames % 4 != 1:
+            raise RequestError(f"num_frames {num_frames} must be 4k+1 (e.g. 81, 121)", "num_frames")
+        frames_field = "num_frames"
+    else:
+        seconds = _as_float("seconds", req["seconds"])
+        if seconds <= 0:
+            raise RequestError(f"seconds must be positive, got {seconds:g}", "seconds")
+        num_frames = derive_num_frames(seconds, fps)
+        frames_field = "seconds"
+        warnings.append(f"num_frames {num_frames} from {seconds:g} s x {fps} fps (rounded to 4k+1)")
+    if num_frames > limits.max_frames:
+        raise RequestError(f"num_frames {num_frames} is over the limit {limits.max_frames}", frames_field)
+
+    # 5. Sampling
+    steps = _as_int("num_inference_steps", pick("num_inference_steps"))
+    if not 1 <= steps <= limits.max_steps:
+        raise RequestError(f"num_inference_steps {steps} must be between 1 and {limits.max_steps}", "num_inference_steps")
+    guidance = _as_float("guidance_scale", pick("guidance_scale"))
+    guidance_2 = _as_float("guidance_scale_2", pick("guidance_scale_2") if pick("guidance_scale_2") is not None else guidance)
+    for name, value in (("guidance_scale", guidance), ("guidance_scale_2", guidance_2)):
+        if value < 0:
+            raise RequestError(f"{name} must be >= 0, got {value:g}", name)
+    boundary = _as_float("boundary_ratio", req.get("boundary_ratio", info.boundary_ratio))
+    if not 0.0 <= boundary <= 1.0:
+        raise RequestError(f"boundary_ratio must be within [0, 1], got {boundary:g}", "boundary_ratio")
+    flow_shift = _as_float("flow_shift", pick("flow_shift"))
+    if flow_shift <= 0:
+        raise RequestError(f"flow_shift must be > 0, got {flow_shift:g}", "flow_shift")
+    seed_value = pick("seed")
+    seed = random.randrange(2**32) if seed_value is None else _as_int("seed", seed_value)
+    if not 0 <= seed <= MAX_SEED:
+        raise RequestError(f"seed must be between 0 and {MAX_SEED}, got {seed}", "seed")
+
+    return GenerationParams(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        image=image,
+        width=width,
+        height=height,
+        num_frames=num_frames,
+        fps=fps,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        guidance_scale_2=guidance_2,
+        boundary_ratio=boundary,
+        flow_shift=flow_shift,
+        seed=seed,
+        warnings=tuple(warnings),
+    )

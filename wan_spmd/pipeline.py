@@ -1,0 +1,271 @@
+"""Our Wan2.2 denoising pipeline, built from diffusers' model classes and scheduler.
+
+It follows `WanImageToVideoPipeline` / `WanPipeline` (diffusers 0.42) step for step so that the
+numbers match on the same weights and seed, quirks included:
+- prompts are cleaned as diffusers does (ftfy.fix_text, double html.unescape, whitespace collapse),
+  tokenised to 512 ids; embeddings past each prompt's length are zeroed;
+- classifier-free guidance runs for *both* experts only when `guidance_scale` (the high-noise
+  expert's) is > 1, whatever `guidance_scale_2` says;
+- the high-noise expert (`transformer`) runs while t >= boundary_ratio * num_train_timesteps, the
+  low-noise expert (`transformer_2`) below;
+- the initial noise is drawn by a CPU `torch.Generator` seeded with `seed`, in float32, so the
+  video depends neither on the device nor on the number of ranks;
+- I2V conditions on the VAE's latent mode of [image, zeros...] and a first-frame mask.
+
+The pipeline is single-device code: it never calls torch.distributed. Under tensor parallelism the
+experts it is handed are already sharded (their collectives live inside them), and the runtime
+passes a per-step `StepControl` that agrees across ranks whether to go on.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import ftfy
+import regex as re
+import torch
+from diffusers.video_processor import VideoProcessor
+
+from wan_spmd.config import ModelInfo
+from wan_spmd.models import Components
+from wan_spmd.params import GenerationParams, decode_image
+
+log = logging.getLogger("wan_spmd")
+
+MAX_SEQUENCE_LENGTH = 512  # UMT5 context; the experts' cross-attention always sees 512 positions
+
+
+class JobCancelled(RuntimeError):
+    """The step control said stop (a client went away, the server is shutting down)."""
+
+
+class StepControl(Protocol):
+    """Called before each denoising step on every rank; returns False to stop the job.
+
+    The runtime's implementation agrees across ranks, so all ranks stop at the same step.
+    """
+
+    def __call__(self, step: int, total: int) -> bool: ...
+
+
+def prompt_clean(text: str) -> str:
+    """diffusers' Wan prompt cleaning: fix mojibake, unescape HTML twice, collapse whitespace."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@dataclass
+class VideoResult:
+    """What a job produces on every rank; only rank 0 uses `frames`."""
+
+    frames: torch.Tensor
+    """uint8 (F, H, W, 3) on the host, converted on the device first."""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    latents: torch.Tensor | None = None
+    """Final latents (B, C, T, H/8, W/8) in float32, kept only when asked (equivalence tests)."""
+    video: torch.Tensor | None = None
+    """Decoded float frames in [0, 1] (B, C, F, H, W), kept only when asked."""
+
+
+class WanVideoPipeline:
+    """Prompt (+ image) -> frames for a Wan2.2 two-expert model, on one device (or one TP shard)."""
+
+    def __init__(self, components: Components, info: ModelInfo, device: torch.device) -> None:
+        self.c = components
+        self.info = info
+        self.device = device
+        self.vae_scale_temporal = int(components.vae.config.scale_factor_temporal)
+        self.vae_scale_spatial = int(components.vae.config.scale_factor_spatial)
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_spatial)
+        z_dim = components.vae.config.z_dim
+        # (1, z, 1, 1, 1): the VAE's per-channel latent statistics
+        self.latents_mean = torch.tensor(components.vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
+        # diffusers keeps 1/std and multiplies (and divides by it to undo); same order, same rounding
+        self.inv_latents_std = 1.0 / torch.tensor(components.vae.config.latents_std).view(1, z_dim, 1, 1, 1)
+
+    @property
+    def transformer_dtype(self) -> torch.dtype:
+        return next(self.c.transformer.parameters()).dtype
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """(1, 512, text_dim) embeddings, zero past the prompt's length, as diffusers makes them."""
+        inputs = self.c.tokenizer(
+            [prompt_clean(prompt)],
+            padding="max_length",
+            max_length=MAX_SEQUENCE_LENGTH,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        ids, mask = inputs.input_ids.to(self.device), inputs.attention_mask.to(self.device)
+        seq_len = int(mask.gt(0).sum())
+        embeds = self.c.text_encoder(ids, mask).last_hidden_state  # (1, 512, text_dim)
+        embeds = embeds.to(self.c.text_encoder.dtype)
+        embeds[:, seq_len:] = 0
+        return embeds.to(self.transformer_dtype)
+
+    def initial_noise(self, params: GenerationParams) -> torch.Tensor:
+        """(1, 16, T_lat, H/8, W/8) float32 noise from a CPU generator: device- and rank-independent."""
+        shape = (
+            1,
+            int(self.c.vae.config.z_dim),
+            (params.num_frames - 1) // self.vae_scale_temporal + 1,
+            params.height // self.vae_scale_spatial,
+            params.width // self.vae_scale_spatial,
+        )
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+
+    @torch.inference_mode()
+    def image_condition(self, params: GenerationParams) -> torch.Tensor:
+        """I2V condition (1, 4 + 16, T_lat, h, w): first-frame mask then the image's latent mode."""
+        vae = self.c.vae
+        image = self.video_processor.preprocess(decode_image(params.image), height=params.height, width=params.width)
+        image = image.to(self.device, dtype=torch.float32)  # (1, 3, H, W) in [-1, 1]
+        # (1, 3, F, H, W): the image, then black frames
+        video_condition = torch.cat(
+            [image.unsqueeze(2), image.new_zeros(1, 3, params.num_frames - 1, params.height, params.width)], dim=2
+        ).to(vae.dtype)
+        latent = vae.encode(video_condition).latent_dist.mode().to(torch.float32)
+        latent = (latent - self.latents_mean.to(latent)) * self.inv_latents_std.to(latent)
+
+        t_scale = self.vae_scale_temporal
+        lat_h, lat_w = params.height // self.vae_scale_spatial, params.width // self.vae_scale_spatial
+        mask = torch.zeros(1, 1, params.num_frames, lat_h, lat_w)
+        mask[:, :, 0] = 1
+        # The first frame's mask is repeated 4x so frames fold into (T_lat, 4) groups.
+        mask = torch.cat([mask[:, :, :1].repeat_interleave(t_scale, dim=2), mask[:, :, 1:]], dim=2)
+        mask = mask.view(1, -1, t_scale, lat_h, lat_w).transpose(1, 2)  # (1, 4, T_lat, h, w)
+        return torch.cat([mask.to(latent), latent], dim=1)
+
+    def make_scheduler(self, flow_shift: float):
+        """A fresh scheduler per job (schedulers keep state), with the request's flow_shift."""
+        return type(self.c.scheduler).from_config(self.c.scheduler.config, flow_shift=flow_shift)
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        params: GenerationParams,
+        latents: torch.Tensor,
+        condition: torch.Tensor | None,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        control: StepControl | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """The two-expert loop with CFG; returns float32 latents."""
+        scheduler = self.make_scheduler(params.flow_shift)
+        scheduler.set_timesteps(params.num_inference_steps, device=self.device)
+        timesteps = scheduler.timesteps
+        boundary_timestep = params.boundary_ratio * scheduler.config.num_train_timesteps
+        do_cfg = params.guidance_scale > 1.0  # diffusers' rule, applied to both experts
+        dtype = self.transformer_dtype
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
+            if control is not None and not control(i, total):
+                raise JobCancelled(f"cancelled at step {i} of {total}")
+            if t >= boundary_timestep:  # high-noise stage
+                model, guidance = self.c.transformer, params.guidance_scale
+            else:  # low-noise stage
+                model, guidance = self.c.transformer_2, params.guidance_scale_2
+            model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
+            model_input = model_input.to(dtype)
+            timestep = t.expand(latents.shape[0])
+            noise_pred = model(
+                hidden_states=model_input, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False
+            )[0]
+            if do_cfg:
+                noise_uncond = model(
+                    hidden_states=model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=negative_embeds,
+                    return_dict=False,
+                )[0]
+                noise_pred = noise_uncond + guidance * (noise_pred - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i + 1, total)
+        return latents
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> float video (1, 3, F, H, W) in [0, 1] on the device."""
+        vae = self.c.vae
+        latents = latents.to(vae.dtype)
+        latents = latents / self.inv_latents_std.to(latents) + self.latents_mean.to(latents)
+        video = vae.decode(latents, return_dict=False)[0]
+        return (video / 2 + 0.5).clamp(0, 1)
+
+    # -- the whole request ----------------------------------------------------------------------
+
+    def __call__(
+        self,
+        params: GenerationParams,
+        control: StepControl | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        keep_tensors: bool = False,
+    ) -> VideoResult:
+        timer = _StageTimer(self.device)
+        with timer("PipelineWall"):
+            # 1. Encode prompts (the negative one only when CFG will run)
+            with timer("TextEncoding"):
+                prompt_embeds = self.encode_prompt(params.prompt)
+                negative_embeds = self.encode_prompt(params.negative_prompt) if params.guidance_scale > 1 else None
+            # 2. Initial noise and, for I2V, the image condition
+            with timer("LatentPreparation"):
+                latents = self.initial_noise(params)
+                condition = self.image_condition(params) if self.info.is_i2v else None
+            # 3. Denoising loop over both experts
+            with timer("Denoising"):
+                latents = self.denoise(params, latents, condition, prompt_embeds, negative_embeds, control, on_step)
+            # 4. Decode, and convert to 8-bit on the device before the frames go to the host
+            with timer("Decoding"):
+                video = self.decode(latents)
+                # (1, 3, F, H, W) -> (F, H, W, 3); diffusers' numpy_to_pil rounds the same way
+                frames = (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
+        frames = frames.cpu()
+        timings = timer.ms
+        log.info(
+            "request seed=%d %s x%d frames, %d steps: %s",
+            params.seed,
+            params.size,
+            params.num_frames,
+            params.num_inference_steps,
+            " ".join(f"{k}={v:.0f}ms" for k, v in timings.items()),
+        )
+        return VideoResult(
+            frames=frames,
+            timings_ms=timings,
+            latents=latents if keep_tensors else None,
+            video=video if keep_tensors else None,
+        )
+
+
+class _StageTimer:
+    """Wall-clock stage timings in ms, synchronising the device so GPU work is counted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.ms: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.ms[name] = (time.perf_counter() - start) * 1000.0

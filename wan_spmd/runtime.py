@@ -1,0 +1,316 @@
+"""Process groups from torchrun's environment, the control plane, and the SPMD loop.
+
+Every rank runs `spmd_loop`. Rank 0 alone holds a `JobSource` (the CLI's one job, a JSONL file,
+the server's queue); it decides what happens next and broadcasts that decision on a gloo
+control-plane group, so idle ranks wait on the CPU with heartbeats, never inside an NCCL
+collective. A single process without torchrun is the world_size == 1 case of the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from wan_spmd.params import GenerationParams
+from wan_spmd.pipeline import JobCancelled, VideoResult
+
+if TYPE_CHECKING:
+    from wan_spmd.config import ModelInfo
+    from wan_spmd.pipeline import WanVideoPipeline
+
+log = logging.getLogger("wan_spmd")
+
+
+class PeerFailed(RuntimeError):
+    """Another rank reported a failure at an agreement point; this rank stops the job too."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Process set-up
+
+
+@dataclass
+class Dist:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    control: Any = None
+    """The gloo control-plane group (None when world_size == 1)."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) without torchrun."""
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def pick_device(local_rank: int, want: str = "auto") -> torch.device:
+    """One device per rank: cuda:LOCAL_RANK when there is a GPU (or asked), else the CPU."""
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is visible")
+    if local_rank >= torch.cuda.device_count():
+        raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible")
+    return torch.device("cuda", local_rank)
+
+
+def setup_logging(rank: int, level: str = "INFO") -> None:
+    """Rank 0 logs at INFO; other ranks only warnings and errors, with a rank prefix."""
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prefix}%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("wan_spmd")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(level if rank == 0 else "WARNING")
+    from wan_spmd.models import quiet_hub_logging
+
+    quiet_hub_logging()
+
+
+def init_dist(device: str = "auto", collective_timeout_s: float = 600.0, control_timeout_s: float = 60.0) -> Dist:
+    """Join torchrun's job: NCCL on CUDA, gloo on CPU, plus a gloo control-plane group.
+
+    `control_timeout_s` bounds how long a rank waits on the control plane; rank 0 sends heartbeats
+    well inside it, so only a dead or stuck peer makes it expire.
+    """
+    rank, world_size, local_rank = torchrun_env()
+    dev = pick_device(local_rank, device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world_size == 1:
+        return Dist(device=dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend=backend,
+        timeout=timedelta(seconds=collective_timeout_s),
+        device_id=dev if dev.type == "cuda" else None,
+    )
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s))
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, control=control)
+
+
+def shutdown(d: Dist) -> None:
+    if d.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs and their sources
+
+
+@dataclass
+class Job:
+    """One validated request, as broadcast to every rank (primitives and image bytes only)."""
+
+    id: str
+    params: GenerationParams
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Front-specific data (output path, line number); only rank 0 reads it."""
+
+
+@dataclass
+class Outcome:
+    """How a job ended, as rank 0 reports it to the front."""
+
+    job: Job
+    result: VideoResult | None = None
+    error: str | None = None
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.result is not None
+
+
+class JobSource(Protocol):
+    """Where rank 0 gets work from and where outcomes go; the only front-facing interface."""
+
+    def next_job(self, timeout: float) -> Job | None | type[StopLoop]:
+        """A job; None if none arrived within `timeout` (a heartbeat goes out); StopLoop to end."""
+
+    def is_cancelled(self, job: Job) -> bool:
+        """Whether the job should stop at its next step (client gone, shutdown)."""
+
+    def on_step(self, job: Job, step: int, total: int) -> None:
+        """Progress, after each denoising step."""
+
+    def finish(self, outcome: Outcome) -> None:
+        """Deliver the outcome (write the mp4, answer the client). Rank 0 only."""
+
+
+class StopLoop:
+    """Sentinel a source returns to end the loop on every rank."""
+
+
+RunJob = Callable[[Job, Callable[[int, int], bool], Callable[[int, int], None]], VideoResult]
+
+
+# ---------------------------------------------------------------------------------------------
+# Control plane
+
+
+class ControlPlane:
+    """Broadcasts rank 0's decisions and agrees on per-job flags, over the gloo group."""
+
+    def __init__(self, d: Dist) -> None:
+        self.d = d
+
+    def broadcast(self, message: Any) -> Any:
+        if self.d.world_size == 1:
+            return message
+        box = [message if self.d.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self.d.control)
+        return box[0]
+
+    def any_flags(self, failed: bool, cancel: bool) -> tuple[bool, bool]:
+        """MAX over ranks of (failed, cancel)."""
+        flags = torch.tensor([int(failed), int(cancel)], dtype=torch.int32)
+        if self.d.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.d.control)
+        return bool(flags[0]), bool(flags[1])
+
+    def gather_errors(self, error: str | None) -> list[str | None]:
+        """Every rank's error text, on rank 0 (an empty list elsewhere)."""
+        if self.d.world_size == 1:
+            return [error]
+        out: list[Any] = [None] * self.d.world_size if self.d.is_main else []
+        dist.gather_object(error, out if self.d.is_main else None, dst=0, group=self.d.control)
+        return out
+
+
+class JobAgreement:
+    """The per-step control the pipeline sees: all ranks go on, or all stop at the same step.
+
+    A rank that fails on its own (an exception outside any agreement) reports it at `finish`; its
+    peers meet that report at their next step agreement (or their own `finish`), because both use
+    the same all-reduce on the control group. The first agreement that shows a failure or a
+    cancellation ends the job on every rank, so each rank enters exactly the same collectives.
+    """
+
+    def __init__(self, plane: ControlPlane, cancelled: Callable[[], bool]) -> None:
+        self.plane = plane
+        self.cancelled = cancelled
+        self.ended = False
+
+    def __call__(self, step: int, total: int) -> bool:
+        failed, cancel = self.plane.any_flags(False, self.plane.d.is_main and self.cancelled())
+        if failed:
+            self.ended = True
+            raise PeerFailed(f"another rank failed before step {step}")
+        if cancel:
+            self.ended = True
+            return False
+        return True
+
+    def finish(self, failed: bool) -> bool:
+        """Agree at the end of the job; True if any rank failed (or an earlier agreement ended it)."""
+        if self.ended:
+            return True
+        any_failed, _ = self.plane.any_flags(failed, False)
+        return any_failed
+
+
+def run_agreed(plane: ControlPlane, job: Job, run_job: RunJob, source: JobSource | None) -> Outcome:
+    """Run one job on this rank; every rank returns after the same collectives."""
+    agreement = JobAgreement(plane, (lambda: source.is_cancelled(job)) if source else (lambda: False))
+    on_step = (lambda i, n: source.on_step(job, i, n)) if source else (lambda i, n: None)
+    result, error, local_failed, cancelled = None, None, False, False
+    try:
+        result = run_job(job, agreement, on_step)
+    except JobCancelled as exc:
+        error, cancelled = str(exc), True
+    except PeerFailed:
+        pass
+    except Exception as exc:  # a job's failure must not end the loop
+        log.error("job %s failed on rank %d: %s: %s", job.id, plane.d.rank, type(exc).__name__, exc, exc_info=True)
+        error, local_failed = f"{type(exc).__name__}: {exc}", True
+    if cancelled:
+        return Outcome(job, error=error, cancelled=True)
+    any_failed = agreement.finish(local_failed)
+    if not any_failed:
+        return Outcome(job, result=result)
+    errors = plane.gather_errors(error if local_failed else None)
+    if not plane.d.is_main:
+        return Outcome(job, error=error or "failed on another rank")
+    described = [f"rank {r}: {e}" if plane.d.world_size > 1 else e for r, e in enumerate(errors) if e]
+    return Outcome(job, error="; ".join(described) or "cancelled")
+
+
+def spmd_loop(d: Dist, run_job: RunJob, source: JobSource | None, heartbeat_s: float = 5.0) -> int:
+    """Run jobs until rank 0's source says stop; returns how many jobs ran.
+
+    Rank 0 takes a job from `source` (or sends a heartbeat after `heartbeat_s` idle) and broadcasts
+    it; every rank runs it; rank 0 hands the outcome to the source. A reply is always sent.
+    """
+    if d.is_main and source is None:
+        raise ValueError("rank 0 needs a job source")
+    plane = ControlPlane(d)
+    count = 0
+    while True:
+        message: Any = None
+        if d.is_main:
+            item = source.next_job(heartbeat_s)
+            message = ("stop", None) if item is StopLoop else ("heartbeat", None) if item is None else ("job", item)
+        kind, job = plane.broadcast(message)
+        if kind == "stop":
+            return count
+        if kind == "heartbeat":
+            continue
+        start = time.perf_counter()
+        outcome = run_agreed(plane, job, run_job, source if d.is_main else None)
+        count += 1
+        if d.is_main:
+            outcome.job.meta.setdefault("job_ms", (time.perf_counter() - start) * 1000.0)
+            try:
+                source.finish(outcome)
+            except Exception:  # delivery trouble (disk full, client gone) must not end the loop
+                log.exception("could not deliver the outcome of job %s", job.id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the pipeline on every rank
+
+
+def load_pipeline(d: Dist, info: ModelInfo) -> WanVideoPipeline:
+    """Load the model on this rank's device; under world_size > 1 the experts are tensor-parallel."""
+    from wan_spmd.models import load_components
+    from wan_spmd.pipeline import WanVideoPipeline
+
+    start = time.perf_counter()
+    components = load_components(info, d.device)
+    if d.world_size > 1:
+        from wan_spmd.parallel import shard_experts
+
+        shard_experts(components, d.world_size, d.device)
+    log.info("loaded %s on %d rank(s) in %.1f s", info.path, d.world_size, time.perf_counter() - start)
+    return WanVideoPipeline(components, info, d.device)
+
+
+def pipeline_runner(pipe: WanVideoPipeline) -> RunJob:
+    """The job runner the loop calls: the pipeline with the agreed per-step control."""
+
+    def run(job: Job, control: Callable[[int, int], bool], on_step: Callable[[int, int], None]) -> VideoResult:
+        return pipe(job.params, control=control, on_step=on_step)
+
+    return run
