@@ -13,12 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 
-from wan_spmd.config import ModelFolderError, generation_defaults
-from wan_spmd.params import Limits, RequestError, resolve_params
-from wan_spmd.runtime import torchrun_env
+from wan_spmd.config import TINY_NOTE, ModelFolderError, generation_defaults, resolve_model
+from wan_spmd.env import setup_logging, torchrun_env
+from wan_spmd.params import Limits, RequestError, read_image_file, resolve_params
 
 app = typer.Typer(
     add_completion=False,
@@ -100,26 +99,39 @@ def generate(
     max_steps: MaxStepsOpt = Limits.max_steps,
 ) -> None:
     """Generate one video and write it as an mp4."""
-    from wan_spmd.generate import OneJobSource, read_image_file
-    from wan_spmd.models import TINY_NOTE, resolve_model
-    from wan_spmd.runtime import Job, init_dist, load_pipeline, pipeline_runner, shutdown, spmd_loop
-
     rank, _, _ = torchrun_env()
     with user_errors():
         info = resolve_model(model)
         request = _request(
-            prompt=prompt, negative_prompt=negative_prompt, size=size, width=width, height=height,
-            seconds=seconds, fps=fps, num_frames=num_frames, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, guidance_scale_2=guidance_scale_2, boundary_ratio=boundary_ratio,
-            flow_shift=flow_shift, seed=seed,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            size=size,
+            width=width,
+            height=height,
+            seconds=seconds,
+            fps=fps,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2,
+            boundary_ratio=boundary_ratio,
+            flow_shift=flow_shift,
+            seed=seed,
         )
         image_bytes = read_image_file(image) if image is not None else None
         params = resolve_params(
-            request, info=info, defaults=generation_defaults(info, config),
-            limits=_limits(max_width, max_height, max_frames, max_steps), image=image_bytes,
+            request,
+            info=info,
+            defaults=generation_defaults(info, config),
+            limits=_limits(max_width, max_height, max_frames, max_steps),
+            image=image_bytes,
         )
-        if output.exists() and output.is_dir():
+        if output.is_dir():
             raise ValueError(f"--output {output} is a folder; give a file name such as out.mp4")
+        # torch loads only once the arguments are known to be good
+        from wan_spmd.generate import OneJobSource
+        from wan_spmd.runtime import Job, init_dist, load_pipeline, pipeline_runner, shutdown, spmd_loop
+
         d = init_dist(device)
     if rank == 0 and model.startswith("tiny"):
         print(f"note: {TINY_NOTE}", file=sys.stderr)
@@ -149,8 +161,6 @@ def make_tiny_cmd(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors and exit 2 for bad usage, printed once under torchrun."""
-    from wan_spmd.runtime import setup_logging
-
     rank, _, _ = torchrun_env()
     setup_logging(rank)
     try:
@@ -159,11 +169,15 @@ def main(argv: list[str] | None = None) -> None:
         if str(exc) and rank == 0:
             print(str(exc), file=sys.stderr)
         sys.exit(exc.code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except click.UsageError as exc:
-        if rank == 0:
-            print(f"error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+    except Exception as exc:
+        # click's (typer-vendored) usage errors: unknown option, missing value, bad choice
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(exc.format_message(), file=sys.stderr)
+            sys.exit(2)
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            if rank == 0:
+                print(f"error: {exc.format_message()}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        if type(exc).__name__ == "Abort":
+            sys.exit(130)
+        raise

@@ -8,6 +8,7 @@ JSON and TOML.
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,14 @@ DEFAULT_KEYS = frozenset(
         "max_area",
         "seed",
     }
+)
+
+
+TINY_VERSION = 1  # bump when the tiny layout changes, so stale caches are rebuilt
+TINY_NAMES = {"tiny": "i2v", "tiny-i2v": "i2v", "tiny-t2v": "t2v"}
+TINY_NOTE = (
+    "model 'tiny' is a tiny randomly initialised Wan2.2 checkpoint: it makes noise, not art. "
+    "For real videos pass --model /path/to/Wan2.2-I2V-A14B-Diffusers (a local diffusers-format folder)."
 )
 
 
@@ -88,8 +97,7 @@ def inspect_model_folder(path: str | Path) -> ModelInfo:
     cls = index.get("_class_name")
     if cls not in PIPELINE_CONFIGS:
         raise ModelFolderError(
-            f"{folder} holds a {cls!r} pipeline, not Wan2.2 "
-            f"(expected one of {', '.join(sorted(PIPELINE_CONFIGS))})"
+            f"{folder} holds a {cls!r} pipeline, not Wan2.2 (expected one of {', '.join(sorted(PIPELINE_CONFIGS))})"
         )
     declared_missing = [c for c in REQUIRED_COMPONENTS if not (index.get(c) or [None])[0]]
     dirs_missing = [c for c in REQUIRED_COMPONENTS if not (folder / c).is_dir()]
@@ -152,3 +160,24 @@ def generation_defaults(info: ModelInfo, config_name: str | None = None) -> dict
     if info.path is not None and (info.path / "generation.toml").is_file():
         defaults.update(read_config_file(info.path / "generation.toml"))
     return defaults
+
+
+def tiny_cache_dir(variant: str) -> Path:
+    """Where the tiny checkpoint lives: the user's cache folder (XDG_CACHE_HOME or ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "wan_spmd" / f"tiny-{variant}-v{TINY_VERSION}"
+
+
+def resolve_model(model: str) -> ModelInfo:
+    """`tiny` / `tiny-t2v` (built on first use into the cache) or a local diffusers folder.
+
+    Only a first build of the tiny model imports torch; checking a folder never does.
+    """
+    if model in TINY_NAMES:
+        folder = tiny_cache_dir(TINY_NAMES[model])
+        if not (folder / "model_index.json").is_file():
+            from wan_spmd.models import ensure_tiny
+
+            folder = ensure_tiny(TINY_NAMES[model])
+        return inspect_model_folder(folder)
+    return inspect_model_folder(model)

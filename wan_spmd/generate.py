@@ -8,16 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from wan_spmd.params import RequestError
 from wan_spmd.runtime import Job, Outcome, StopLoop
-
-
-def read_image_file(path: str | Path, field: str = "image") -> bytes:
-    """An image path from the CLI or a JSONL line, as bytes (decoding is validation's job)."""
-    try:
-        return Path(path).expanduser().read_bytes()
-    except OSError as exc:
-        raise RequestError(f"cannot read {field} {path}: {exc.strerror or exc}", field) from None
 
 
 def timings_line(timings_ms: dict[str, float]) -> str:

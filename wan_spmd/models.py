@@ -21,15 +21,9 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
-from wan_spmd.config import ModelFolderError, ModelInfo, inspect_model_folder
+from wan_spmd.config import ModelFolderError, ModelInfo, tiny_cache_dir
 
 log = logging.getLogger("wan_spmd")
-
-TINY_VERSION = 1  # bump when the tiny layout changes, so stale caches are rebuilt
-TINY_NOTE = (
-    "model 'tiny' is a tiny randomly initialised Wan2.2 checkpoint: it makes noise, not art. "
-    "For real videos pass --model /path/to/Wan2.2-I2V-A14B-Diffusers (a local diffusers-format folder)."
-)
 
 
 @dataclass
@@ -190,7 +184,9 @@ def make_tiny(dest: str | Path, variant: str = "i2v", seed: int = 0) -> Path:
     )
     vae.save_pretrained(dest / "vae")
     UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        num_train_timesteps=1000,
         flow_shift=5.0 if is_i2v else 12.0,
     ).save_pretrained(dest / "scheduler")
     for name in ("transformer", "transformer_2"):
@@ -217,14 +213,9 @@ def make_tiny(dest: str | Path, variant: str = "i2v", seed: int = 0) -> Path:
         "# Written by `wan_spmd make-tiny`: a tiny random model, noise not art.\n"
         "[generation]\n"
         f"num_inference_steps = 4\nnum_frames = 9\nfps = 8\n{size_line}\n"
-        f"flow_shift = {5.0 if is_i2v else 12.0}\nnegative_prompt = \"blurry, static\"\n"
+        f'flow_shift = {5.0 if is_i2v else 12.0}\nnegative_prompt = "blurry, static"\n'
     )
     return dest
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "wan_spmd"
 
 
 def ensure_tiny(variant: str = "i2v") -> Path:
@@ -233,9 +224,9 @@ def ensure_tiny(variant: str = "i2v") -> Path:
     Safe against concurrent builders (torchrun ranks, parallel tests): a file lock serialises them,
     and each build goes to a temporary folder renamed into place only when complete.
     """
-    root = cache_root()
+    target = tiny_cache_dir(variant)
+    root = target.parent
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"tiny-{variant}-v{TINY_VERSION}"
     if (target / "model_index.json").is_file():
         return target
     with open(root / f".tiny-{variant}.lock", "w") as lock:
@@ -250,10 +241,3 @@ def ensure_tiny(variant: str = "i2v") -> Path:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def resolve_model(model: str) -> ModelInfo:
-    """`tiny` / `tiny-t2v` (built on first use into the cache) or a local diffusers folder."""
-    if model in ("tiny", "tiny-i2v", "tiny-t2v"):
-        return inspect_model_folder(ensure_tiny("t2v" if model == "tiny-t2v" else "i2v"))
-    return inspect_model_folder(model)

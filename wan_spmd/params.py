@@ -12,6 +12,7 @@ import math
 import random
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -152,7 +153,17 @@ def decode_image(data: bytes, name: str = "image") -> Image.Image:
             img.load()
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise RequestError(f"{name} is not a readable image ({exc.__class__.__name__}); send a PNG or JPEG", name) from None
+        raise RequestError(
+            f"{name} is not a readable image ({exc.__class__.__name__}); send a PNG or JPEG", name
+        ) from None
+
+
+def read_image_file(path: str | Path, field: str = "image") -> bytes:
+    """An image path from the CLI or a JSONL line, as bytes (decoding is validation's job)."""
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise RequestError(f"cannot read {field} {path}: {exc.strerror or exc}", field) from None
 
 
 def size_from_area(image_width: int, image_height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
@@ -264,9 +275,13 @@ def resolve_params(
     # 5. Sampling
     steps = _as_int("num_inference_steps", pick("num_inference_steps"))
     if not 1 <= steps <= limits.max_steps:
-        raise RequestError(f"num_inference_steps {steps} must be between 1 and {limits.max_steps}", "num_inference_steps")
+        raise RequestError(
+            f"num_inference_steps {steps} must be between 1 and {limits.max_steps}", "num_inference_steps"
+        )
     guidance = _as_float("guidance_scale", pick("guidance_scale"))
-    guidance_2 = _as_float("guidance_scale_2", pick("guidance_scale_2") if pick("guidance_scale_2") is not None else guidance)
+    guidance_2 = _as_float(
+        "guidance_scale_2", pick("guidance_scale_2") if pick("guidance_scale_2") is not None else guidance
+    )
     for name, value in (("guidance_scale", guidance), ("guidance_scale_2", guidance_2)):
         if value < 0:
             raise RequestError(f"{name} must be >= 0, got {value:g}", name)

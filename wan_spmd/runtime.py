@@ -9,8 +9,6 @@ collective. A single process without torchrun is the world_size == 1 case of the
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.distributed as dist
 
+from wan_spmd.env import torchrun_env
 from wan_spmd.params import GenerationParams
 from wan_spmd.pipeline import JobCancelled, VideoResult
 
@@ -54,15 +53,6 @@ class Dist:
         return self.rank == 0
 
 
-def torchrun_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) without torchrun."""
-    return (
-        int(os.environ.get("RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")),
-        int(os.environ.get("LOCAL_RANK", "0")),
-    )
-
-
 def pick_device(local_rank: int, want: str = "auto") -> torch.device:
     """One device per rank: cuda:LOCAL_RANK when there is a GPU (or asked), else the CPU."""
     if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
@@ -72,20 +62,6 @@ def pick_device(local_rank: int, want: str = "auto") -> torch.device:
     if local_rank >= torch.cuda.device_count():
         raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible")
     return torch.device("cuda", local_rank)
-
-
-def setup_logging(rank: int, level: str = "INFO") -> None:
-    """Rank 0 logs at INFO; other ranks only warnings and errors, with a rank prefix."""
-    prefix = "" if rank == 0 else f"[rank {rank}] "
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{prefix}%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    logger = logging.getLogger("wan_spmd")
-    logger.handlers[:] = [handler]
-    logger.propagate = False
-    logger.setLevel(level if rank == 0 else "WARNING")
-    from wan_spmd.models import quiet_hub_logging
-
-    quiet_hub_logging()
 
 
 def init_dist(device: str = "auto", collective_timeout_s: float = 600.0, control_timeout_s: float = 60.0) -> Dist:
@@ -294,8 +270,10 @@ def spmd_loop(d: Dist, run_job: RunJob, source: JobSource | None, heartbeat_s: f
 
 def load_pipeline(d: Dist, info: ModelInfo) -> WanVideoPipeline:
     """Load the model on this rank's device; under world_size > 1 the experts are tensor-parallel."""
-    from wan_spmd.models import load_components
+    from wan_spmd.models import load_components, quiet_hub_logging
     from wan_spmd.pipeline import WanVideoPipeline
+
+    quiet_hub_logging()
 
     start = time.perf_counter()
     components = load_components(info, d.device)

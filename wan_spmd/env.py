@@ -1,0 +1,27 @@
+"""torchrun's environment and logging set-up, without torch, so bad arguments fail fast."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def torchrun_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) without torchrun."""
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def setup_logging(rank: int, level: str = "INFO") -> None:
+    """One logger: rank 0 at INFO; other ranks only warnings and errors, with a rank prefix."""
+    prefix = "" if rank == 0 else f"[rank {rank}] "
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prefix}%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("wan_spmd")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(level if rank == 0 else "WARNING")
