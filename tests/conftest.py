@@ -51,9 +51,7 @@ def run_cli(args: list[str], *, nproc: int = 0, timeout: float = 300, cwd: Path 
         cmd += ["-m", "wan_spmd", *args]
     else:
         cmd = [sys.executable, "-m", "wan_spmd", *args]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(**env), cwd=cwd or ROOT
-    )
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=cli_env(**env), cwd=cwd or ROOT)
 
 
 def run_torchrun_script(script: Path, args: list[str], nproc: int = 2, timeout: float = 300, **env: str):

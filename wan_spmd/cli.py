@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from wan_spmd.config import TINY_NOTE, ModelFolderError, generation_defaults, resolve_model
+from wan_spmd.config import TINY_NOTE, ModelFolderError, check_tp, generation_defaults, resolve_model
 from wan_spmd.env import setup_logging, torchrun_env
 from wan_spmd.params import Limits, RequestError, read_image_file, resolve_params
 
@@ -99,9 +99,10 @@ def generate(
     max_steps: MaxStepsOpt = Limits.max_steps,
 ) -> None:
     """Generate one video and write it as an mp4."""
-    rank, _, _ = torchrun_env()
+    rank, world_size, _ = torchrun_env()
     with user_errors():
         info = resolve_model(model)
+        check_tp(info.transformer_config, world_size)
         request = _request(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -125,6 +126,7 @@ def generate(
             defaults=generation_defaults(info, config),
             limits=_limits(max_width, max_height, max_frames, max_steps),
             image=image_bytes,
+            image_field="image",
         )
         if output.is_dir():
             raise ValueError(f"--output {output} is a folder; give a file name such as out.mp4")

@@ -121,6 +121,18 @@ def inspect_model_folder(path: str | Path) -> ModelInfo:
     )
 
 
+def check_tp(transformer_config: dict, tp_size: int) -> None:
+    """Refuse a TP size the architecture cannot split evenly, naming the numbers."""
+    heads = int(transformer_config["num_attention_heads"])
+    ffn = int(transformer_config["ffn_dim"])
+    if tp_size < 1:
+        raise ValueError(f"tensor-parallel size must be >= 1, got {tp_size}")
+    if heads % tp_size:
+        raise ValueError(f"{heads} attention heads do not split over tp={tp_size} ranks")
+    if ffn % tp_size:
+        raise ValueError(f"ffn_dim {ffn} does not split over tp={tp_size} ranks")
+
+
 def builtin_config_dir() -> Path:
     """The shipped `configs/` folder: installed as package data, or the source tree's."""
     installed = Path(__file__).parent / "configs"

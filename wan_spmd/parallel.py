@@ -20,6 +20,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from wan_spmd.config import check_tp
+
 # Module pattern (inside each `blocks.*`) -> style. Left replicated on purpose: the patch and
 # condition embeddings, FP32LayerNorms, the modulation tables and proj_out (small, or element-wise
 # work on the full hidden state; the sequence-parallel work of a later step shards that).
@@ -68,18 +70,6 @@ class AcrossHeadsRMSNorm(nn.Module):
         dist.all_reduce(sum_sq, group=self.group)
         out = x32 * torch.rsqrt(sum_sq / self.full_dim + self.eps)
         return out.to(x.dtype) * self.weight
-
-
-def check_tp(transformer_config: dict, tp_size: int) -> None:
-    """Refuse a TP size the architecture cannot split evenly, naming the numbers."""
-    heads = int(transformer_config["num_attention_heads"])
-    ffn = int(transformer_config["ffn_dim"])
-    if tp_size < 1:
-        raise ValueError(f"tensor-parallel size must be >= 1, got {tp_size}")
-    if heads % tp_size:
-        raise ValueError(f"{heads} attention heads do not split over tp={tp_size} ranks")
-    if ffn % tp_size:
-        raise ValueError(f"ffn_dim {ffn} does not split over tp={tp_size} ranks")
 
 
 def tp_mesh(device: torch.device, tp_size: int) -> DeviceMesh:

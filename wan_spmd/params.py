@@ -187,11 +187,13 @@ def resolve_params(
     defaults: Mapping[str, Any],
     limits: Limits = Limits(),
     image: bytes | None = None,
+    image_field: str = "input_reference",
 ) -> GenerationParams:
     """Validate one request against the limits and the model, filling in defaults.
 
     Explicit values the model cannot take are errors; derived values (frames from seconds x fps,
-    I2V size from the image) are rounded and reported in `warnings`.
+    I2V size from the image) are rounded and reported in `warnings`. `image_field` is what the
+    front calls the image in its errors (`input_reference` over HTTP, `image` in the CLI and JSONL).
     """
     warnings: list[str] = []
     unknown = sorted(k for k in request if k not in PARAM_KEYS and k not in FRONT_KEYS)
@@ -214,17 +216,14 @@ def resolve_params(
     pil_image = None
     if info.is_i2v:
         if image is None:
-            raise RequestError(
-                "this is an image-to-video model: send an input image (--image PATH, input_reference upload)",
-                "input_reference",
-            )
+            raise RequestError(f"this is an image-to-video model: send an input image ({image_field})", image_field)
         if len(image) > limits.max_upload_bytes:
             raise RequestError(
-                f"image is {len(image)} bytes, over the {limits.max_upload_bytes}-byte limit", "input_reference"
+                f"{image_field} is {len(image)} bytes, over the {limits.max_upload_bytes}-byte limit", image_field
             )
-        pil_image = decode_image(image, "input_reference")
+        pil_image = decode_image(image, image_field)
     elif image is not None:
-        raise RequestError("this is a text-to-video model: it takes no input image", "input_reference")
+        raise RequestError(f"this is a text-to-video model: it takes no input image ({image_field})", image_field)
 
     # 3. Size: size wins over width/height; else the image's aspect (I2V) or the default size
     multiple = info.spatial_multiple

@@ -1,0 +1,120 @@
+"""The one request schema: defaults, derivations and the errors every front shares."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from wan_spmd.config import ModelInfo
+from wan_spmd.params import Limits, RequestError, derive_num_frames, resolve_params, size_from_area
+
+I2V = ModelInfo(None, "WanImageToVideoPipeline", 0.9, {"patch_size": [1, 2, 2]})
+T2V = ModelInfo(None, "WanPipeline", 0.875, {"patch_size": [1, 2, 2]})
+DEFAULTS = {
+    "num_inference_steps": 40,
+    "flow_shift": 5.0,
+    "guidance_scale": 3.5,
+    "guidance_scale_2": 3.5,
+    "num_frames": 81,
+    "fps": 16,
+    "max_area": "1280x720",
+    "size": "1280x720",
+}
+
+
+def png(width: int = 320, height: int = 192) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def resolve(request: dict, info: ModelInfo = T2V, image: bytes | None = None, **kw):
+    return resolve_params(request, info=info, defaults=DEFAULTS, image=image, **kw)
+
+
+def test_defaults_fill_in_and_model_boundary_is_used():
+    """A bare prompt gets the config's settings and the folder's boundary_ratio."""
+    p = resolve({"prompt": "a cat"})
+    assert (p.width, p.height, p.num_frames, p.fps, p.num_inference_steps) == (1280, 720, 81, 16, 40)
+    assert p.boundary_ratio == 0.875 and p.guidance_scale == 3.5 and p.image is None
+    assert 0 <= p.seed < 2**32
+
+
+def test_seconds_times_fps_rounds_as_diffusers():
+    """5 s at 16 fps is 80 frames, rounded to 81 (n // 4 * 4 + 1), and the rounding is reported."""
+    assert derive_num_frames(5, 16) == 81
+    assert derive_num_frames(2, 8) == 17
+    p = resolve({"prompt": "x", "seconds": "5", "fps": "16"})
+    assert p.num_frames == 81 and any("81" in w for w in p.warnings)
+
+
+def test_num_frames_wins_over_seconds_and_size_over_width_height():
+    p = resolve({"prompt": "x", "seconds": 5, "num_frames": 33, "size": "832x480", "width": 64, "height": 64})
+    assert (p.num_frames, p.width, p.height) == (33, 832, 480)
+
+
+def test_i2v_size_follows_image_aspect_within_area():
+    """Official Wan2.2 sizing: 320x192 (5:3) within 1280x720 -> 1232x736, multiples of 16."""
+    assert size_from_area(320, 192, 1280 * 720) == (1232, 736)
+    p = resolve({"prompt": "x"}, info=I2V, image=png(320, 192))
+    assert (p.width, p.height) == (1232, 736)
+    assert p.width % 16 == 0 and p.height % 16 == 0
+
+
+def test_unknown_keys_are_named_in_a_warning():
+    p = resolve({"prompt": "x", "colour": "red", "style": 1, "model": "m"})
+    assert p.warnings and "colour, style" in p.warnings[0] and "model" not in p.warnings[0]
+
+
+@pytest.mark.parametrize(
+    "request_, field",
+    [
+        ({}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x", "num_frames": 80}, "num_frames"),
+        ({"prompt": "x", "num_frames": "abc"}, "num_frames"),
+        ({"prompt": "x", "num_frames": 165}, "num_frames"),
+        ({"prompt": "x", "seconds": 30}, "seconds"),
+        ({"prompt": "x", "size": "1280*720"}, "size"),
+        ({"prompt": "x", "size": "1000x720"}, "size"),
+        ({"prompt": "x", "size": "2048x720"}, "size"),
+        ({"prompt": "x", "width": 640}, "height"),
+        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "x", "num_inference_steps": 201}, "num_inference_steps"),
+        ({"prompt": "x", "guidance_scale": -1}, "guidance_scale"),
+        ({"prompt": "x", "guidance_scale": "nan"}, "guidance_scale"),
+        ({"prompt": "x", "guidance_scale_2": "inf"}, "guidance_scale_2"),
+        ({"prompt": "x", "boundary_ratio": 1.5}, "boundary_ratio"),
+        ({"prompt": "x", "flow_shift": 0}, "flow_shift"),
+        ({"prompt": "x", "seed": -3}, "seed"),
+        ({"prompt": "x", "fps": 0}, "fps"),
+    ],
+)
+def test_invalid_values_name_their_field(request_, field):
+    """Each invalid value is refused with its field named, never silently corrected."""
+    with pytest.raises(RequestError) as err:
+        resolve(request_)
+    assert err.value.field == field, str(err.value)
+
+
+def test_image_rules():
+    """I2V needs a decodable image; T2V refuses one; truncated and oversized uploads fail."""
+    with pytest.raises(RequestError, match="image-to-video"):
+        resolve({"prompt": "x"}, info=I2V)
+    with pytest.raises(RequestError, match="text-to-video"):
+        resolve({"prompt": "x"}, image=png())
+    with pytest.raises(RequestError, match="not a readable image"):
+        resolve({"prompt": "x"}, info=I2V, image=b"GIF89a not really")
+    with pytest.raises(RequestError, match="not a readable image"):
+        resolve({"prompt": "x"}, info=I2V, image=png()[:60])
+    with pytest.raises(RequestError, match="empty"):
+        resolve({"prompt": "x"}, info=I2V, image=b"")
+    with pytest.raises(RequestError, match="over the"):
+        resolve({"prompt": "x"}, info=I2V, image=png(), limits=Limits(max_upload_bytes=10))
+
+
+def test_limits_are_flags_not_constants():
+    p = resolve({"prompt": "x", "size": "2048x720"}, limits=Limits(max_width=2048))
+    assert p.width == 2048
