@@ -1,1 +1,521 @@
-"""The `batch` front: jobs from a JSONL file, resumable and shardable (issue 7)."""
+"""The `batch` front: jobs from a JSONL file, resumable and shardable (issue 7).
+
+Rank 0 alone reads the file and writes the results; the other ranks only run the jobs the SPMD
+loop broadcasts. A line is parsed cheaply up front (JSON, id, output name: enough to count this
+shard's work and to know what a previous run finished), and validated only when the loop asks for
+the next job, so a bad line is recorded as failed and never reaches the other ranks.
+
+Each line's outcome is appended to `OUT/results.jsonl` (`results-I-of-K.jsonl` for a shard) and
+flushed before the next job starts, after its video has been renamed into place: a crash loses at
+most the job in flight, and a rerun skips exactly the jobs whose video and ok line both exist.
+
+This module imports torch only inside `BatchSource`'s methods, so the CLI can check its arguments
+(`check_args`) before torch loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from wan_spmd.params import PARAM_KEYS, Limits, RequestError, read_image_file, resolve_params
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from wan_spmd.config import ModelInfo
+    from wan_spmd.runtime import Job, Outcome, StopLoop
+
+# What a line's derived id and its fingerprint cover: the generation parameters, the image path as
+# written and the output name. Not `id` (it is what we derive) and not unknown keys (ignored).
+FINGERPRINT_KEYS = (*PARAM_KEYS, "image", "output")
+ID_HEX_CHARS = 16  # 64 bits: collisions among a batch's lines are out of reach
+MAX_NAME_CHARS = 200  # per path component, under every filesystem's 255-byte limit for ASCII
+# write_mp4 writes `.{stem}-XXXXXXXX.mp4.part` (tempfile's 8 random characters) beside the video.
+PART_SUFFIX = ".mp4.part"
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and shards
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of the batch this run takes: lines whose id hashes to `index` modulo `count`."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def results_name(self) -> str:
+        return "results.jsonl" if self.count == 1 else f"results-{self.index}-of-{self.count}.jsonl"
+
+    def owns(self, entry: Entry) -> bool:
+        return shard_of(entry, self.count) == self.index
+
+
+def check_args(requests: Path, output_dir: Path, shard_index: int | None, num_shards: int | None) -> Shard:
+    """The batch command's own arguments; a ValueError here exits 2 before torch loads."""
+    if not requests.exists():
+        raise ValueError(f"requests file {requests} does not exist")
+    if not requests.is_file():
+        raise ValueError(f"requests file {requests} is not a file")
+    if not os.access(requests, os.R_OK):
+        raise ValueError(f"requests file {requests} is not readable")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output-dir {output_dir} exists and is not a folder")
+    if (shard_index is None) != (num_shards is None):
+        raise ValueError("give --shard-index and --num-shards together (or neither)")
+    if num_shards is None or shard_index is None:
+        return Shard()
+    if num_shards < 1:
+        raise ValueError(f"--num-shards must be at least 1, got {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(
+            f"--shard-index must be within 0..{num_shards - 1} for --num-shards {num_shards}, got {shard_index}"
+        )
+    return Shard(shard_index, num_shards)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lines: ids, fingerprints, output names
+
+
+def _is_blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def fingerprint(request: Mapping[str, Any]) -> str:
+    """A hash of what a line asks for, independent of key order and of blank values (which the schema
+    treats as absent), so an unchanged line keeps it across runs. The image is hashed as a path as
+    written, not its content: moving the JSONL file with its images keeps every id."""
+    picked = {k: request[k] for k in FINGERPRINT_KEYS if k in request and not _is_blank(request[k])}
+    canonical = json.dumps(picked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def derive_id(params_hash: str) -> str:
+    return params_hash[:ID_HEX_CHARS]
+
+
+def safe_output_name(value: Any) -> PurePosixPath:
+    """An `output` from a line as a path relative to OUT, refused (never rewritten) if it could leave
+    OUT or clash with our own files: absolute, `..`, hidden or empty parts, backslashes, control
+    characters, or not an .mp4. Subfolders (`shots/a.mp4`) are fine."""
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError("output must be a non-empty file name such as clip.mp4", "output")
+    if "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise RequestError(f"output {value!r} has a backslash or a control character", "output")
+    if value.startswith("/"):
+        raise RequestError(f"output {value!r} is absolute; give a name relative to --output-dir", "output")
+    parts = value.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise RequestError(
+                f"output {value!r} has an empty, '.' or '..' part; it must stay in --output-dir", "output"
+            )
+        if part.startswith("."):
+            raise RequestError(f"output {value!r} has a hidden part {part!r}", "output")
+        if len(part) > MAX_NAME_CHARS:
+            raise RequestError(f"output {value!r} has a part over {MAX_NAME_CHARS} characters", "output")
+    if not parts[-1].endswith(".mp4") or parts[-1] == ".mp4":
+        raise RequestError(f"output {value!r} must be an .mp4 file name", "output")
+    return PurePosixPath(*parts)
+
+
+def default_output_name(job_id: str) -> PurePosixPath:
+    """`{id}.mp4`, with any character of an explicit id that is not safe in a file name made `_`."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", job_id).lstrip(".")[:MAX_NAME_CHARS] or "_"
+    return PurePosixPath(f"{stem}.mp4")
+
+
+def output_path(out_dir: Path, name: PurePosixPath) -> Path:
+    """OUT/name, refused if a symlinked folder inside OUT would take it elsewhere."""
+    path = out_dir / name
+    root = out_dir.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise RequestError(f"output {str(name)!r} leads outside --output-dir (through a symlink)", "output")
+    return path
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One non-blank line, parsed but not yet validated."""
+
+    line: int
+    """1-based line number in the file (blank lines count)."""
+    id: str | None = None
+    """Explicit or derived; None when the line could not be parsed far enough to have one."""
+    params_hash: str | None = None
+    request: dict[str, Any] | None = None
+    output: PurePosixPath | None = None
+    error: str | None = None
+    """Why the line cannot run, known before validation (not JSON, bad id or output)."""
+
+
+def shard_of(entry: Entry, count: int) -> int:
+    """By id, so identical lines and lines sharing an id land together (duplicates are found within a
+    shard); a line without an id by its line number."""
+    if count == 1:
+        return 0
+    if entry.id is None:
+        return (entry.line - 1) % count
+    return int(hashlib.sha256(entry.id.encode()).hexdigest()[:16], 16) % count
+
+
+def scan_line(line_no: int, raw: bytes) -> Entry | None:
+    """Parse one line (None if blank): JSON, id, output name. No files are touched."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Entry(line_no, error=f"not UTF-8 text ({exc.reason} at byte {exc.start})")
+    text = text.lstrip("\ufeff").strip()
+    if not text:
+        return None
+    try:
+        request = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Entry(line_no, error=f"not JSON: {exc.msg} at column {exc.colno}")
+    if not isinstance(request, dict):
+        return Entry(line_no, error=f"not a JSON object but a {type(request).__name__}")
+    params_hash = fingerprint(request)
+    raw_id = request.get("id")
+    if raw_id is None:
+        job_id = derive_id(params_hash)
+    elif isinstance(raw_id, str | int) and not isinstance(raw_id, bool) and str(raw_id).strip():
+        job_id = str(raw_id).strip()
+    else:
+        return Entry(line_no, request=request, error=f"id must be a non-empty string, got {raw_id!r}")
+    entry = Entry(line_no, job_id, params_hash, request)
+    try:
+        output = safe_output_name(request["output"]) if "output" in request else default_output_name(job_id)
+    except RequestError as exc:
+        return dataclasses.replace(entry, error=str(exc))
+    return dataclasses.replace(entry, output=output)
+
+
+def iter_entries(path: Path) -> Iterator[Entry]:
+    """The file's non-blank lines, one at a time (a huge batch is never held in memory)."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            entry = scan_line(line_no, raw)
+            if entry is not None:
+                yield entry
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: what earlier runs finished, and appending this run's lines
+
+
+def read_done(out_dir: Path) -> dict[str, set[tuple[str, str]]]:
+    """id -> {(params_hash, output)} of every ok line in any results*.jsonl in OUT, whichever shard
+    wrote it (a rerun with another --num-shards still skips finished work). A line cut short by a
+    crash is not JSON and is passed over."""
+    done: dict[str, set[tuple[str, str]]] = {}
+    for results in sorted(out_dir.glob("results*.jsonl")):
+        with results.open("rb") as f:
+            for raw in f:
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("status") == "ok" and record.get("id") is not None:
+                    done.setdefault(str(record["id"]), set()).add(
+                        (str(record.get("params_hash")), str(record.get("output")))
+                    )
+    return done
+
+
+def is_done(entry: Entry, done: Mapping[str, set[tuple[str, str]]], out_dir: Path) -> bool:
+    """Finished earlier: an ok line for the same id, parameters and output, and the video is there."""
+    if entry.id is None or entry.output is None or entry.error is not None:
+        return False
+    if (entry.params_hash, str(entry.output)) not in done.get(entry.id, set()):
+        return False
+    return (out_dir / entry.output).is_file()
+
+
+def remove_stale_parts(video: Path) -> list[Path]:
+    """Delete the temporary files a run killed while writing `video` left beside it (write_mp4 names
+    them `.{stem}-XXXXXXXX.mp4.part`). Matched exactly, so another shard's video in flight in the
+    same folder is never touched."""
+    pattern = re.compile(rf"\.{re.escape(video.stem)}-[A-Za-z0-9_]{{8}}{re.escape(PART_SUFFIX)}")
+    removed = []
+    if video.parent.is_dir():
+        for candidate in video.parent.iterdir():
+            if pattern.fullmatch(candidate.name):
+                candidate.unlink(missing_ok=True)
+                removed.append(candidate)
+    return removed
+
+
+class ResultsLog:
+    """Appends one JSON object per line, flushed and synced so a crash loses at most the job in
+    flight. A last line cut short by an earlier crash is closed with a newline first, so the next
+    line never joins it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = path.open("ab")
+        if path.stat().st_size:
+            with path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._file.write(b"\n")
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The job source
+
+
+@dataclass
+class Summary:
+    """What the batch did this run."""
+
+    ok: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    already_done: int = 0
+    video_s: list[float] = field(default_factory=list)
+    """Wall time of each video made this run, from broadcast to mp4 in place."""
+    started: float | None = None
+    ended: float | None = None
+
+    @property
+    def skipped(self) -> int:
+        return self.duplicates + self.already_done
+
+    def line(self) -> str:
+        total_s = (self.ended or time.perf_counter()) - (self.started or time.perf_counter())
+        mean = f"{sum(self.video_s) / len(self.video_s):.1f} s" if self.video_s else "-"
+        return (
+            f"batch: {self.ok} ok, {self.failed} failed, {self.skipped} skipped "
+            f"({self.already_done} done earlier, {self.duplicates} duplicate); "
+            f"total {total_s:.1f} s, mean {mean} per video"
+        )
+
+
+class BatchSource:
+    """Feeds a JSONL file's lines to the SPMD loop one job at a time, on rank 0 only.
+
+    Built before the process group starts: it reads what earlier runs finished and counts this
+    shard's work (for the progress bar's ETA); lines are validated as the loop asks for them.
+    """
+
+    def __init__(
+        self,
+        requests: Path,
+        out_dir: Path,
+        *,
+        info: ModelInfo,
+        defaults: Mapping[str, Any],
+        limits: Limits = Limits(),
+        shard: Shard = Shard(),
+        progress: bool = True,
+    ) -> None:
+        self.requests = requests
+        self.base_dir = requests.resolve().parent  # relative image paths are relative to the file
+        self.out_dir = out_dir
+        self.info = info
+        self.defaults = dict(defaults)
+        self.limits = limits
+        self.shard = shard
+        self.progress = progress
+        self.summary = Summary()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.results_path = out_dir / shard.results_name
+        self._done = read_done(out_dir)
+        self.to_run = self._count_work()
+        """This shard's lines that are not already finished: the progress bar's total."""
+        self._entries = (e for e in iter_entries(requests) if shard.owns(e))
+        self._seen: dict[str, Entry] = {}
+        self._claimed: dict[str, Entry] = {}
+        self._log: ResultsLog | None = None
+        self._bar: tqdm | None = None
+        self._current: Entry | None = None
+        self._job_started = 0.0
+
+    def _count_work(self) -> int:
+        count, seen = 0, set()
+        for entry in iter_entries(self.requests):
+            if not self.shard.owns(entry):
+                continue
+            first = entry.id not in seen
+            seen.add(entry.id)
+            if not (first and is_done(entry, self._done, self.out_dir)):
+                count += 1
+        return count
+
+    # -- JobSource ---------------------------------------------------------------------------
+    def next_job(self, timeout: float) -> Job | None | type[StopLoop]:
+        """The next runnable line; bad ones are recorded on the way. Returns None once `timeout` has
+        passed without a job, so the loop's heartbeat reaches the waiting ranks in time."""
+        from wan_spmd.runtime import Job, StopLoop
+
+        self._start()
+        deadline = time.monotonic() + timeout
+        for entry in self._entries:
+            job_or_reason = self._prepare(entry)
+            if isinstance(job_or_reason, Job):
+                self._current, self._job_started = entry, time.perf_counter()
+                return job_or_reason
+            if time.monotonic() > deadline:
+                return None
+        self.close()
+        return StopLoop
+
+    def is_cancelled(self, job: Job) -> bool:
+        return False
+
+    def on_step(self, job: Job, step: int, total: int) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"line {job.meta['line']} step {step}/{total}", refresh=True)
+
+    def finish(self, outcome: Outcome) -> None:
+        """Video first (written under a temporary name, renamed into place), then its ok line."""
+        from wan_spmd.video import write_mp4
+
+        job, meta = outcome.job, outcome.job.meta
+        entry = self._current
+        assert entry is not None, "finish without a job from next_job"
+        if not outcome.ok:
+            self._record(entry, "failed", error=outcome.error or "failed")
+            return
+        params, result = job.params, outcome.result
+        path = self.out_dir / meta["output"]
+        try:
+            write_mp4(result.frames.numpy(), path, params.fps)
+        except Exception as exc:  # disk full, ffmpeg trouble: this job failed, the batch goes on
+            self._record(entry, "failed", error=f"could not write {meta['output']}: {type(exc).__name__}: {exc}")
+            return
+        elapsed = time.perf_counter() - self._job_started
+        self.summary.video_s.append(elapsed)
+        self._record(
+            entry,
+            "ok",
+            timings_ms={k: round(v, 1) for k, v in result.timings_ms.items()},
+            job_s=round(elapsed, 3),
+            seed=params.seed,
+            size=params.size,
+            num_frames=params.num_frames,
+            fps=params.fps,
+            num_inference_steps=params.num_inference_steps,
+            warnings=list(params.warnings),
+        )
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self.summary.started is not None:
+            return
+        from tqdm import tqdm
+
+        self.summary.started = time.perf_counter()
+        self._log = ResultsLog(self.results_path)
+        self._bar = tqdm(
+            total=self.to_run, desc="batch", unit="video", file=sys.stderr, disable=not self.progress, leave=True
+        )
+
+    def close(self) -> None:
+        if self.summary.ended is None:
+            self.summary.ended = time.perf_counter()
+        if self._bar is not None:
+            self._bar.close()
+        if self._log is not None:
+            self._log.close()
+
+    def _prepare(self, entry: Entry) -> Job | str:
+        """A Job for the line, or the reason it was recorded instead (failed or skipped)."""
+        from wan_spmd.runtime import Job
+
+        if entry.error is not None:
+            return self._record(entry, "failed", error=entry.error)
+        assert entry.id is not None and entry.request is not None and entry.output is not None
+        first = self._seen.get(entry.id)
+        if first is not None:
+            if first.params_hash == entry.params_hash:
+                return self._record(entry, "skipped", note=f"duplicate of line {first.line}")
+            return self._record(
+                entry, "failed", error=f"id {entry.id!r} is already used by line {first.line} with different parameters"
+            )
+        self._seen[entry.id] = entry
+        owner = self._claimed.get(str(entry.output))
+        if owner is not None:
+            return self._record(
+                entry, "failed", error=f"output {str(entry.output)!r} is already used by line {owner.line}"
+            )
+        self._claimed[str(entry.output)] = entry
+        if is_done(entry, self._done, self.out_dir):
+            self.summary.already_done += 1
+            return "done earlier"  # its ok line is in the results already; not counted on the bar
+        try:
+            path = output_path(self.out_dir, entry.output)
+            params = self._validate(entry.request)
+        except RequestError as exc:
+            return self._record(entry, "failed", error=str(exc))
+        remove_stale_parts(path)  # a run killed mid-write left these; this job's rerun replaces them
+        return Job(entry.id, params, meta={"line": entry.line, "output": str(entry.output)})
+
+    def _validate(self, request: dict[str, Any]) -> Any:
+        """The one schema (params.resolve_params), with the image read from a path beside the file."""
+        if "input_reference" in request:
+            raise RequestError(
+                "a JSONL line gives its image as `image` (a file path), not input_reference", "input_reference"
+            )
+        image = None
+        if not _is_blank(request.get("image")):
+            if not isinstance(request["image"], str):
+                raise RequestError(f"image must be a file path, got {request['image']!r}", "image")
+            image_path = Path(request["image"]).expanduser()
+            image = read_image_file(image_path if image_path.is_absolute() else self.base_dir / image_path)
+        params = resolve_params(request, info=self.info, defaults=self.defaults, limits=self.limits, image=image)
+        if "model" in request:
+            note = "ignored model: a batch runs the --model it was started with"
+            params = dataclasses.replace(params, warnings=(*params.warnings, note))
+        return params
+
+    def _record(self, entry: Entry, status: str, **fields: Any) -> str:
+        """Append the line's result and count it; returns a short reason for the caller."""
+        assert self._log is not None
+        record = {
+            "id": entry.id,
+            "line": entry.line,
+            "status": status,
+            "output": str(entry.output) if status == "ok" else None,
+            "error": fields.pop("error", None),
+            **fields,
+            "params_hash": entry.params_hash,
+        }
+        self._log.append(record)
+        if status == "ok":
+            self.summary.ok += 1
+        elif status == "failed":
+            self.summary.failed += 1
+            self._write(f"line {entry.line}: failed: {record['error']}")
+        else:
+            self.summary.duplicates += 1
+        if self._bar is not None:
+            self._bar.update(1)
+        return status
+
+    def _write(self, message: str) -> None:
+        if self._bar is not None and not self._bar.disable:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)

@@ -147,6 +147,136 @@ def generate(
         raise CliExit("", code=1)
 
 
+@app.command()
+def batch(
+    requests: Annotated[
+        Path,
+        typer.Argument(
+            help="JSONL file: one request per line (the HTTP form's keys, plus image = a path, id, output)."
+        ),
+    ],
+    output_dir: Annotated[Path, typer.Option(help="Where the mp4s and results.jsonl go.")],
+    model: ModelOpt = "tiny",
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    shard_index: Annotated[int | None, typer.Option(help="This run's shard, 0..num-shards-1.")] = None,
+    num_shards: Annotated[int | None, typer.Option(help="Split the batch over this many runs by job id.")] = None,
+    max_width: MaxWidthOpt = Limits.max_width,
+    max_height: MaxHeightOpt = Limits.max_height,
+    max_frames: MaxFramesOpt = Limits.max_frames,
+    max_steps: MaxStepsOpt = Limits.max_steps,
+) -> None:
+    """Generate a video per JSONL line; rerun to resume, shard over many runs. Exit 1 if any line failed."""
+    from wan_spmd.batch import check_args
+
+    rank, _, _ = torchrun_env()
+    with user_errors():
+        shard = check_args(requests, output_dir, shard_index, num_shards)
+        info = resolve_model(model)
+        defaults = generation_defaults(info, config)
+        limits = _limits(max_width, max_height, max_frames, max_steps)
+    if rank == 0 and model.startswith("tiny"):
+        print(f"note: {TINY_NOTE}", file=sys.stderr)
+    # torch loads only once the arguments are known to be good; rank 0 alone reads the file
+    from wan_spmd.batch import BatchSource
+    from wan_spmd.runtime import init_dist, load_pipeline, pipeline_runner, shutdown, spmd_loop
+
+    source = None
+    if rank == 0:
+        source = BatchSource(requests, output_dir, info=info, defaults=defaults, limits=limits, shard=shard)
+    with user_errors():
+        d = init_dist(device)
+    try:
+        pipe = load_pipeline(d, info)
+        spmd_loop(d, pipeline_runner(pipe), source)
+    finally:
+        if source is not None:
+            source.close()
+        shutdown(d)
+    if source is not None:
+        print(source.summary.line())
+        print(f"results: {source.results_path}")
+        if source.summary.failed:
+            raise CliExit("", code=1)
+
+
+@app.command()
+def serve(
+    model: ModelOpt = "tiny",
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one (logged).")] = 8000,
+    uds: Annotated[str | None, typer.Option(help="Listen on this Unix socket instead of TCP.")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 16,
+    output_dir: Annotated[Path, typer.Option(help="Every finished video is also kept here.")] = Path("outputs"),
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="WAN_SPMD_API_KEY", help="Require Authorization: Bearer KEY (all but /health)."),
+    ] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Name in /v1/models (default: --model).")] = None,
+    config: ConfigOpt = None,
+    device: DeviceOpt = "auto",
+    max_upload_bytes: Annotated[int, typer.Option(help="Largest image upload; 413 beyond.")] = Limits.max_upload_bytes,
+    max_width: MaxWidthOpt = Limits.max_width,
+    max_height: MaxHeightOpt = Limits.max_height,
+    max_frames: MaxFramesOpt = Limits.max_frames,
+    max_steps: MaxStepsOpt = Limits.max_steps,
+    max_fps: Annotated[int, typer.Option(help="Highest frame rate accepted.")] = Limits.max_fps,
+) -> None:
+    """Serve the model over HTTP (rank 0 answers; every rank runs each job)."""
+    rank, world_size, _ = torchrun_env()
+    with user_errors():
+        from wan_spmd.config import check_tp
+        from wan_spmd.server.app import ServerSettings
+
+        info = resolve_model(model)
+        check_tp(info.transformer_config, world_size)
+        if max_queue < 1:
+            raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
+        if uds is None and not 0 <= port <= 65535:
+            raise ValueError(f"--port must be within 0..65535, got {port}")
+        if uds is not None and not Path(uds).expanduser().parent.is_dir():
+            raise ValueError(f"--uds {uds}: folder {Path(uds).expanduser().parent} does not exist")
+        if max_upload_bytes < 1:
+            raise ValueError(f"--max-upload-bytes must be >= 1, got {max_upload_bytes}")
+        if output_dir.exists() and not output_dir.is_dir():
+            raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
+        if rank == 0:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        limits = Limits(
+            max_width=max_width,
+            max_height=max_height,
+            max_frames=max_frames,
+            max_steps=max_steps,
+            max_fps=max_fps,
+            max_upload_bytes=max_upload_bytes,
+        )
+        settings = ServerSettings(
+            info=info,
+            defaults=generation_defaults(info, config),
+            served_model_name=served_model_name or model,
+            limits=limits,
+            api_key=api_key or None,
+            world_size=world_size,
+        )
+        # torch loads only once the arguments are known to be good
+        from wan_spmd.serve import ServeOptions, run_server
+
+        options = ServeOptions(
+            host=host,
+            port=port,
+            uds=str(Path(uds).expanduser()) if uds else None,
+            max_queue=max_queue,
+            output_dir=output_dir,
+            device=device,
+        )
+    if rank == 0 and model.startswith("tiny"):
+        print(f"note: {TINY_NOTE}", file=sys.stderr)
+    with user_errors():
+        code = run_server(settings, options)
+    if code:
+        raise CliExit("", code=code)
+
+
 @app.command("make-tiny")
 def make_tiny_cmd(
     dest: Annotated[Path, typer.Argument(help="Folder to write.")],
