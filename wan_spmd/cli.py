@@ -7,7 +7,10 @@ line (printed by rank 0 only) and no traceback.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -291,15 +294,25 @@ def make_tiny_cmd(
     print(f"wrote a tiny random {variant} checkpoint to {dest} (it makes noise, not art)")
 
 
+def _exit_together(rank: int, code: int) -> None:
+    """Every rank sees the same bad argument, and torchrun stops the others as soon as one exits.
+    Rank 0 (which prints the line) waits a moment so its peers get this far; a peer stopped by
+    torchrun while waiting still exits with the same code."""
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
+    time.sleep(1.0 if rank == 0 else 3.0)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors and exit 2 for bad usage, printed once under torchrun."""
-    rank, _, _ = torchrun_env()
+    rank, world_size, _ = torchrun_env()
     setup_logging(rank)
     try:
         app(args=argv, standalone_mode=False)
     except CliExit as exc:
         if str(exc) and rank == 0:
             print(str(exc), file=sys.stderr)
+        if exc.code == 2 and world_size > 1:
+            _exit_together(rank, exc.code)
         sys.exit(exc.code)
     except Exception as exc:
         # click's (typer-vendored) usage errors: unknown option, missing value, bad choice

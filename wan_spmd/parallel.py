@@ -81,28 +81,30 @@ def _style(name: str):
     return {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}[name]()
 
 
+def shard_block(block: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Apply `TP_PLAN` to one `WanTransformerBlock`, in place."""
+    tp_size, tp_rank, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
+    parallelize_module(block, mesh, {k: _style(v) for k, v in TP_PLAN.items() if v in ("colwise", "rowwise")})
+    for name in (k for k, v in TP_PLAN.items() if v == "rmsnorm_across_heads"):
+        parent_name, child = name.rsplit(".", 1)
+        parent = block.get_submodule(parent_name)
+        setattr(parent, child, AcrossHeadsRMSNorm(getattr(parent, child), tp_rank, tp_size, group))
+    # diffusers' processor splits q/k/v by `attn.heads`: it must see the local head count
+    # (cross-attention has no rotary to fail loudly on a wrong count)
+    for attn in (block.attn1, block.attn2):
+        attn.heads //= tp_size
+    return block
+
+
 def shard_expert(transformer: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Apply `TP_PLAN` to every block of one expert, in place.
+    """Shard every block of one expert, in place.
 
     All ranks must hold identical full weights first: DTensor distributes each planned weight from
     rank 0, and the replicated rest is used as each rank has it.
     """
-    tp_size = mesh.size()
-    tp_rank = mesh.get_local_rank()
-    group = mesh.get_group()
-    check_tp(dict(transformer.config), tp_size)
-    dense_plan = {k: _style(v) for k, v in TP_PLAN.items() if v in ("colwise", "rowwise")}
-    norm_names = [k for k, v in TP_PLAN.items() if v == "rmsnorm_across_heads"]
+    check_tp(dict(transformer.config), mesh.size())
     for block in transformer.blocks:
-        parallelize_module(block, mesh, dense_plan)
-        for name in norm_names:
-            parent_name, child = name.rsplit(".", 1)
-            parent = block.get_submodule(parent_name)
-            setattr(parent, child, AcrossHeadsRMSNorm(getattr(parent, child), tp_rank, tp_size, group))
-        # diffusers' processor splits q/k/v by `attn.heads`: it must see the local head count
-        # (cross-attention has no rotary to fail loudly on a wrong count)
-        for attn in (block.attn1, block.attn2):
-            attn.heads //= tp_size
+        shard_block(block, mesh)
     return transformer
 
 

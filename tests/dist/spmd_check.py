@@ -1,0 +1,129 @@
+"""A test-owned SPMD program, run by the dist tests under a real torchrun (gloo) and alone (N=1).
+
+Modes:
+  tp OUT      run the tiny I2V and T2V models; rank 0 saves latents and float video, every rank
+              writes its parameter counts for the sharded layers
+  attn OUT    one attention module sharded by the TP plan vs the same module whole
+  fault OUT   the SPMD loop over four jobs, rank 1 failing in two of them (before the first step,
+              and between steps); rank 0 writes every outcome
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from wan_spmd.config import generation_defaults, resolve_model
+from wan_spmd.env import setup_logging, torchrun_env
+from wan_spmd.params import resolve_params
+from wan_spmd.runtime import Job, Outcome, StopLoop, init_dist, load_pipeline, shutdown, spmd_loop
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "example.png"
+SHARDED = ("attn1.to_", "attn2.to_", "attn1.norm_", "attn2.norm_", "ffn.net.")
+
+
+def local_numel(p: torch.Tensor) -> int:
+    return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+
+
+def params_for(info, **request):
+    image = EXAMPLE.read_bytes() if info.is_i2v else None
+    return resolve_params(
+        {"prompt": "a kite", "seed": 5, "guidance_scale_2": 2.0, **request},
+        info=info,
+        defaults=generation_defaults(info),
+        image=image,
+    )
+
+
+def mode_tp(d, out: Path) -> None:
+    counts = {}
+    for name in ("tiny", "tiny-t2v"):
+        info = resolve_model(name)
+        pipe = load_pipeline(d, info)
+        result = pipe(params_for(info), keep_tensors=True)
+        if d.is_main:
+            torch.save({"latents": result.latents, "video": result.video}, out / f"{name}-{d.world_size}.pt")
+        for expert in ("transformer", "transformer_2"):
+            model = getattr(pipe.c, expert)
+            counts[f"{name}/{expert}"] = sum(
+                local_numel(p) for n, p in model.blocks.named_parameters() if any(s in n for s in SHARDED)
+            )
+    (out / f"counts-{d.world_size}-{d.rank}.json").write_text(json.dumps(counts))
+
+
+def mode_attn(d, out: Path) -> None:
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    from wan_spmd.parallel import shard_block, tp_mesh
+
+    torch.manual_seed(0)
+    whole = WanTransformerBlock(48, 64, 4, qk_norm="rms_norm_across_heads", cross_attn_norm=True, eps=1e-6)
+    with torch.no_grad():  # non-trivial q/k norm weights, so a wrong slice would show
+        for attn in (whole.attn1, whole.attn2):
+            attn.norm_q.weight.uniform_(0.5, 1.5)
+            attn.norm_k.weight.uniform_(0.5, 1.5)
+    sharded = WanTransformerBlock(48, 64, 4, qk_norm="rms_norm_across_heads", cross_attn_norm=True, eps=1e-6)
+    sharded.load_state_dict(whole.state_dict())
+    shard_block(sharded, tp_mesh(d.device, d.world_size))
+    x, context, temb = torch.randn(1, 20, 48), torch.randn(1, 7, 48) * 3, torch.randn(1, 6, 48) * 0.1
+    with torch.no_grad():
+        ref, got = whole(x, context, temb, None), sharded(x, context, temb, None)
+    if d.is_main:
+        result = {"max_abs": (ref - got).abs().max().item(), "ref_std": ref.std().item()}
+        (out / "attn.json").write_text(json.dumps(result))
+
+
+class ListSource:
+    """Four jobs; records outcomes."""
+
+    def __init__(self, jobs: list[Job], out: Path) -> None:
+        self.jobs, self.out, self.records = list(jobs), out, []
+
+    def next_job(self, timeout: float):
+        return self.jobs.pop(0) if self.jobs else StopLoop
+
+    def is_cancelled(self, job: Job) -> bool:
+        return False
+
+    def on_step(self, job: Job, step: int, total: int) -> None:
+        pass
+
+    def finish(self, outcome: Outcome) -> None:
+        self.records.append({"id": outcome.job.id, "ok": outcome.ok, "error": outcome.error})
+        (self.out / "fault.json").write_text(json.dumps(self.records))
+
+
+def mode_fault(d, out: Path) -> None:
+    info = resolve_model("tiny-t2v")
+    pipe = load_pipeline(d, info)
+
+    def run_job(job, control, on_step):
+        if d.rank == 1 and job.id == "fail-before":
+            raise RuntimeError("injected before the first step")
+
+        def control_with_fault(step: int, total: int) -> bool:
+            if d.rank == 1 and job.id == "fail-mid" and step == 2:
+                raise RuntimeError("injected at step 2")
+            return control(step, total)
+
+        return pipe(job.params, control=control_with_fault, on_step=on_step)
+
+    jobs = [Job(i, params_for(info, size="32x32", num_frames=5)) for i in ("ok-1", "fail-before", "fail-mid", "ok-2")]
+    source = ListSource(jobs, out) if d.is_main else None
+    ran = spmd_loop(d, run_job, source)
+    (out / f"ran-{d.rank}.json").write_text(json.dumps(ran))
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    rank, _, _ = torchrun_env()
+    setup_logging(rank)
+    d = init_dist("cpu")
+    try:
+        {"tp": mode_tp, "attn": mode_attn, "fault": mode_fault}[mode](d, out)
+    finally:
+        shutdown(d)

@@ -1,0 +1,112 @@
+"""Tensor parallelism and the SPMD loop under a real torchrun (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import EXAMPLE_IMAGE, ROOT, cli_env, run_cli, run_torchrun_script
+
+SCRIPT = Path(__file__).with_name("spmd_check.py")
+# TP=2 sums partial products in a different order than TP=1: float32 rounding only.
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tp_runs(cache_home, tiny_i2v, tiny_t2v, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tp")
+    alone = subprocess.run(
+        [sys.executable, str(SCRIPT), "tp", str(out)], capture_output=True, text=True, env=cli_env(), cwd=ROOT
+    )
+    assert alone.returncode == 0, alone.stderr
+    both = run_torchrun_script(SCRIPT, ["tp", str(out)], nproc=2)
+    assert both.returncode == 0, both.stderr
+    return out
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-t2v"])
+def test_tp2_video_matches_tp1(tp_runs, model):
+    """If this fails, a sharded expert computes something else than the whole one (I2V and T2V, both
+    experts: the tiny models switch experts halfway through their 4 steps)."""
+    one = torch.load(tp_runs / f"{model}-1.pt")
+    two = torch.load(tp_runs / f"{model}-2.pt")
+    assert (one["latents"] - two["latents"]).abs().max().item() <= TOLERANCE
+    assert (one["video"] - two["video"]).abs().max().item() <= TOLERANCE
+    assert one["video"].std() > 0.01
+
+
+def test_each_rank_holds_half_of_the_sharded_weights(tp_runs):
+    """Each of 2 ranks holds 1/2 of every expert's attention and FFN weights (biases of row-parallel
+    layers stay whole: 48 of them per attention output and FFN output)."""
+    whole = json.loads((tp_runs / "counts-1-0.json").read_text())
+    for rank in (0, 1):
+        half = json.loads((tp_runs / f"counts-2-{rank}.json").read_text())
+        for key, count in whole.items():
+            replicated_bias = 2 * 3 * 48  # 2 layers x (attn1.to_out, attn2.to_out, ffn.net.2) x dim 48
+            assert half[key] == (count - replicated_bias) // 2 + replicated_bias, key
+
+
+def test_sharded_attention_with_across_heads_norm_equals_whole(cache_home, tmp_path):
+    """If this fails, the q/k RMSNorm normalises each rank's heads alone (silently wrong)."""
+    proc = run_torchrun_script(SCRIPT, ["attn", str(tmp_path)], nproc=2)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "attn.json").read_text())
+    assert result["ref_std"] > 0.01
+    assert result["max_abs"] <= 1e-5
+
+
+def test_failed_job_is_reported_and_the_loop_goes_on(cache_home, tiny_t2v, tmp_path):
+    """A job failing on rank 1 only (before the first step, or between steps) is agreed, reported by
+    rank 0 with rank 1's error, and the next job still runs on both ranks."""
+    proc = run_torchrun_script(SCRIPT, ["fault", str(tmp_path)], nproc=2, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    records = json.loads((tmp_path / "fault.json").read_text())
+    assert [r["id"] for r in records] == ["ok-1", "fail-before", "fail-mid", "ok-2"]
+    assert [r["ok"] for r in records] == [True, False, False, True]
+    assert "rank 1: RuntimeError: injected before the first step" in records[1]["error"]
+    assert "rank 1: RuntimeError: injected at step 2" in records[2]["error"]
+    assert json.loads((tmp_path / "ran-0.json").read_text()) == json.loads((tmp_path / "ran-1.json").read_text()) == 4
+
+
+@pytest.mark.parametrize(
+    "nproc, extra, message",
+    [
+        (2, ["--num-frames", "8"], "num_frames 8 must be 4k+1"),
+        (3, [], "4 attention heads do not split over tp=3"),
+    ],
+)
+def test_bad_arguments_under_torchrun(cache_home, tiny_i2v, nproc, extra, message):
+    """Under torchrun every rank exits 2 before the process group starts; the line is printed once
+    and none of our tracebacks appear (torchrun then exits 1 with its own summary)."""
+    args = ["generate", "--prompt", "x", "--image", str(EXAMPLE_IMAGE), "--output", "/tmp/never.mp4", *extra]
+    proc = run_cli(args, nproc=nproc, timeout=120)
+    assert proc.returncode == 1
+    output = proc.stdout + proc.stderr
+    assert output.count(message) == 1, output
+    assert "wan_spmd/" not in output.split("ChildFailedError")[0]  # no frame of ours in any traceback
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", output)  # torchrun's summary of the ranks
+    assert codes and set(codes) == {"2"}, output
+
+
+def test_generate_under_torchrun_writes_the_same_video(cache_home, tiny_i2v, tmp_path):
+    """`torchrun --nproc-per-node 2 -m wan_spmd generate` writes one mp4 (rank 0 only) equal to N=1's."""
+    from PIL import Image
+
+    frames = {}
+    for nproc in (0, 2):
+        out = tmp_path / f"n{nproc}.mp4"
+        args = ["generate", "--prompt", "a kite", "--image", str(EXAMPLE_IMAGE), "--seed", "4", "--output", str(out)]
+        proc = run_cli([*args, "--frames-dir", str(tmp_path / f"f{nproc}")], nproc=nproc)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.count("wrote ") == 2  # the mp4 and the PNGs, printed once
+        frames[nproc] = [Image.open(p).tobytes() for p in sorted((tmp_path / f"f{nproc}").glob("*.png"))]
+    diffs = [
+        max(abs(a - b) for a, b in zip(x, y, strict=True)) for x, y in zip(frames[0], frames[2], strict=True)
+    ]
+    assert len(frames[2]) == 9 and max(diffs) <= 1  # 8-bit rounding of a 1e-6 difference at most
