@@ -73,6 +73,9 @@ def check_args(requests: Path, output_dir: Path, shard_index: int | None, num_sh
         raise ValueError(f"requests file {requests} is not readable")
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output-dir {output_dir} exists and is not a folder")
+    existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-dir {output_dir}: cannot write in {existing}")
     if (shard_index is None) != (num_shards is None):
         raise ValueError("give --shard-index and --num-shards together (or neither)")
     if num_shards is None or shard_index is None:
@@ -429,7 +432,11 @@ class BatchSource:
         self.summary.started = time.perf_counter()
         self._log = ResultsLog(self.results_path)
         self._bar = tqdm(
-            total=self.to_run, desc="batch", unit="video", file=sys.stderr, disable=not self.progress, leave=True
+            total=self.to_run,
+            desc="batch",
+            unit="video",
+            file=sys.stderr,
+            disable=not self.progress or self.to_run == 0,
         )
 
     def close(self) -> None:

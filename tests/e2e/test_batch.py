@@ -1,0 +1,264 @@
+"""`wan_spmd batch` as a user drives it: a mixed file under a real 2-rank torchrun (gloo, tiny
+model), a kill mid-batch and the rerun that resumes it, shards, and bad arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import EXAMPLE_IMAGE, cli_env, run_cli
+from wan_spmd.video import probe_mp4
+
+# Small enough that a job takes about a second on 2 CPU ranks.
+FAST = {"size": "32x32", "num_frames": 5, "num_inference_steps": 1}
+
+
+def write_jsonl(path: Path, lines: list[object]) -> Path:
+    """Objects become JSON lines; strings are written as they are (bad or blank lines)."""
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def by_line(records: list[dict]) -> dict[int, dict]:
+    return {r["line"]: r for r in records}
+
+
+def test_bad_arguments_exit_2_before_torch(tmp_path: Path):
+    """The batch command's own mistakes (missing file, bad shard numbers) must end in one line and
+    exit 2 without loading torch, so a scheduler sees a usage error at once, not after a model load."""
+    requests = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "cat"}])
+    cases = [
+        (["batch", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "o")], "does not exist"),
+        (
+            ["batch", str(requests), "--output-dir", str(tmp_path / "o"), "--shard-index", "2", "--num-shards", "2"],
+            "within 0..1",
+        ),
+        (["batch", str(requests), "--output-dir", str(tmp_path / "o"), "--num-shards", "2"], "together"),
+    ]
+    probe = (
+        "import sys; from wan_spmd.cli import main\n"
+        "try:\n    main(sys.argv[1:])\n"
+        "except SystemExit as e:\n    print('torch' in sys.modules, e.code)\n"
+    )
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=cli_env())
+        assert proc.stdout.split() == ["False", "2"], proc.stdout + proc.stderr
+        assert proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_mixed_file_under_torchrun(tiny_i2v, tmp_path: Path):
+    """Good and bad lines in one file under 2 ranks: if this fails, a bad line stops (or hangs) the
+    batch, a bad line reaches the other ranks, the manifest loses a line or its reason, duplicates are
+    redone, an `output` escapes OUT, or the exit code hides failures."""
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "link").symlink_to(outside)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "cat.png").write_bytes(EXAMPLE_IMAGE.read_bytes())
+    (tmp_path / "img" / "bad.png").write_text("not an image")
+    good = {"prompt": "a cat", "image": "img/cat.png", "seed": 1, **FAST}
+    lines = [
+        good,  # 1: ok, derived id, default name
+        {
+            "id": "dog",
+            "prompt": "a dog",
+            "image": str(EXAMPLE_IMAGE),
+            "size": "48x32",
+            "num_frames": 9,
+            "num_inference_steps": 1,
+            "output": "sub/dog.mp4",
+            "extra": 1,
+        },  # 2: ok, absolute image, subfolder
+        "{not json",  # 3
+        "",  # 4: blank, not a job
+        {**good, "num_frames": 4},  # 5: invalid parameter
+        {**good, "image": "img/missing.png"},  # 6: missing image
+        dict(reversed(list(good.items()))),  # 7: duplicate of 1 (keys reordered)
+        {"id": "dog", "prompt": "another dog", "image": "img/cat.png", **FAST},  # 8: id clash
+        {**good, "output": "../evil.mp4"},  # 9
+        {**good, "output": str(outside / "abs.mp4")},  # 10
+        {**good, "output": "link/escape.mp4"},  # 11: symlink out of OUT
+        {**good, "output": "a\\..\\..\\evil.mp4"},  # 12
+        {**good, "image": "img/bad.png"},  # 13: unreadable image
+    ]
+    requests = write_jsonl(tmp_path / "requests.jsonl", lines)
+
+    proc = run_cli(["batch", str(requests), "--output-dir", str(out), "--model", "tiny"], nproc=2)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "batch: 2 ok, 9 failed, 1 skipped" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+    records = read_results(out / "results.jsonl")
+    assert sorted(r["line"] for r in records) == [1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13]
+    rec = by_line(records)
+    assert {n for n, r in rec.items() if r["status"] == "ok"} == {1, 2}
+    assert rec[7]["status"] == "skipped" and rec[7]["note"] == "duplicate of line 1" and rec[7]["id"] == rec[1]["id"]
+    expected_errors = {
+        3: "not JSON",
+        5: "num_frames 4 must be 4k+1",
+        6: "cannot read image",
+        8: "already used by line 2",
+        9: "'..'",
+        10: "absolute",
+        11: "outside --output-dir",
+        12: "backslash",
+        13: "not a readable image",
+    }
+    for n, message in expected_errors.items():
+        assert rec[n]["status"] == "failed" and message in rec[n]["error"], rec[n]
+    assert rec[3]["id"] is None and rec[2]["id"] == "dog"
+    assert set(rec[1]["timings_ms"]) >= {"Denoising", "Decoding", "PipelineWall"}
+    assert rec[2]["warnings"] == ["ignored unknown keys: extra"]
+
+    assert rec[1]["output"] == f"{rec[1]['id']}.mp4" and rec[2]["output"] == "sub/dog.mp4"
+    first, dog = probe_mp4(out / rec[1]["output"]), probe_mp4(out / "sub" / "dog.mp4")
+    assert (first["num_frames"], first["width"], first["height"]) == (5, 32, 32)
+    assert (dog["num_frames"], dog["width"], dog["height"]) == (9, 48, 32)
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted(
+        [
+            "requests.jsonl",
+            "img/cat.png",
+            "img/bad.png",
+            "out/results.jsonl",
+            f"out/{rec[1]['output']}",
+            "out/sub/dog.mp4",
+        ]
+    )
+    assert not any(outside.iterdir()) and not (tmp_path / "evil.mp4").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes torchrun started (its ranks run in their own sessions)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids += [int(x) for x in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def test_resume_after_kill(tiny_i2v, tmp_path: Path):
+    """Kill a 2-rank batch after its first video, then rerun it: if this fails, a rerun redoes
+    finished videos, loses unfinished ones, or leaves a partial mp4 (or a torn results line)
+    behind from the job that was in flight."""
+    count = 6
+    lines = [
+        {
+            "id": f"clip{i}",
+            "prompt": f"clip {i}",
+            "image": str(EXAMPLE_IMAGE),
+            "seed": i,
+            **FAST,
+            "num_inference_steps": 2,
+        }
+        for i in range(count)
+    ]
+    requests = write_jsonl(tmp_path / "requests.jsonl", lines)
+    out = tmp_path / "out"
+    results = out / "results.jsonl"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "wan_spmd",
+        "batch",
+        str(requests),
+        "--output-dir",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, text=True
+    )
+    ranks: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (results.exists() and '"ok"' in results.read_text()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no video within 120 s"
+            ranks = _children(proc.pid) or ranks
+            time.sleep(0.05)
+    finally:
+        ranks = _children(proc.pid) or ranks
+        os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler preempts: torchrun passes it to the ranks
+        proc.wait(timeout=60)
+        proc.stderr.close()
+        for pid in ranks:  # torchrun ends them; make sure before the rerun
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    finished = {r["id"] for r in read_results(results) if r["status"] == "ok"}
+    assert 1 <= len(finished) < count, "the kill must land mid-batch"
+    before = {i: (out / f"{i}.mp4").stat() for i in finished}
+    # Leave what a kill in mid-write leaves, deterministically: a temporary mp4 of an unfinished
+    # job and a results line cut short.
+    unfinished = sorted({f"clip{i}" for i in range(count)} - finished)[0]
+    part = out / f".{unfinished}-abcd1234.mp4.part"
+    part.write_bytes(b"\x00" * 100)
+    with results.open("a") as f:
+        f.write('{"id": "' + unfinished + '", "sta')
+
+    proc2 = run_cli(["batch", str(requests), "--output-dir", str(out)], nproc=2)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    assert f"{count - len(finished)} ok, 0 failed, {len(finished)} skipped" in proc2.stdout, proc2.stdout
+
+    for i, st in before.items():
+        now = (out / f"{i}.mp4").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), f"{i} was redone"
+    ok = [r for r in read_results_lenient(results) if r["status"] == "ok"]
+    assert sorted(r["id"] for r in ok) == [f"clip{i}" for i in range(count)]  # each ok exactly once
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"clip{i}.mp4" for i in range(count)] + ["results.jsonl"])
+    assert probe_mp4(out / f"{unfinished}.mp4")["num_frames"] == 5
+
+
+def read_results_lenient(path: Path) -> list[dict]:
+    """The results of a run that was killed: a torn line is passed over."""
+    records = []
+    for text in path.read_text().splitlines():
+        try:
+            records.append(json.loads(text))
+        except ValueError:
+            pass
+    return records
+
+
+def test_shards_cover_every_line_once(tiny_i2v, tmp_path: Path):
+    """K shard runs (one process each, as K scheduler tasks) must together record every line exactly
+    once, identical lines in the same shard; if this fails, a fanned-out batch drops or repeats work."""
+    lines: list[object] = []
+    for i in range(6):
+        lines.append({"prompt": f"p{i}", "image": str(EXAMPLE_IMAGE), "seed": i, **FAST})
+    lines += [lines[0], lines[3], "oops", "", "[1]", {"prompt": "bad", "image": str(EXAMPLE_IMAGE), "fps": 0}]
+    requests = write_jsonl(tmp_path / "requests.jsonl", lines)
+    out = tmp_path / "out"
+    for k in range(2):
+        proc = run_cli(["batch", str(requests), "--output-dir", str(out), "--shard-index", str(k), "--num-shards", "2"])
+        # shard 0 holds lines 9 and 11 (no id: by line number), shard 1 line 12 (by its id's hash)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+    shards = [read_results(out / f"results-{k}-of-2.jsonl") for k in range(2)]
+    seen = [r["line"] for s in shards for r in s]
+    assert sorted(seen) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12]
+    statuses = {r["line"]: (r["status"], r.get("note")) for s in shards for r in s}
+    assert statuses[7] == ("skipped", "duplicate of line 1") and statuses[8] == ("skipped", "duplicate of line 4")
+    assert sorted(p.name for p in out.glob("*.mp4")) == sorted(
+        r["output"] for s in shards for r in s if r["status"] == "ok"
+    )
+    assert sum(r["status"] == "ok" for s in shards for r in s) == 6
+    assert {r["line"] for r in shards[0] if r["id"] is None} == {9, 11}
+    assert any(r["line"] == 12 and r["status"] == "failed" for r in shards[1])
