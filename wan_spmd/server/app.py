@@ -1,0 +1,121 @@
+"""`create_app`: the FastAPI app of the HTTP front, built from routers around one `ServerContext`.
+
+The app validates a request with the shared schema, admits it to the bounded `JobQueue`, and awaits
+its future; the SPMD loop on rank 0's main thread does the rest. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from wan_spmd.config import ModelInfo
+from wan_spmd.params import Limits
+from wan_spmd.server.errors import ApiError
+from wan_spmd.server.jobs import JobQueue
+from wan_spmd.server.metrics import ServerMetrics
+
+ARRIVED = "wan_spmd.arrived"  # scope key: perf_counter when the request's headers arrived
+VIDEO_PATHS = ("/v1/videos", "/v1/videos/sync")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the server was started with."""
+
+    info: ModelInfo
+    defaults: dict[str, Any]
+    """Generation defaults (config.generation_defaults), read once at start-up."""
+    served_model_name: str
+    """The name /v1/models lists; a request naming another model gets 404."""
+    limits: Limits = Limits()
+    api_key: str | None = None
+    """When set, every endpoint but /health needs `Authorization: Bearer KEY`."""
+    world_size: int = 1
+
+
+@dataclass
+class ServerContext:
+    """The app's shared state: settings, the queue to the SPMD loop, metrics, readiness."""
+
+    settings: ServerSettings
+    queue: JobQueue
+    status: str = "loading"
+    """loading -> ok -> stopping (or failed); /health answers 200 only while ok."""
+    ready: threading.Event = field(default_factory=threading.Event)
+    metrics: ServerMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = ServerMetrics(lambda: self.queue.depth, self.ready.is_set)
+
+    def mark_ready(self) -> None:
+        """Every rank has loaded: start admitting requests."""
+        self.status = "ok"
+        self.ready.set()
+
+    def mark_stopping(self, status: str = "stopping") -> None:
+        self.status = status
+        self.ready.clear()
+
+
+class Gate:
+    """Pure ASGI middleware: stamps each request's arrival time and enforces --api-key."""
+
+    def __init__(self, app: ASGIApp, ctx: ServerContext) -> None:
+        self.app = app
+        self.ctx = ctx
+        key = ctx.settings.api_key
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope[ARRIVED] = time.perf_counter()
+        if self.expected is not None and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                path = scope["path"]
+                self.ctx.metrics.count(path if path in VIDEO_PATHS else "other", "unauthorized")
+                error = ApiError(
+                    401,
+                    "missing or wrong API key: send Authorization: Bearer KEY",
+                    "Authorization",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                return await error.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    """The HTTP front's app: video, model, health and metrics routers plus FastAPI's OpenAPI page."""
+    from wan_spmd.server.routes import system_router, videos_router
+
+    app = FastAPI(
+        title="wan_spmd",
+        version="0.1.0",
+        summary="Wan2.2 video generation served by one torchrun SPMD program.",
+    )
+    app.state.ctx = ctx
+    app.include_router(videos_router)
+    app.include_router(system_router)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        path = request.url.path
+        if path in VIDEO_PATHS:
+            ctx.metrics.count(path, exc.outcome)
+        return exc.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):  # unknown routes, wrong methods
+        return ApiError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)).response()
+
+    app.add_middleware(Gate, ctx=ctx)
+    return app

@@ -1,0 +1,134 @@
+"""The bounded queue between the HTTP thread and the SPMD loop, with one future per request.
+
+Torch-free: the app enqueues validated `GenerationParams` and awaits a `VideoAnswer` (bytes and
+metadata); the serve glue takes entries on rank 0's main thread, runs them, and resolves the
+futures. Every entry's future is resolved exactly once, whatever happens (a reply is always sent).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+
+from wan_spmd.params import GenerationParams
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than --max-queue allows (HTTP 429)."""
+
+
+class Unavailable(RuntimeError):
+    """The server cannot take or finish the request now: loading, shutting down (HTTP 503)."""
+
+
+class JobFailed(RuntimeError):
+    """The job ran and failed on some rank (HTTP 500)."""
+
+
+@dataclass(frozen=True)
+class VideoAnswer:
+    """A finished video as the HTTP layer sees it: bytes, where it was kept, and its timings."""
+
+    mp4: bytes
+    path: str
+    """The copy under --output-dir (a server-chosen name)."""
+    timings_ms: dict[str, float]
+    """The pipeline's stages and PipelineWall, plus Queue, Dispatch and Mp4Encoding."""
+
+
+@dataclass
+class PendingVideo:
+    """One admitted request on its way through the queue and the loop."""
+
+    id: str
+    params: GenerationParams
+    created: int
+    """Unix time the request was admitted."""
+    future: Future[VideoAnswer] = field(default_factory=Future)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    """When the loop took it (perf_counter); Queue = started_at - enqueued_at."""
+    cancelled: bool = False
+    """Set when nobody waits for the answer any more; the loop stops the job at its next step."""
+
+    def resolve(self, answer: VideoAnswer | None = None, error: BaseException | None = None) -> None:
+        """Deliver the answer or the error, once; a future the waiter already dropped is left alone."""
+        try:
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(answer)
+        except InvalidStateError:
+            pass
+
+
+class Closed:
+    """What `take` returns once the queue is closed and drained: the loop should stop."""
+
+
+class JobQueue:
+    """FIFO of waiting requests, at most `max_size` of them (the running job is not counted)."""
+
+    def __init__(self, max_size: int) -> None:
+        if max_size < 1:
+            raise ValueError(f"--max-queue must be >= 1, got {max_size}")
+        self.max_size = max_size
+        self._items: deque[PendingVideo] = deque()
+        self._cond = threading.Condition()
+        self._closed_reason: str | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_reason is not None
+
+    def submit(self, pending: PendingVideo) -> PendingVideo:
+        """Admit a request, or raise QueueFull / Unavailable at once (never block the HTTP thread)."""
+        with self._cond:
+            if self._closed_reason is not None:
+                raise Unavailable(self._closed_reason)
+            if len(self._items) >= self.max_size:
+                raise QueueFull(f"{len(self._items)} requests are already waiting (--max-queue {self.max_size})")
+            pending.enqueued_at = time.perf_counter()
+            self._items.append(pending)
+            self._cond.notify()
+        return pending
+
+    def take(self, timeout: float) -> PendingVideo | None | type[Closed]:
+        """The oldest waiting request; None after `timeout` idle; Closed once closed.
+
+        Waits in short slices so a flag set by a signal handler on this thread is seen promptly.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                while self._items:
+                    pending = self._items.popleft()
+                    if pending.cancelled:  # its client is gone: do not spend the GPUs on it
+                        pending.resolve(error=Unavailable("cancelled before it started"))
+                        continue
+                    pending.started_at = time.perf_counter()
+                    return pending
+                if self._closed_reason is not None:
+                    return Closed
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(min(remaining, 0.25))
+
+    def close(self, reason: str) -> int:
+        """Refuse new requests and answer every waiting one with Unavailable(reason); returns how many."""
+        with self._cond:
+            self._closed_reason = self._closed_reason or reason
+            dropped = list(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+        for pending in dropped:
+            pending.resolve(error=Unavailable(reason))
+        return len(dropped)

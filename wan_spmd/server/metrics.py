@@ -1,0 +1,45 @@
+"""Prometheus metrics of one server, on a registry of its own (so apps built in tests never collide)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Stage latencies run from milliseconds (tiny model on CPU) to many minutes (A14B at 720p).
+BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 2400)
+
+
+class ServerMetrics:
+    """Queue depth, requests by endpoint and outcome, and stage latencies."""
+
+    def __init__(self, queue_depth: Callable[[], int], ready: Callable[[], bool]) -> None:
+        self.registry = CollectorRegistry()
+        depth = Gauge("wan_spmd_queue_depth", "Requests waiting for the SPMD loop.", registry=self.registry)
+        depth.set_function(queue_depth)
+        up = Gauge("wan_spmd_ready", "1 once every rank has loaded the model.", registry=self.registry)
+        up.set_function(lambda: float(ready()))
+        self.requests = Counter(
+            "wan_spmd_requests",
+            "Video requests by endpoint and outcome (ok, invalid, too_large, unsupported_media_type, "
+            "unknown_model, unauthorized, queue_full, unavailable, failed).",
+            ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.stage_seconds = Histogram(
+            "wan_spmd_stage_seconds",
+            "Latency of each stage of a finished request (pipeline stages, PipelineWall, server parts).",
+            ["stage"],
+            buckets=BUCKETS_S,
+            registry=self.registry,
+        )
+
+    def count(self, endpoint: str, outcome: str) -> None:
+        self.requests.labels(endpoint=endpoint, outcome=outcome).inc()
+
+    def observe(self, timings_ms: dict[str, float]) -> None:
+        for stage, ms in timings_ms.items():
+            self.stage_seconds.labels(stage=stage).observe(ms / 1000.0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,217 @@
+"""The routers: videos (POST /v1/videos, /v1/videos/sync) and system (health, models, metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from wan_spmd.params import GenerationParams, RequestError, resolve_params
+from wan_spmd.server.app import ARRIVED, ServerContext
+from wan_spmd.server.body import read_video_request
+from wan_spmd.server.errors import ApiError
+from wan_spmd.server.jobs import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
+from wan_spmd.server.wire import ErrorResponse, Health, ModelCard, ModelList, VideoData, VideoForm, VideoResponse
+
+log = logging.getLogger("wan_spmd")
+
+PIPELINE_STAGES = ("TextEncoding", "LatentPreparation", "Denoising", "Decoding", "PipelineWall")
+SERVER_STAGES = ("Receive", "Validation", "Queue", "Dispatch", "Mp4Encoding", "Base64")
+RETRY_AFTER_S = "5"
+
+# The request body is read by hand (so every field error comes from the one schema), so the OpenAPI
+# page is told what it looks like.
+_schema = VideoForm.model_json_schema()
+_upload_schema = {
+    **_schema,
+    "properties": {**_schema["properties"], "input_reference": {"type": "string", "format": "binary"}},
+}
+REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": _upload_schema}, "application/json": {"schema": _schema}},
+    }
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "A field is invalid (error.param names it)."),
+        (401, "Missing or wrong API key."),
+        (404, "The request names a model this server does not serve."),
+        (413, "The image upload is over --max-upload-bytes."),
+        (415, "The body is neither multipart/form-data nor JSON."),
+        (429, "--max-queue requests are already waiting; retry after Retry-After seconds."),
+        (500, "The generation failed on some rank."),
+        (503, "The model is still loading, or the server is stopping."),
+    )
+}
+
+videos_router = APIRouter(tags=["videos"])
+system_router = APIRouter(tags=["system"])
+
+
+def _ctx(request: Request) -> ServerContext:
+    return request.app.state.ctx
+
+
+def _ms(since: float) -> float:
+    return (time.perf_counter() - since) * 1000.0
+
+
+async def _generate(request: Request) -> tuple[PendingVideo, VideoAnswer, dict[str, float]]:
+    """Parse, validate, admit and await one request; the timings so far, in ms."""
+    ctx = _ctx(request)
+    settings = ctx.settings
+    if not ctx.ready.is_set():
+        raise ApiError(503, f"the server is {ctx.status}; try again shortly", headers={"Retry-After": RETRY_AFTER_S})
+    arrived = request.scope.get(ARRIVED, time.perf_counter())
+    fields, image = await read_video_request(request, settings.limits)
+    received = time.perf_counter()
+    model = fields.get("model")
+    if model not in (None, "") and model != settings.served_model_name:
+        raise ApiError(
+            404, f"model {model!r} is not served here; this server serves {settings.served_model_name!r}", "model"
+        )
+    try:
+        params: GenerationParams = resolve_params(
+            fields, info=settings.info, defaults=settings.defaults, limits=settings.limits, image=image
+        )
+    except RequestError as exc:
+        raise ApiError(400, str(exc), exc.field) from None
+    timings = {"Receive": (received - arrived) * 1000.0, "Validation": _ms(received)}
+    pending = PendingVideo(id=f"video_{uuid.uuid4().hex[:24]}", params=params, created=int(time.time()))
+    try:
+        ctx.queue.submit(pending)
+    except QueueFull as exc:
+        raise ApiError(429, f"the server is busy: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
+    except Unavailable as exc:
+        raise ApiError(503, f"the server is not taking requests: {exc}") from None
+    try:
+        answer = await asyncio.wrap_future(pending.future)
+    except asyncio.CancelledError:
+        pending.cancelled = True  # nobody waits any more: the loop drops or stops the job
+        raise
+    except Unavailable as exc:
+        raise ApiError(503, f"video {pending.id} was not made: {exc}") from None
+    except JobFailed as exc:
+        raise ApiError(500, f"video {pending.id} failed: {exc}") from None
+    for warning in params.warnings:
+        log.info("video %s: %s", pending.id, warning)
+    return pending, answer, {**answer.timings_ms, **timings}
+
+
+def _close_timings(timings: dict[str, float], request: Request) -> dict[str, float]:
+    """Order the stages, then add ServerTotal and Overhead = ServerTotal - PipelineWall."""
+    ordered = {k: timings[k] for k in PIPELINE_STAGES + SERVER_STAGES if k in timings}
+    ordered.update({k: v for k, v in timings.items() if k not in ordered})
+    ordered["ServerTotal"] = _ms(request.scope.get(ARRIVED, time.perf_counter()))
+    ordered["Overhead"] = ordered["ServerTotal"] - ordered.get("PipelineWall", 0.0)
+    return {k: round(v, 3) for k, v in ordered.items()}
+
+
+def _done(request: Request, pending: PendingVideo, answer: VideoAnswer, timings: dict[str, float]) -> None:
+    ctx = _ctx(request)
+    ctx.metrics.count(request.url.path, "ok")
+    ctx.metrics.observe(timings)
+    p = pending.params
+    log.info(
+        "video %s %s %s x%d frames %d steps -> %s: %s",
+        pending.id,
+        request.url.path,
+        p.size,
+        p.num_frames,
+        p.num_inference_steps,
+        answer.path,
+        " ".join(f"{k}={v:.0f}ms" for k, v in timings.items()),
+    )
+
+
+def _server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{k};dur={v:.1f}" for k, v in timings.items())
+
+
+@videos_router.post(
+    "/v1/videos",
+    response_model=VideoResponse,
+    responses=ERRORS,
+    openapi_extra=REQUEST_BODY,
+    summary="Generate a video; answer JSON with the mp4 as base64",
+)
+async def create_video(request: Request) -> JSONResponse:
+    pending, answer, timings = await _generate(request)
+    start = time.perf_counter()
+    b64 = base64.b64encode(answer.mp4).decode("ascii")
+    timings["Base64"] = _ms(start)
+    timings = _close_timings(timings, request)
+    p = pending.params
+    body = VideoResponse(
+        id=pending.id,
+        created=pending.created,
+        model=_ctx(request).settings.served_model_name,
+        data=[VideoData(b64_json=b64)],
+        num_frames=p.num_frames,
+        seconds=p.seconds,
+        size=p.size,
+        fps=p.fps,
+        seed=p.seed,
+        timings=timings,
+        warnings=list(p.warnings),
+    )
+    _done(request, pending, answer, timings)
+    return JSONResponse(body.model_dump(), headers={"Server-Timing": _server_timing(timings)})
+
+
+@videos_router.post(
+    "/v1/videos/sync",
+    responses={200: {"content": {"video/mp4": {}}}, **ERRORS},
+    openapi_extra=REQUEST_BODY,
+    response_class=Response,
+    summary="Generate a video; answer the raw mp4 bytes",
+)
+async def create_video_sync(request: Request) -> Response:
+    pending, answer, timings = await _generate(request)
+    timings = _close_timings(timings, request)
+    _done(request, pending, answer, timings)
+    p = pending.params
+    headers = {
+        "Server-Timing": _server_timing(timings),
+        "X-Video-Id": pending.id,
+        "X-Num-Frames": str(p.num_frames),
+        "X-Size": p.size,
+        "X-Fps": str(p.fps),
+        "X-Seed": str(p.seed),
+    }
+    return Response(answer.mp4, media_type="video/mp4", headers=headers)
+
+
+@system_router.get("/health", response_model=Health, responses={503: {"model": Health}})
+async def health(request: Request) -> JSONResponse:
+    """200 once every rank has loaded the model; 503 while loading or stopping."""
+    ctx = _ctx(request)
+    body = Health(status=ctx.status, ranks=ctx.settings.world_size).model_dump()
+    return JSONResponse(body, status_code=200 if ctx.ready.is_set() else 503)
+
+
+@system_router.get("/v1/models", response_model=ModelList, responses=ERRORS)
+async def models(request: Request) -> ModelList:
+    settings = _ctx(request).settings
+    card = ModelCard(
+        id=settings.served_model_name,
+        created=int(time.time()),
+        root=str(settings.info.path) if settings.info.path else None,
+        pipeline=settings.info.pipeline_class,
+    )
+    return ModelList(data=[card])
+
+
+@system_router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(_ctx(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,95 @@
+"""Pydantic wire types of the HTTP API (no torch). They document the API in the OpenAPI page and
+shape the answers; request *validation* is `params.resolve_params`, the one schema every front
+shares, so the request types here describe fields without re-checking them."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class VideoForm(BaseModel):
+    """The fields of POST /v1/videos and /v1/videos/sync (multipart form or JSON body).
+
+    Numbers may arrive as text (form fields); every field but `prompt` falls back to the model's
+    defaults. `num_frames` wins over `seconds` x `fps`; `size` wins over `width`/`height`.
+    """
+
+    prompt: str = Field(description="What the video shows.")
+    negative_prompt: str | None = Field(None, description="What to steer away from.")
+    input_reference: str | None = Field(
+        None,
+        description="The input image for image-to-video models: a file upload in a multipart form, "
+        "base64 or a data URL in a JSON body. At most --max-upload-bytes (20 MiB by default).",
+    )
+    size: str | None = Field(None, description="WIDTHxHEIGHT, each a multiple of 16, e.g. 1280x720.")
+    width: int | None = None
+    height: int | None = None
+    seconds: float | None = Field(None, description="Duration; frames = seconds x fps rounded down to 4k+1.")
+    fps: int | None = None
+    num_frames: int | None = Field(None, description="4k+1 frames, e.g. 81; wins over seconds.")
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = Field(None, description="CFG scale of the high-noise expert.")
+    guidance_scale_2: float | None = Field(None, description="CFG scale of the low-noise expert.")
+    boundary_ratio: float | None = Field(None, description="Where the experts switch, in [0, 1].")
+    flow_shift: float | None = None
+    seed: int | None = None
+    model: str | None = Field(None, description="The served model name; another name gets 404.")
+
+
+class VideoData(BaseModel):
+    b64_json: str
+    """The mp4, base64-encoded."""
+
+
+class VideoResponse(BaseModel):
+    """The synchronous answer of POST /v1/videos."""
+
+    id: str
+    object: str = "video"
+    created: int
+    model: str
+    data: list[VideoData]
+    num_frames: int
+    seconds: float
+    size: str
+    fps: int
+    seed: int
+    timings: dict[str, float] = Field(
+        description="Milliseconds: the pipeline's stages (TextEncoding, LatentPreparation, Denoising, Decoding), "
+        "PipelineWall, and the server's own parts (Receive, Validation, Queue, Dispatch, Mp4Encoding, Base64), "
+        "ServerTotal (request arrival to answer ready) and Overhead = ServerTotal - PipelineWall."
+    )
+    warnings: list[str] = Field(default_factory=list, description="What was ignored or derived.")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = Field(None, description="The request field at fault, when one is.")
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer (OpenAI's error shape)."""
+
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int
+    owned_by: str = "wan_spmd"
+    root: str | None = None
+    pipeline: str | None = None
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+    """"ok" once every rank has loaded; "loading" or "stopping" with 503 otherwise."""
+    ranks: int
