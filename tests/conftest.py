@@ -60,3 +60,15 @@ def run_torchrun_script(script: Path, args: list[str], nproc: int = 2, timeout: 
     return subprocess.run(
         [*cmd, str(script), *args], capture_output=True, text=True, timeout=timeout, env=cli_env(**env), cwd=ROOT
     )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device; elsewhere they are skipped with that reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a lent GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
