@@ -1,0 +1,138 @@
+"""The HTTP app and its queue without processes: a fake SPMD loop thread resolves the futures."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import EXAMPLE_IMAGE, ROOT, cli_env
+from wan_spmd.config import generation_defaults, inspect_model_folder
+from wan_spmd.params import Limits
+from wan_spmd.server.app import ServerContext, ServerSettings, create_app
+from wan_spmd.server.jobs import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
+
+FORM = {"prompt": "a cat", "size": "64x48", "num_frames": "5", "num_inference_steps": "2", "seed": "3"}
+PIPELINE_MS = {"TextEncoding": 1.0, "LatentPreparation": 2.0, "Denoising": 3.0, "Decoding": 4.0, "PipelineWall": 10.0}
+
+
+def _files() -> dict:
+    return {"input_reference": ("cat.png", EXAMPLE_IMAGE.read_bytes(), "image/png")}
+
+
+@pytest.fixture
+def ctx(tiny_i2v) -> ServerContext:
+    info = inspect_model_folder(tiny_i2v)
+    settings = ServerSettings(info=info, defaults=generation_defaults(info), served_model_name="tiny", limits=Limits())
+    return ServerContext(settings, JobQueue(max_size=1))
+
+
+class FakeLoop:
+    """Stands in for the SPMD loop: takes jobs off the queue and answers each with `reply`."""
+
+    def __init__(self, queue: JobQueue, reply) -> None:
+        self.queue, self.reply, self.seen = queue, reply, []
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while (item := self.queue.take(0.05)) is not Closed:
+            if item is not None:
+                self.seen.append(item)
+                self.reply(item)
+
+
+@pytest.fixture
+def client(ctx) -> Iterator[TestClient]:
+    with TestClient(create_app(ctx)) as c:
+        yield c
+    ctx.queue.close("test over")
+
+
+def test_server_package_imports_no_torch():
+    """The HTTP layer must never import torch or the pipeline (DESIGN.md): if this fails, the app
+    pulls the model stack into the HTTP thread and its tests stop being cheap."""
+    code = (
+        "import sys, wan_spmd.server.app, wan_spmd.server.routes, wan_spmd.server.body; "
+        "bad = [m for m in ('torch', 'wan_spmd.pipeline', 'wan_spmd.runtime', 'diffusers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+
+
+def test_health_and_videos_are_503_until_ready(ctx, client):
+    """Until every rank has loaded, /health is 503 (so no load balancer sends work) and video requests
+    are refused with 503 + Retry-After rather than queued behind a load that may fail."""
+    assert client.get("/health").status_code == 503
+    r = client.post("/v1/videos", data=FORM, files=_files())
+    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == 503
+    ctx.mark_ready()
+    assert client.get("/health").json() == {"status": "ok", "ranks": 1}
+
+
+def test_answer_shape_and_timings(ctx, client):
+    """The JSON answer carries the mp4 as base64, the resolved parameters and every timing with
+    Overhead = ServerTotal - PipelineWall: a benchmark reads these to hold e2e against PipelineWall."""
+    ctx.mark_ready()
+    mp4 = b"\x00\x00\x00\x18ftypisom fake mp4"
+    loop = FakeLoop(ctx.queue, lambda p: p.resolve(VideoAnswer(mp4=mp4, path="/x.mp4", timings_ms=dict(PIPELINE_MS))))
+    r = client.post("/v1/videos", data=FORM, files=_files())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert base64.b64decode(body["data"][0]["b64_json"]) == mp4
+    assert (body["num_frames"], body["size"], body["seed"], body["model"]) == (5, "64x48", 3, "tiny")
+    t = body["timings"]
+    assert list(t)[:5] == list(PIPELINE_MS)
+    assert t["Overhead"] == pytest.approx(t["ServerTotal"] - 10.0, abs=0.01)
+    assert loop.seen[0].params.prompt == "a cat"
+    r = client.post(
+        "/v1/videos/sync", json={**FORM, "input_reference": base64.b64encode(EXAMPLE_IMAGE.read_bytes()).decode()}
+    )
+    assert r.status_code == 200 and r.content == mp4 and r.headers["content-type"] == "video/mp4"
+
+
+def test_queue_full_is_429_with_retry_after(ctx, client):
+    """With --max-queue requests already waiting, a new one gets 429 and Retry-After at once (the
+    HTTP thread never blocks on a full queue)."""
+    ctx.mark_ready()
+    blocker = ctx.queue.submit(PendingVideo(id="waiting", params=None, created=0))  # nobody takes it
+    r = client.post("/v1/videos", data=FORM, files=_files())
+    assert r.status_code == 429 and r.headers["retry-after"]
+    assert 'outcome="queue_full"' in client.get("/metrics").text
+    blocker.resolve(error=Unavailable("test over"))
+
+
+@pytest.mark.parametrize(
+    "error, status", [(JobFailed("rank 1: OOM"), 500), (Unavailable("the server is shutting down"), 503)]
+)
+def test_job_errors_become_json(ctx, client, error, status):
+    """A job that fails on some rank, or is dropped at shutdown, is answered (never left hanging)
+    with the error JSON and the reason."""
+    ctx.mark_ready()
+    FakeLoop(ctx.queue, lambda p: p.resolve(error=error))
+    r = client.post("/v1/videos", data=FORM, files=_files())
+    assert r.status_code == status and str(error) in r.json()["error"]["message"]
+
+
+def test_close_answers_waiting_and_take_skips_cancelled():
+    """Closing the queue answers every waiting request (503), and a request whose client left is
+    never run: if this fails, a shutdown leaves clients hanging or GPUs work for nobody."""
+    queue = JobQueue(max_size=3)
+    gone, kept = PendingVideo("gone", None, 0), PendingVideo("kept", None, 0)
+    queue.submit(gone)
+    queue.submit(kept)
+    gone.cancelled = True
+    assert queue.take(0) is kept
+    waiting = queue.submit(PendingVideo("waiting", None, 0))
+    assert queue.close("stopping") == 1
+    assert isinstance(waiting.future.exception(), Unavailable)
+    assert isinstance(gone.future.exception(), Unavailable)
+    assert queue.take(1) is Closed
+    with pytest.raises(Unavailable):
+        queue.submit(PendingVideo("late", None, 0))
