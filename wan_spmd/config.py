@@ -180,11 +180,16 @@ def tiny_cache_dir(variant: str) -> Path:
     return Path(base) / "wan_spmd" / f"tiny-{variant}-v{TINY_VERSION}"
 
 
-def resolve_model(model: str) -> ModelInfo:
-    """`tiny` / `tiny-t2v` (built on first use into the cache) or a local diffusers folder.
+def resolve_model(model: str, load_format: str = "auto") -> ModelInfo:
+    """`tiny` / `tiny-t2v` (built on first use into the cache) or a local diffusers folder; with
+    `load_format="dummy"` also a named real architecture (`wan2.2-i2v-a14b`) with no folder.
 
     Only a first build of the tiny model imports torch; checking a folder never does.
     """
+    if load_format not in ("auto", "dummy"):
+        raise ModelFolderError(f"--load-format must be auto or dummy, got {load_format!r}")
+    if load_format == "dummy" and model in REAL_MODELS:
+        return REAL_MODELS[model]
     if model in TINY_NAMES:
         folder = tiny_cache_dir(TINY_NAMES[model])
         if not (folder / "model_index.json").is_file():
@@ -193,3 +198,41 @@ def resolve_model(model: str) -> ModelInfo:
             folder = ensure_tiny(TINY_NAMES[model])
         return inspect_model_folder(folder)
     return inspect_model_folder(model)
+
+
+# The real architectures (diffusers' conversion script and the public Wan-AI/*-Diffusers configs),
+# for `--load-format dummy` where no folder exists. With a folder, its own files win.
+_A14B_TRANSFORMER = {
+    "patch_size": [1, 2, 2],
+    "num_attention_heads": 40,
+    "attention_head_dim": 128,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 13824,
+    "num_layers": 40,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "rope_max_seq_len": 1024,
+}
+UMT5_XXL_ENCODER = {
+    "d_model": 4096,
+    "num_layers": 24,
+    "num_heads": 64,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "feed_forward_proj": "gated-gelu",
+    "vocab_size": 256384,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.0,
+}
+REAL_MODELS = {
+    "wan2.2-i2v-a14b": ModelInfo(
+        None, "WanImageToVideoPipeline", 0.9, {**_A14B_TRANSFORMER, "in_channels": 36}, {"z_dim": 16}
+    ),
+    "wan2.2-t2v-a14b": ModelInfo(None, "WanPipeline", 0.875, {**_A14B_TRANSFORMER, "in_channels": 16}, {"z_dim": 16}),
+}

@@ -72,24 +72,55 @@ def load_text_and_vae(info: ModelInfo, device: torch.device, dtypes: Dtypes):
     return tokenizer, text_encoder.to(device).eval(), vae.to(device).eval()
 
 
-def load_expert(info: ModelInfo, name: str, device: torch.device, dtype: torch.dtype) -> WanTransformer3DModel:
-    """One whole expert (`transformer` or `transformer_2`) on `device`."""
-    model = WanTransformer3DModel.from_pretrained(info.path / name, torch_dtype=dtype)
-    return model.to(device).eval()
+def load_components(
+    info: ModelInfo,
+    device: torch.device,
+    dtypes: Dtypes | None = None,
+    mesh=None,
+    load_format: str = "auto",
+) -> Components:
+    """Every component of a Wan2.2 model on `device`; with a TP `mesh`, each rank reads only its
+    slices of the experts. `load_format="dummy"` builds the architecture with random weights."""
+    from wan_spmd.parallel import dummy_expert_sharded, load_expert_sharded
 
-
-def load_components(info: ModelInfo, device: torch.device, dtypes: Dtypes | None = None) -> Components:
-    """Load every component of a Wan2.2 folder onto `device`."""
     dtypes = dtypes or Dtypes.for_device(device)
-    tokenizer, text_encoder, vae = load_text_and_vae(info, device, dtypes)
-    return Components(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=scheduler_from_folder(info),
-        transformer=load_expert(info, "transformer", device, dtypes.transformer),
-        transformer_2=load_expert(info, "transformer_2", device, dtypes.transformer),
+    if load_format == "dummy":
+        tokenizer, text_encoder, vae, scheduler = _dummy_text_and_vae(device, dtypes)
+        experts = [
+            dummy_expert_sharded(info.transformer_config, mesh, device, dtypes.transformer, seed=i) for i in (1, 2)
+        ]
+    else:
+        tokenizer, text_encoder, vae = load_text_and_vae(info, device, dtypes)
+        scheduler = scheduler_from_folder(info)
+        experts = [
+            load_expert_sharded(info.path / name, mesh, device, dtypes.transformer)
+            for name in ("transformer", "transformer_2")
+        ]
+    return Components(tokenizer, text_encoder, vae, scheduler, experts[0], experts[1])
+
+
+def _dummy_text_and_vae(device: torch.device, dtypes: Dtypes):
+    """Real-size text encoder and VAE with random weights, made on the device (benchmarks).
+
+    The tokenizer is the tiny one: the encoder always runs all 512 positions, so the cost is real.
+    """
+    from accelerate import init_empty_weights
+
+    from wan_spmd.config import UMT5_XXL_ENCODER
+    from wan_spmd.parallel import random_weight
+
+    with init_empty_weights(include_buffers=False):
+        text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL_ENCODER))
+    for name, meta in list(text_encoder.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        value = random_weight(name, meta.shape, device, dtypes.text_encoder, seed=3)
+        setattr(text_encoder.get_submodule(owner), attr, torch.nn.Parameter(value, requires_grad=False))
+    torch.manual_seed(4)
+    vae = AutoencoderKLWan().to(device=device, dtype=dtypes.vae)  # the Wan2.1 VAE's default arguments
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0
     )
+    return _tiny_tokenizer(), text_encoder.eval(), vae.eval(), scheduler
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,30 +1,43 @@
-"""Tensor parallelism for the Wan2.2 experts, written as data.
+"""Tensor and sequence parallelism for the Wan2.2 experts, written as data; sharded loading.
 
 The model code stays single-device (diffusers' `WanTransformer3DModel`); this module owns every
 collective. Each transformer block is sharded by `TP_PLAN` with PyTorch's own DTensor styles:
 column-parallel layers shard out_features (attention heads, FFN hidden units), row-parallel layers
-shard in_features and all-reduce their output, so each block costs two all-reduces (attention
-output, FFN output) per attention layer.
+shard in_features and leave partial sums.
 
-One thing DTensor's styles cannot express is written by hand: Wan normalises q and k with an
-RMSNorm over the *whole* inner dimension (all heads together, `rms_norm_across_heads`). With heads
-sharded, each rank holds only its heads' slice, so the norm must all-reduce the sums of squares
-across ranks; normalising the local slice alone would be silently wrong.
+Written by hand, and why:
+- Wan normalises q and k with an RMSNorm over the *whole* inner dimension (all heads together,
+  `rms_norm_across_heads`). With heads sharded each rank holds only its heads' slice, so the norm
+  all-reduces the sums of squares; normalising the local slice alone would be silently wrong.
+- Sequence-parallel regions. Between the row-parallel outputs and the next column-parallel inputs,
+  Wan's block does element-wise work on the full hidden state (fp32 norms, modulation, gates,
+  residuals). We reduce-scatter the partial sums over the sequence instead of all-reducing them,
+  run that work on each rank's 1/tp of the tokens, and all-gather before the next projections
+  (torch's `SequenceParallel` + `PrepareModuleInput` idea). Torch's styles assume the sequence
+  splits evenly; Wan's token count (frames x h/2 x w/2) often does not, so the gather/scatter
+  points are hooks of ours that fall back to a plain all-reduce for an uneven sequence.
 """
 
 from __future__ import annotations
 
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from wan_spmd.config import check_tp
 
 # Module pattern (inside each `blocks.*`) -> style. Left replicated on purpose: the patch and
-# condition embeddings, FP32LayerNorms, the modulation tables and proj_out (small, or element-wise
-# work on the full hidden state; the sequence-parallel work of a later step shards that).
+# condition embeddings, the modulation tables and proj_out (small, and outside the blocks), and the
+# FP32LayerNorms (element-wise: they run on each rank's sequence shard instead).
 TP_PLAN: dict[str, str] = {
     # self-attention: heads split across ranks
     "attn1.to_q": "colwise",
@@ -44,6 +57,31 @@ TP_PLAN: dict[str, str] = {
     "ffn.net.0.proj": "colwise",
     "ffn.net.2": "rowwise",
 }
+# Sequence-parallel regions: gather the token shards before these modules' inputs ...
+SP_GATHER = ("attn1", "attn2", "ffn")
+# ... and reduce-scatter the row-parallel partial sums after these outputs.
+SP_SCATTER = ("attn1.to_out.0", "attn2.to_out.0", "ffn.net.2")
+
+
+def _maybe_compile(fn):
+    """Fuse small element-wise chains on GPUs (one pass instead of five); eager on the CPU, where
+    CI has no time for compilation."""
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+
+    def run(*args):
+        return compiled(*args) if args[0].is_cuda else fn(*args)
+
+    return run
+
+
+@_maybe_compile
+def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    return x.float().pow(2).sum(dim=-1, keepdim=True)  # (B, S, 1)
+
+
+@_maybe_compile
+def _rms_scale(x: torch.Tensor, sum_sq: torch.Tensor, weight: torch.Tensor, inv_dim: float, eps: float):
+    return (x.float() * torch.rsqrt(sum_sq * inv_dim + eps)).to(x.dtype) * weight
 
 
 class AcrossHeadsRMSNorm(nn.Module):
@@ -57,19 +95,63 @@ class AcrossHeadsRMSNorm(nn.Module):
         super().__init__()
         (full_dim,) = norm.normalized_shape
         local_dim = full_dim // tp_size
-        self.full_dim = full_dim
+        self.inv_dim = 1.0 / full_dim
         self.eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
         self.group = group
         weight = norm.weight.detach()[tp_rank * local_dim : (tp_rank + 1) * local_dim].clone()
         self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, S, local_dim); the statistics in fp32, as torch's RMSNorm computes them
-        x32 = x.float()
-        sum_sq = x32.pow(2).sum(dim=-1, keepdim=True)  # (B, S, 1)
+        # x: (B, S, local_dim); statistics in fp32, as torch's RMSNorm computes them
+        sum_sq = _sum_of_squares(x)
         dist.all_reduce(sum_sq, group=self.group)
-        out = x32 * torch.rsqrt(sum_sq / self.full_dim + self.eps)
-        return out.to(x.dtype) * self.weight
+        return _rms_scale(x, sum_sq, self.weight, self.inv_dim, self.eps)
+
+
+@dataclass
+class SequenceShards:
+    """Per-expert state of the sequence-parallel regions: on for the current forward only when the
+    token count splits evenly over the ranks."""
+
+    group: dist.ProcessGroup
+    tp_size: int
+    tp_rank: int
+    enabled: bool = False
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) -> this rank's (B, S/tp, D)."""
+        return x.chunk(self.tp_size, dim=1)[self.tp_rank].contiguous()
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S/tp, D) on each rank -> (B, S, D) everywhere."""
+        return funcol.all_gather_tensor(x.contiguous(), gather_dim=1, group=self.group).wait()
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Partial sums (B, S, D) -> summed (B, S/tp, D) shard, or all of it when SP is off."""
+        if self.enabled:
+            return funcol.reduce_scatter_tensor(partial.contiguous(), "sum", scatter_dim=1, group=self.group).wait()
+        dist.all_reduce(partial, group=self.group)
+        return partial
+
+
+def _enter_blocks(shards: SequenceShards, module, args, kwargs):
+    hidden = args[0]  # (B, S, D), the patch-embedded tokens, replicated
+    shards.enabled = hidden.shape[1] % shards.tp_size == 0
+    return ((shards.split(hidden) if shards.enabled else hidden), *args[1:]), kwargs
+
+
+def _leave_blocks(shards: SequenceShards, module, args, output):
+    return shards.gather(output) if shards.enabled else output
+
+
+def _gather_input(shards: SequenceShards, module, args, kwargs):
+    if not shards.enabled:
+        return None
+    return (shards.gather(args[0]), *args[1:]), kwargs
+
+
+def _reduce_output(shards: SequenceShards, module, args, output):
+    return shards.reduce(output)
 
 
 def tp_mesh(device: torch.device, tp_size: int) -> DeviceMesh:
@@ -77,14 +159,18 @@ def tp_mesh(device: torch.device, tp_size: int) -> DeviceMesh:
     return init_device_mesh(device.type, (tp_size,), mesh_dim_names=("tp",))
 
 
-def _style(name: str):
-    return {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}[name]()
+def _style(name: str, sequence_parallel: bool):
+    if name == "colwise":
+        return ColwiseParallel()
+    # Row-parallel outputs stay partial sums; `SequenceShards.reduce` sums them (scatter or all-reduce).
+    return RowwiseParallel(output_layouts=Partial()) if sequence_parallel else RowwiseParallel()
 
 
-def shard_block(block: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """Apply `TP_PLAN` to one `WanTransformerBlock`, in place."""
+def shard_block(block: nn.Module, mesh: DeviceMesh, shards: SequenceShards | None = None) -> nn.Module:
+    """Apply `TP_PLAN` (and, with `shards`, the sequence-parallel regions) to one block, in place."""
     tp_size, tp_rank, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
-    parallelize_module(block, mesh, {k: _style(v) for k, v in TP_PLAN.items() if v in ("colwise", "rowwise")})
+    dense = {k: _style(v, shards is not None) for k, v in TP_PLAN.items() if v in ("colwise", "rowwise")}
+    parallelize_module(block, mesh, dense)
     for name in (k for k, v in TP_PLAN.items() if v == "rmsnorm_across_heads"):
         parent_name, child = name.rsplit(".", 1)
         parent = block.get_submodule(parent_name)
@@ -93,24 +179,136 @@ def shard_block(block: nn.Module, mesh: DeviceMesh) -> nn.Module:
     # (cross-attention has no rotary to fail loudly on a wrong count)
     for attn in (block.attn1, block.attn2):
         attn.heads //= tp_size
+    if shards is not None:
+        for name in SP_GATHER:
+            block.get_submodule(name).register_forward_pre_hook(
+                lambda m, a, k: _gather_input(shards, m, a, k), with_kwargs=True
+            )
+        for name in SP_SCATTER:
+            block.get_submodule(name).register_forward_hook(lambda m, a, o: _reduce_output(shards, m, a, o))
     return block
 
 
-def shard_expert(transformer: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def shard_expert(transformer: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = True) -> nn.Module:
     """Shard every block of one expert, in place.
 
-    All ranks must hold identical full weights first: DTensor distributes each planned weight from
-    rank 0, and the replicated rest is used as each rank has it.
+    Weights the plan shards may already be DTensors (sharded loading); otherwise all ranks must
+    hold identical full weights, which DTensor distributes from rank 0.
     """
     check_tp(dict(transformer.config), mesh.size())
+    shards = None
+    if sequence_parallel:
+        shards = SequenceShards(mesh.get_group(), mesh.size(), mesh.get_local_rank())
+        blocks = transformer.blocks
+        blocks[0].register_forward_pre_hook(lambda m, a, k: _enter_blocks(shards, m, a, k), with_kwargs=True)
+        blocks[-1].register_forward_hook(lambda m, a, o: _leave_blocks(shards, m, a, o))
     for block in transformer.blocks:
-        shard_block(block, mesh)
+        shard_block(block, mesh, shards)
     return transformer
 
 
-def shard_experts(components, tp_size: int, device: torch.device) -> DeviceMesh:
+# ---------------------------------------------------------------------------------------------
+# Sharded loading: each rank reads (or makes) only its slices of the planned weights
+
+
+def planned_placement(param_name: str):
+    """How a weight of the expert is laid out over the TP mesh: Shard(0) for column-parallel weights
+    and biases, Shard(1) for row-parallel weights, None (whole on every rank) for the rest."""
+    if not param_name.startswith("blocks."):
+        return None
+    _, _, rest = param_name.split(".", 2)  # blocks.<i>.<module>.<weight|bias>
+    module, _, kind = rest.rpartition(".")  # blocks.<i>.scale_shift_table has no module part
+    style = TP_PLAN.get(module)
+    if style == "colwise":
+        return Shard(0)
+    if style == "rowwise":
+        return Shard(1) if kind == "weight" else Replicate()
+    return None
+
+
+def _local_slice(shape: torch.Size, placement, tp_rank: int, tp_size: int) -> tuple[slice, ...]:
+    index = [slice(None)] * len(shape)
+    if isinstance(placement, Shard):
+        size = shape[placement.dim] // tp_size
+        index[placement.dim] = slice(tp_rank * size, (tp_rank + 1) * size)
+    return tuple(index)
+
+
+def _attach(model: nn.Module, name: str, local: torch.Tensor, placement, mesh: DeviceMesh | None) -> None:
+    value = (
+        local if placement is None or mesh is None else DTensor.from_local(local, mesh, [placement], run_check=False)
+    )
+    owner_name, _, attr = name.rpartition(".")  # "" is the model itself (scale_shift_table)
+    setattr(model.get_submodule(owner_name), attr, nn.Parameter(value, requires_grad=False))
+
+
+def expert_on_meta(config: dict) -> nn.Module:
+    """The expert's modules with parameters on the meta device (no memory); buffers (rotary tables)
+    stay real, since they are computed, not loaded."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    with init_empty_weights(include_buffers=False):
+        return WanTransformer3DModel.from_config(config)
+
+
+def load_expert_sharded(folder: Path, mesh: DeviceMesh | None, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """One expert from a diffusers folder, each rank reading only its slices (safetensors' slice
+    reads), so no rank ever holds the whole 14B expert in host or device memory."""
+    from safetensors import safe_open
+
+    config = json.loads((folder / "config.json").read_text())
+    model = expert_on_meta(config)
+    index_file = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    else:
+        weight_map = {}
+    tp_rank, tp_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
+    by_file: dict[str, list[str]] = {}
+    for name, _ in model.named_parameters():
+        by_file.setdefault(weight_map.get(name, "diffusion_pytorch_model.safetensors"), []).append(name)
+    for file_name, names in by_file.items():
+        with safe_open(folder / file_name, framework="pt", device="cpu") as f:
+            for name in names:
+                placement = planned_placement(name)
+                tensor_slice = f.get_slice(name)
+                shape = torch.Size(tensor_slice.get_shape())
+                local = tensor_slice[_local_slice(shape, placement, tp_rank, tp_size)]
+                _attach(model, name, local.to(device=device, dtype=dtype), placement, mesh)
+    return model.to(device).eval()
+
+
+def random_weight(name: str, shape: torch.Size, device: torch.device, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A random weight drawn on the device from a generator seeded by its name: normal(0, 0.02), norm
+    scales 1. The same on every rank, so replicated weights agree without a broadcast."""
+    if "norm" in name and name.endswith("weight"):
+        return torch.ones(shape, device=device, dtype=dtype)
+    generator = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * 0.02).to(dtype)
+
+
+def dummy_expert_sharded(
+    config: dict, mesh: DeviceMesh | None, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> nn.Module:
+    """The real architecture with random weights made straight on the device, already sharded
+    (`--load-format dummy`). Each weight is drawn whole from a generator seeded by its name, one at
+    a time, then sliced: every rank and every TP size sees the same weights, so TP=2 can be
+    compared with TP=1."""
+    model = expert_on_meta(config)
+    tp_rank, tp_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
+    for name, meta in list(model.named_parameters()):
+        placement = planned_placement(name)
+        full = random_weight(name, meta.shape, device, dtype, seed)
+        local = full[_local_slice(meta.shape, placement, tp_rank, tp_size)].clone()
+        del full
+        _attach(model, name, local, placement, mesh)
+    return model.to(device).eval()
+
+
+def shard_experts(components, tp_size: int, device: torch.device, sequence_parallel: bool = True) -> DeviceMesh:
     """Shard both experts (`transformer`, `transformer_2`) over one TP mesh."""
     mesh = tp_mesh(device, tp_size)
-    shard_expert(components.transformer, mesh)
-    shard_expert(components.transformer_2, mesh)
+    shard_expert(components.transformer, mesh, sequence_parallel)
+    shard_expert(components.transformer_2, mesh, sequence_parallel)
     return mesh

@@ -64,8 +64,8 @@ def prompt_clean(text: str) -> str:
 class VideoResult:
     """What a job produces on every rank; only rank 0 uses `frames`."""
 
-    frames: torch.Tensor
-    """uint8 (F, H, W, 3) on the host, converted on the device first."""
+    frames: torch.Tensor | None
+    """uint8 (F, H, W, 3) on the host, converted on the device first; None where not decoded."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     latents: torch.Tensor | None = None
     """Final latents (B, C, T, H/8, W/8) in float32, kept only when asked (equivalence tests)."""
@@ -214,6 +214,7 @@ class WanVideoPipeline:
         control: StepControl | None = None,
         on_step: Callable[[int, int], None] | None = None,
         keep_tensors: bool = False,
+        decode: bool = True,
     ) -> VideoResult:
         timer = _StageTimer(self.device)
         with timer("PipelineWall"):
@@ -228,12 +229,14 @@ class WanVideoPipeline:
             # 3. Denoising loop over both experts
             with timer("Denoising"):
                 latents = self.denoise(params, latents, condition, prompt_embeds, negative_embeds, control, on_step)
-            # 4. Decode, and convert to 8-bit on the device before the frames go to the host
-            with timer("Decoding"):
-                video = self.decode(latents)
-                # (1, 3, F, H, W) -> (F, H, W, 3); diffusers' numpy_to_pil rounds the same way
-                frames = (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
-        frames = frames.cpu()
+            # 4. Decode where the frames are wanted; 8-bit on the device before they go to the host
+            video = frames = None
+            if decode:
+                with timer("Decoding"):
+                    video = self.decode(latents)
+                    # (1, 3, F, H, W) -> (F, H, W, 3); diffusers' numpy_to_pil rounds the same way
+                    frames = (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
+        frames = frames.cpu() if frames is not None else None
         timings = timer.ms
         log.info(
             "request seed=%d %s x%d frames, %d steps: %s",

@@ -268,27 +268,33 @@ def spmd_loop(d: Dist, run_job: RunJob, source: JobSource | None, heartbeat_s: f
 # Building the pipeline on every rank
 
 
-def load_pipeline(d: Dist, info: ModelInfo) -> WanVideoPipeline:
-    """Load the model on this rank's device; under world_size > 1 the experts are tensor-parallel."""
+def load_pipeline(
+    d: Dist, info: ModelInfo, load_format: str = "auto", sequence_parallel: bool = True
+) -> WanVideoPipeline:
+    """Load the model on this rank's device; under world_size > 1 both experts are tensor-parallel
+    and each rank reads (or, for dummy weights, makes) only its shard of them."""
     from wan_spmd.models import load_components, quiet_hub_logging
+    from wan_spmd.parallel import shard_expert, tp_mesh
     from wan_spmd.pipeline import WanVideoPipeline
 
     quiet_hub_logging()
-
     start = time.perf_counter()
-    components = load_components(info, d.device)
-    if d.world_size > 1:
-        from wan_spmd.parallel import shard_experts
-
-        shard_experts(components, d.world_size, d.device)
-    log.info("loaded %s on %d rank(s) in %.1f s", info.path, d.world_size, time.perf_counter() - start)
+    mesh = tp_mesh(d.device, d.world_size) if d.world_size > 1 else None
+    components = load_components(info, d.device, mesh=mesh, load_format=load_format)
+    if mesh is not None:
+        for expert in (components.transformer, components.transformer_2):
+            shard_expert(expert, mesh, sequence_parallel)
+    log.info(
+        "loaded %s on %d rank(s) in %.1f s", info.path or info.config_name, d.world_size, time.perf_counter() - start
+    )
     return WanVideoPipeline(components, info, d.device)
 
 
-def pipeline_runner(pipe: WanVideoPipeline) -> RunJob:
+def pipeline_runner(pipe: WanVideoPipeline, is_main: bool = True) -> RunJob:
     """The job runner the loop calls: the pipeline with the agreed per-step control."""
 
     def run(job: Job, control: Callable[[int, int], bool], on_step: Callable[[int, int], None]) -> VideoResult:
-        return pipe(job.params, control=control, on_step=on_step)
+        # Only rank 0 answers, so only rank 0 decodes; the others are free for the next job sooner.
+        return pipe(job.params, control=control, on_step=on_step, decode=is_main)
 
     return run
