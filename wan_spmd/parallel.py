@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -124,14 +123,20 @@ class SequenceShards:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S/tp, D) on each rank -> (B, S, D) everywhere."""
-        return funcol.all_gather_tensor(x.contiguous(), gather_dim=1, group=self.group).wait()
+        local = x.transpose(0, 1).contiguous()  # (S/tp, B, D): a free view for B == 1
+        out = local.new_empty((self.tp_size * local.shape[0], *local.shape[1:]))
+        dist.all_gather_into_tensor(out, local, group=self.group)
+        return out.transpose(0, 1)
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Partial sums (B, S, D) -> summed (B, S/tp, D) shard, or all of it when SP is off."""
-        if self.enabled:
-            return funcol.reduce_scatter_tensor(partial.contiguous(), "sum", scatter_dim=1, group=self.group).wait()
-        dist.all_reduce(partial, group=self.group)
-        return partial
+        if not self.enabled:
+            dist.all_reduce(partial, group=self.group)
+            return partial
+        full = partial.transpose(0, 1).contiguous()  # (S, B, D)
+        out = full.new_empty((full.shape[0] // self.tp_size, *full.shape[1:]))
+        dist.reduce_scatter_tensor(out, full, group=self.group)
+        return out.transpose(0, 1)
 
 
 def _enter_blocks(shards: SequenceShards, module, args, kwargs):
