@@ -143,7 +143,7 @@ def generate(
     try:
         pipe = load_pipeline(d, info)
         source = OneJobSource(Job("generate", params), output, frames_dir) if d.is_main else None
-        spmd_loop(d, pipeline_runner(pipe), source)
+        spmd_loop(d, pipeline_runner(pipe, d.is_main), source)
     finally:
         shutdown(d)
     if d.is_main and (source.outcome is None or not source.outcome.ok):
@@ -191,7 +191,7 @@ def batch(
         d = init_dist(device)
     try:
         pipe = load_pipeline(d, info)
-        spmd_loop(d, pipeline_runner(pipe), source)
+        spmd_loop(d, pipeline_runner(pipe, d.is_main), source)
     finally:
         if source is not None:
             source.close()
@@ -239,6 +239,8 @@ def serve(
             raise ValueError(f"--port must be within 0..65535, got {port}")
         if uds is not None and not Path(uds).expanduser().parent.is_dir():
             raise ValueError(f"--uds {uds}: folder {Path(uds).expanduser().parent} does not exist")
+        if uds is not None and Path(uds).expanduser().exists() and not Path(uds).expanduser().is_socket():
+            raise ValueError(f"--uds {uds} exists and is not a socket; refusing to replace it")
         if max_upload_bytes < 1:
             raise ValueError(f"--max-upload-bytes must be >= 1, got {max_upload_bytes}")
         if output_dir.exists() and not output_dir.is_dir():

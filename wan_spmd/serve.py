@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -126,8 +127,10 @@ class HttpThread:
 
     def start(self, timeout: float = 30.0) -> str:
         """Start serving; the address it listens on, or ValueError saying why it could not."""
-        if self.uds and os.path.exists(self.uds):
-            os.unlink(self.uds)  # a stale socket file from an earlier run would make bind fail
+        if self.uds and os.path.lexists(self.uds):
+            if not stat.S_ISSOCK(os.lstat(self.uds).st_mode):
+                raise ValueError(f"--uds {self.uds} exists and is not a socket; refusing to replace it")
+            os.unlink(self.uds)  # a stale socket from an earlier run would make bind fail
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:
@@ -144,8 +147,10 @@ class HttpThread:
         self.server.should_exit = True
         if self.thread.is_alive():
             self.thread.join(timeout=10)
-        if self.uds and os.path.exists(self.uds):
-            os.unlink(self.uds)
+        # remove the socket we bound (never a file that was there when we could not bind)
+        if self.uds and self.server.started and os.path.lexists(self.uds):
+            if stat.S_ISSOCK(os.lstat(self.uds).st_mode):
+                os.unlink(self.uds)
 
 
 @dataclass(frozen=True)
