@@ -216,6 +216,9 @@ def serve(
         typer.Option(envvar="WAN_SPMD_API_KEY", help="Require Authorization: Bearer KEY (all but /health)."),
     ] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Name in /v1/models (default: --model).")] = None,
+    load_format: Annotated[
+        str, typer.Option(help="auto (the folder's weights) or dummy (random weights, e.g. wan2.2-i2v-a14b).")
+    ] = "auto",
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     max_upload_bytes: Annotated[int, typer.Option(help="Largest image upload; 413 beyond.")] = Limits.max_upload_bytes,
@@ -231,7 +234,7 @@ def serve(
         from wan_spmd.config import check_tp
         from wan_spmd.server.app import ServerSettings
 
-        info = resolve_model(model)
+        info = resolve_model(model, load_format)
         check_tp(info.transformer_config, world_size)
         if max_queue < 1:
             raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
@@ -273,6 +276,7 @@ def serve(
             max_queue=max_queue,
             output_dir=output_dir,
             device=device,
+            load_format=load_format,
         )
     if rank == 0 and model.startswith("tiny"):
         print(f"note: {TINY_NOTE}", file=sys.stderr)

@@ -20,9 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wan_spmd.runtime import ControlPlane, Dist, Job, Outcome, StopLoop
 from wan_spmd.server.jobs import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from wan_spmd.server.app import ServerSettings
 
 log = logging.getLogger("wan_spmd")
 
@@ -108,7 +114,7 @@ class QueueJobSource:
 class HttpThread:
     """uvicorn in a daemon thread of rank 0 (uvicorn leaves signals to the main thread there)."""
 
-    def __init__(self, app, host: str, port: int, uds: str | None) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, uds: str | None) -> None:
         import uvicorn
 
         config = uvicorn.Config(
@@ -163,6 +169,8 @@ class ServeOptions:
     max_queue: int = 16
     output_dir: Path = Path("outputs")
     device: str = "auto"
+    load_format: str = "auto"
+    """auto reads the folder's weights; dummy makes random ones (benchmarks without weights)."""
 
 
 def agree_all_ok(d: Dist, ok: bool) -> bool:
@@ -172,7 +180,7 @@ def agree_all_ok(d: Dist, ok: bool) -> bool:
     return not failed
 
 
-def run_server(settings, options: ServeOptions) -> int:
+def run_server(settings: ServerSettings, options: ServeOptions) -> int:
     """Every rank: join, load, agree, then loop; rank 0 also serves HTTP. Returns the exit status."""
     from wan_spmd.runtime import init_dist, load_pipeline, pipeline_runner, shutdown, spmd_loop
     from wan_spmd.server.app import ServerContext, create_app
@@ -195,7 +203,7 @@ def run_server(settings, options: ServeOptions) -> int:
         pipe = None
         if ok:
             try:
-                pipe = load_pipeline(d, settings.info)
+                pipe = load_pipeline(d, settings.info, load_format=options.load_format)
             except Exception:
                 log.exception("rank %d could not load the model", d.rank)
                 ok = False
@@ -216,7 +224,7 @@ def run_server(settings, options: ServeOptions) -> int:
                 d.world_size,
                 options.output_dir,
             )
-        jobs = spmd_loop(d, pipeline_runner(pipe), source)
+        jobs = spmd_loop(d, pipeline_runner(pipe, d.is_main), source)
         log.info("stopped after %d job(s)%s", jobs, f": {source.stop_reason}" if source and source.stop_reason else "")
         return 0
     finally:
