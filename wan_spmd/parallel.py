@@ -279,8 +279,12 @@ def load_expert_sharded(folder: Path, mesh: DeviceMesh | None, device: torch.dev
                 placement = planned_placement(name)
                 tensor_slice = f.get_slice(name)
                 shape = torch.Size(tensor_slice.get_shape())
-                local = tensor_slice[_local_slice(shape, placement, tp_rank, tp_size)]
-                _attach(model, name, local.to(device=device, dtype=dtype), placement, mesh)
+                view = tensor_slice[_local_slice(shape, placement, tp_rank, tp_size)]  # of the mmap'd file
+                # One copy into memory of our own: a view would keep the whole file mapped, and
+                # touching it later would page in more than this rank's slice.
+                local = torch.empty(view.shape, dtype=dtype, device=device)
+                local.copy_(view)
+                _attach(model, name, local, placement, mesh)
     return model.to(device).eval()
 
 

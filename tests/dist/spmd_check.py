@@ -4,6 +4,7 @@ Modes:
   tp OUT      run the tiny I2V and T2V models; rank 0 saves latents and float video, every rank
               writes its parameter counts for the sharded layers
   attn OUT    one attention module sharded by the TP plan vs the same module whole
+  dummy OUT   a dummy-weight expert (tiny architecture) made already sharded
   fault OUT   the SPMD loop over four jobs, rank 1 failing in two of them (before the first step,
               and between steps); rank 0 writes every outcome
 """
@@ -77,6 +78,23 @@ def mode_attn(d, out: Path) -> None:
         (out / "attn.json").write_text(json.dumps(result))
 
 
+def mode_dummy(d, out: Path) -> None:
+    """Dummy weights made already sharded: the same model at every TP size (tiny architecture)."""
+    from wan_spmd.models import tiny_transformer_config
+    from wan_spmd.parallel import dummy_expert_sharded, shard_expert, tp_mesh
+
+    mesh = tp_mesh(d.device, d.world_size) if d.world_size > 1 else None
+    model = dummy_expert_sharded(tiny_transformer_config(36), mesh, d.device, torch.float32, seed=1)
+    if mesh is not None:
+        shard_expert(model, mesh)
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 36, 3, 8, 8, generator=gen), torch.randn(1, 512, 32, generator=gen)
+    with torch.inference_mode():
+        result = model(hidden_states=x, timestep=torch.tensor([999.0]), encoder_hidden_states=context)[0]
+    if d.is_main:
+        torch.save(result, out / f"dummy-{d.world_size}.pt")
+
+
 class ListSource:
     """Four jobs; records outcomes."""
 
@@ -124,6 +142,6 @@ if __name__ == "__main__":
     setup_logging(rank)
     d = init_dist("cpu")
     try:
-        {"tp": mode_tp, "attn": mode_attn, "fault": mode_fault}[mode](d, out)
+        {"tp": mode_tp, "attn": mode_attn, "fault": mode_fault, "dummy": mode_dummy}[mode](d, out)
     finally:
         shutdown(d)

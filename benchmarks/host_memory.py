@@ -1,0 +1,121 @@
+"""Host memory of sharded loading: each rank's peak RSS while it loads its half of an expert.
+
+  python benchmarks/host_memory.py write DIR --layers 24 --dim 2048 --ffn 8192   # a random checkpoint
+  torchrun --nproc-per-node 2 benchmarks/host_memory.py load DIR                   # one JSON line per rank
+
+The checkpoint is a Wan expert in diffusers' sharded layout (one safetensors file per block plus
+the index), bf16, written one block at a time so writing it needs little memory either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+from pathlib import Path
+
+import torch
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def expert_config(layers: int, dim: int, ffn: int) -> dict:
+    return {
+        "patch_size": [1, 2, 2],
+        "num_attention_heads": dim // 128,
+        "attention_head_dim": 128,
+        "in_channels": 36,
+        "out_channels": 16,
+        "text_dim": 256,
+        "freq_dim": 256,
+        "ffn_dim": ffn,
+        "num_layers": layers,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": 1e-6,
+        "image_dim": None,
+        "added_kv_proj_dim": None,
+        "rope_max_seq_len": 1024,
+    }
+
+
+def write_checkpoint(folder: Path, layers: int, dim: int, ffn: int) -> int:
+    """Write the checkpoint; returns its size in bytes."""
+    from safetensors.torch import save_file
+
+    from wan_spmd.parallel import expert_on_meta
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = expert_config(layers, dim, ffn)
+    model = expert_on_meta(config)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, meta in model.named_parameters():
+        key = name.split(".")[1] if name.startswith("blocks.") else "rest"
+        groups.setdefault(key, {})[name] = meta
+    weight_map, total = {}, 0
+    gen = torch.Generator().manual_seed(0)
+    for key, params in groups.items():
+        file_name = f"diffusion_pytorch_model-{key}.safetensors"
+        tensors = {n: (torch.randn(m.shape, generator=gen) * 0.02).to(torch.bfloat16) for n, m in params.items()}
+        save_file(tensors, folder / file_name)
+        total += sum(t.numel() * 2 for t in tensors.values())
+        weight_map.update({n: file_name for n in tensors})
+        del tensors
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanTransformer3DModel", **config}))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    return total
+
+
+def load(folder: Path) -> dict:
+    """Load this rank's shard under torchrun (gloo) and report memory."""
+    from wan_spmd.env import torchrun_env
+    from wan_spmd.parallel import load_expert_sharded, tp_mesh
+    from wan_spmd.runtime import init_dist, shutdown
+
+    rank, world_size, _ = torchrun_env()
+    d = init_dist("cpu")
+    mesh = tp_mesh(d.device, world_size) if world_size > 1 else None
+    before = rss_mib()
+    model = load_expert_sharded(folder, mesh, d.device, torch.bfloat16)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    # On the CPU the slices may still be lazily mapped file pages: touch every byte, as a forward would.
+    checksum = sum(float(t.float().sum()) for t in local)
+    local_bytes = sum(t.numel() * t.element_size() for t in local)
+    index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    result = {
+        "rank": rank,
+        "world_size": world_size,
+        "checkpoint_mib": index["metadata"]["total_size"] / 2**20,
+        "local_weights_mib": local_bytes / 2**20,
+        "rss_before_load_mib": before,
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_growth_mib": peak_rss_mib() - before,
+        "checksum": checksum,
+    }
+    shutdown(d)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("action", choices=["write", "load"])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--ffn", type=int, default=8192)
+    args = parser.parse_args()
+    if args.action == "write":
+        size = write_checkpoint(args.folder, args.layers, args.dim, args.ffn)
+        print(json.dumps({"written_mib": size / 2**20}))
+    else:
+        print(json.dumps(load(args.folder)))
