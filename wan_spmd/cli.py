@@ -11,14 +11,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from wan_spmd.config import TINY_NOTE, ModelFolderError, check_tp, generation_defaults, resolve_model
+from wan_spmd.config import TINY_NOTE, ModelFolderError, ModelInfo, check_tp, generation_defaults, resolve_model
 from wan_spmd.env import setup_logging, torchrun_env
 from wan_spmd.params import Limits, RequestError, read_image_file, resolve_params
 
@@ -60,6 +60,10 @@ MaxWidthOpt = Annotated[int, typer.Option(help="Widest frame accepted.")]
 MaxHeightOpt = Annotated[int, typer.Option(help="Tallest frame accepted.")]
 MaxFramesOpt = Annotated[int, typer.Option(help="Most frames accepted.")]
 MaxStepsOpt = Annotated[int, typer.Option(help="Most denoising steps accepted.")]
+MaxFpsOpt = Annotated[int, typer.Option(help="Highest frame rate accepted.")]
+LoadFormatOpt = Annotated[
+    str, typer.Option(help="auto (the folder's weights) or dummy (random weights, e.g. --model wan2.2-i2v-a14b).")
+]
 
 # Schema flags are taken as text and validated by the one schema (params.resolve_params), so the
 # CLI, HTTP and JSONL reject the same values with the same words.
@@ -70,8 +74,53 @@ def _request(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
 
-def _limits(max_width: int, max_height: int, max_frames: int, max_steps: int) -> Limits:
-    return Limits(max_width=max_width, max_height=max_height, max_frames=max_frames, max_steps=max_steps)
+def _limits(
+    max_width: int,
+    max_height: int,
+    max_frames: int,
+    max_steps: int,
+    max_fps: int,
+    max_upload_bytes: int = Limits.max_upload_bytes,
+) -> Limits:
+    if max_upload_bytes < 1:
+        raise ValueError(f"--max-upload-bytes must be >= 1, got {max_upload_bytes}")
+    return Limits(
+        max_width=max_width,
+        max_height=max_height,
+        max_frames=max_frames,
+        max_steps=max_steps,
+        max_fps=max_fps,
+        max_upload_bytes=max_upload_bytes,
+    )
+
+
+def _model(model: str, load_format: str = "auto") -> ModelInfo:
+    """The model's facts, refused before torch loads if N ranks cannot split it."""
+    _, world_size, _ = torchrun_env()
+    info = resolve_model(model, load_format)
+    check_tp(info.transformer_config, world_size)
+    return info
+
+
+def _note_tiny(model: str) -> None:
+    """Say once, after the arguments passed, that `tiny` makes noise."""
+    if torchrun_env()[0] == 0 and model.startswith("tiny"):
+        print(f"note: {TINY_NOTE}", file=sys.stderr)
+
+
+def _run_loop(model: str, info: ModelInfo, device: str, load_format: str, make_source: Callable[[], Any]) -> None:
+    """Every rank: join torchrun's job, load its shard, run the SPMD loop; rank 0 feeds it from
+    `make_source()`. torch loads here, after the arguments were checked."""
+    _note_tiny(model)
+    from wan_spmd.runtime import init_dist, load_pipeline, pipeline_runner, shutdown, spmd_loop
+
+    with user_errors():
+        d = init_dist(device)
+    try:
+        pipe = load_pipeline(d, info, load_format=load_format)
+        spmd_loop(d, pipeline_runner(pipe, d.is_main), make_source() if d.is_main else None)
+    finally:
+        shutdown(d)
 
 
 @app.command()
@@ -96,16 +145,16 @@ def generate(
     seed: Text = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
+    load_format: LoadFormatOpt = "auto",
     max_width: MaxWidthOpt = Limits.max_width,
     max_height: MaxHeightOpt = Limits.max_height,
     max_frames: MaxFramesOpt = Limits.max_frames,
     max_steps: MaxStepsOpt = Limits.max_steps,
+    max_fps: MaxFpsOpt = Limits.max_fps,
 ) -> None:
     """Generate one video and write it as an mp4."""
-    rank, world_size, _ = torchrun_env()
     with user_errors():
-        info = resolve_model(model)
-        check_tp(info.transformer_config, world_size)
+        info = _model(model, load_format)
         request = _request(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -127,26 +176,23 @@ def generate(
             request,
             info=info,
             defaults=generation_defaults(info, config),
-            limits=_limits(max_width, max_height, max_frames, max_steps),
+            limits=_limits(max_width, max_height, max_frames, max_steps, max_fps),
             image=image_bytes,
             image_field="image",
         )
         if output.is_dir():
             raise ValueError(f"--output {output} is a folder; give a file name such as out.mp4")
-        # torch loads only once the arguments are known to be good
-        from wan_spmd.generate import OneJobSource
-        from wan_spmd.runtime import Job, init_dist, load_pipeline, pipeline_runner, shutdown, spmd_loop
+    from wan_spmd.generate import OneJobSource
+    from wan_spmd.runtime import Job
 
-        d = init_dist(device)
-    if rank == 0 and model.startswith("tiny"):
-        print(f"note: {TINY_NOTE}", file=sys.stderr)
-    try:
-        pipe = load_pipeline(d, info)
-        source = OneJobSource(Job("generate", params), output, frames_dir) if d.is_main else None
-        spmd_loop(d, pipeline_runner(pipe, d.is_main), source)
-    finally:
-        shutdown(d)
-    if d.is_main and (source.outcome is None or not source.outcome.ok):
+    sources: list[OneJobSource] = []
+
+    def make_source() -> OneJobSource:
+        sources.append(OneJobSource(Job("generate", params), output, frames_dir))
+        return sources[0]
+
+    _run_loop(model, info, device, load_format, make_source)
+    if sources and (sources[0].outcome is None or not sources[0].outcome.ok):
         raise CliExit("", code=1)
 
 
@@ -168,35 +214,32 @@ def batch(
     max_height: MaxHeightOpt = Limits.max_height,
     max_frames: MaxFramesOpt = Limits.max_frames,
     max_steps: MaxStepsOpt = Limits.max_steps,
+    max_fps: MaxFpsOpt = Limits.max_fps,
+    load_format: LoadFormatOpt = "auto",
 ) -> None:
     """Generate a video per JSONL line; rerun to resume, shard over many runs. Exit 1 if any line failed."""
     from wan_spmd.batch import check_args
 
-    rank, _, _ = torchrun_env()
     with user_errors():
         shard = check_args(requests, output_dir, shard_index, num_shards)
-        info = resolve_model(model)
+        info = _model(model, load_format)
         defaults = generation_defaults(info, config)
-        limits = _limits(max_width, max_height, max_frames, max_steps)
-    if rank == 0 and model.startswith("tiny"):
-        print(f"note: {TINY_NOTE}", file=sys.stderr)
-    # torch loads only once the arguments are known to be good; rank 0 alone reads the file
+        limits = _limits(max_width, max_height, max_frames, max_steps, max_fps)
+    # rank 0 alone reads the file
     from wan_spmd.batch import BatchSource
-    from wan_spmd.runtime import init_dist, load_pipeline, pipeline_runner, shutdown, spmd_loop
 
-    source = None
-    if rank == 0:
-        source = BatchSource(requests, output_dir, info=info, defaults=defaults, limits=limits, shard=shard)
-    with user_errors():
-        d = init_dist(device)
+    sources: list[BatchSource] = []
+
+    def make_source() -> BatchSource:
+        sources.append(BatchSource(requests, output_dir, info=info, defaults=defaults, limits=limits, shard=shard))
+        return sources[0]
+
     try:
-        pipe = load_pipeline(d, info)
-        spmd_loop(d, pipeline_runner(pipe, d.is_main), source)
+        _run_loop(model, info, device, load_format, make_source)
     finally:
-        if source is not None:
+        for source in sources:
             source.close()
-        shutdown(d)
-    if source is not None:
+    for source in sources:
         print(source.summary.line())
         print(f"results: {source.results_path}")
         if source.summary.failed:
@@ -216,9 +259,7 @@ def serve(
         typer.Option(envvar="WAN_SPMD_API_KEY", help="Require Authorization: Bearer KEY (all but /health)."),
     ] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Name in /v1/models (default: --model).")] = None,
-    load_format: Annotated[
-        str, typer.Option(help="auto (the folder's weights) or dummy (random weights, e.g. wan2.2-i2v-a14b).")
-    ] = "auto",
+    load_format: LoadFormatOpt = "auto",
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     max_upload_bytes: Annotated[int, typer.Option(help="Largest image upload; 413 beyond.")] = Limits.max_upload_bytes,
@@ -226,16 +267,14 @@ def serve(
     max_height: MaxHeightOpt = Limits.max_height,
     max_frames: MaxFramesOpt = Limits.max_frames,
     max_steps: MaxStepsOpt = Limits.max_steps,
-    max_fps: Annotated[int, typer.Option(help="Highest frame rate accepted.")] = Limits.max_fps,
+    max_fps: MaxFpsOpt = Limits.max_fps,
 ) -> None:
     """Serve the model over HTTP (rank 0 answers; every rank runs each job)."""
     rank, world_size, _ = torchrun_env()
     with user_errors():
-        from wan_spmd.config import check_tp
         from wan_spmd.server.app import ServerSettings
 
-        info = resolve_model(model, load_format)
-        check_tp(info.transformer_config, world_size)
+        info = _model(model, load_format)
         if max_queue < 1:
             raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
         if uds is None and not 0 <= port <= 65535:
@@ -244,20 +283,11 @@ def serve(
             raise ValueError(f"--uds {uds}: folder {Path(uds).expanduser().parent} does not exist")
         if uds is not None and Path(uds).expanduser().exists() and not Path(uds).expanduser().is_socket():
             raise ValueError(f"--uds {uds} exists and is not a socket; refusing to replace it")
-        if max_upload_bytes < 1:
-            raise ValueError(f"--max-upload-bytes must be >= 1, got {max_upload_bytes}")
         if output_dir.exists() and not output_dir.is_dir():
             raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
         if rank == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
-        limits = Limits(
-            max_width=max_width,
-            max_height=max_height,
-            max_frames=max_frames,
-            max_steps=max_steps,
-            max_fps=max_fps,
-            max_upload_bytes=max_upload_bytes,
-        )
+        limits = _limits(max_width, max_height, max_frames, max_steps, max_fps, max_upload_bytes)
         settings = ServerSettings(
             info=info,
             defaults=generation_defaults(info, config),
@@ -278,8 +308,7 @@ def serve(
             device=device,
             load_format=load_format,
         )
-    if rank == 0 and model.startswith("tiny"):
-        print(f"note: {TINY_NOTE}", file=sys.stderr)
+    _note_tiny(model)
     with user_errors():
         code = run_server(settings, options)
     if code:
