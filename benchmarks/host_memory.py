@@ -29,23 +29,11 @@ def peak_rss_mib() -> float:
 
 
 def expert_config(layers: int, dim: int, ffn: int) -> dict:
-    return {
-        "patch_size": [1, 2, 2],
-        "num_attention_heads": dim // 128,
-        "attention_head_dim": 128,
-        "in_channels": 36,
-        "out_channels": 16,
-        "text_dim": 256,
-        "freq_dim": 256,
-        "ffn_dim": ffn,
-        "num_layers": layers,
-        "cross_attn_norm": True,
-        "qk_norm": "rms_norm_across_heads",
-        "eps": 1e-6,
-        "image_dim": None,
-        "added_kv_proj_dim": None,
-        "rope_max_seq_len": 1024,
-    }
+    """The A14B expert's architecture, scaled down to a checkpoint of a few GB."""
+    from wan_spmd.config import REAL_MODELS
+
+    real = REAL_MODELS["wan2.2-i2v-a14b"].transformer_config
+    return {**real, "num_attention_heads": dim // 128, "ffn_dim": ffn, "num_layers": layers, "text_dim": 256}
 
 
 def write_checkpoint(folder: Path, layers: int, dim: int, ffn: int) -> int:
