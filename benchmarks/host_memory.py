@@ -106,4 +106,7 @@ if __name__ == "__main__":
         size = write_checkpoint(args.folder, args.layers, args.dim, args.ffn)
         print(json.dumps({"written_mib": size / 2**20}))
     else:
+        from wan_spmd.env import finish_process
+
         print(json.dumps(load(args.folder)))
+        finish_process(0)

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from wan_spmd.config import TINY_NOTE, ModelFolderError, ModelInfo, check_tp, generation_defaults, resolve_model
-from wan_spmd.env import setup_logging, torchrun_env
+from wan_spmd.env import finish_process, setup_logging, torchrun_env
 from wan_spmd.params import Limits, RequestError, read_image_file, resolve_params
 
 app = typer.Typer(
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             print(str(exc), file=sys.stderr)
         if exc.code == 2 and world_size > 1:
             _exit_together(rank, exc.code)
-        sys.exit(exc.code)
+        finish_process(exc.code)
     except Exception as exc:
         # click's (typer-vendored) usage errors: unknown option, missing value, bad choice
         if type(exc).__name__ == "NoArgsIsHelpError":
@@ -361,3 +361,4 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__ == "Abort":
             sys.exit(130)
         raise
+    finish_process(0)

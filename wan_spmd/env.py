@@ -25,3 +25,19 @@ def setup_logging(rank: int, level: str = "INFO") -> None:
     logger.handlers[:] = [handler]
     logger.propagate = False
     logger.setLevel(level if rank == 0 else "WARNING")
+
+
+def finish_process(code: int) -> None:
+    """End a rank of a multi-rank job without interpreter finalisation.
+
+    Process-group objects still referenced by the sharded model (its DTensors hold the mesh) are
+    otherwise destroyed during finalisation, after their worker threads, which aborts the process
+    with SIGABRT ("terminate called without an active exception") once in a while. Everything we
+    write is closed or flushed by then.
+    """
+    if torchrun_env()[1] > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

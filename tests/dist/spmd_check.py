@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from wan_spmd.config import generation_defaults, resolve_model
-from wan_spmd.env import setup_logging, torchrun_env
+from wan_spmd.env import finish_process, setup_logging, torchrun_env
 from wan_spmd.params import resolve_params
 from wan_spmd.runtime import Job, Outcome, StopLoop, init_dist, load_pipeline, shutdown, spmd_loop
 
@@ -145,3 +145,4 @@ if __name__ == "__main__":
         {"tp": mode_tp, "attn": mode_attn, "fault": mode_fault, "dummy": mode_dummy}[mode](d, out)
     finally:
         shutdown(d)
+    finish_process(0)
