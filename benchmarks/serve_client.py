@@ -1,0 +1,71 @@
+"""A client that measures e2e against the server's PipelineWall (DESIGN.md's timing words).
+
+  python benchmarks/serve_client.py URL --size 832x480 --num-frames 81 --steps 4 [--repeats 2]
+
+Posts a multipart request with an input image (as vllm-omni's clients do), times from the first
+byte sent to the last byte of the answer, and prints one JSON line per request: e2e, the server's
+stage timings, and overhead = e2e - PipelineWall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+
+import httpx
+from PIL import Image
+
+
+def image_bytes(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 140, 200)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("url")
+    parser.add_argument("--size", default="832x480")
+    parser.add_argument("--num-frames", type=int, default=81)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
+    files = {"input_reference": ("in.png", image_bytes(width, height), "image/png")}
+    form = {
+        "prompt": "a kite over a green hill",
+        "size": args.size,
+        "num_frames": str(args.num_frames),
+        "num_inference_steps": str(args.steps),
+        "guidance_scale": "3.5",
+        "guidance_scale_2": "3.5",
+        "seed": "1",
+    }
+    with httpx.Client(timeout=1800) as client:
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            response = client.post(f"{args.url}/v1/videos", data=form, files=files)
+            e2e_ms = (time.perf_counter() - start) * 1000.0
+            response.raise_for_status()
+            answer = response.json()
+            timings = answer["timings"]
+            print(
+                json.dumps(
+                    {
+                        "size": answer["size"],
+                        "num_frames": answer["num_frames"],
+                        "steps": args.steps,
+                        "e2e_ms": round(e2e_ms, 1),
+                        "pipeline_wall_ms": round(timings["PipelineWall"], 1),
+                        "overhead_ms": round(e2e_ms - timings["PipelineWall"], 1),
+                        "mp4_bytes": len(answer["data"][0]["b64_json"]) * 3 // 4,
+                        "timings_ms": {k: round(v, 1) for k, v in timings.items()},
+                    }
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()
