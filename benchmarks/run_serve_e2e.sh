@@ -19,5 +19,5 @@ echo "{\"ready_s\": $(python3 -c "import time; print(round(time.time() - $start,
 python3 benchmarks/serve_client.py http://127.0.0.1:8765 --size 832x480 --num-frames 81 --steps 4 --repeats 2
 python3 benchmarks/serve_client.py http://127.0.0.1:8765 --size 1280x720 --num-frames 81 --steps 4
 kill -TERM -- -$pid
-wait $pid; echo "torchrun exit: $?"
+rc=0; wait $pid || rc=$?; echo "torchrun exit: $rc"
 grep -E "request|stopped|ready" "$out/server.log" | tail -8
