@@ -11,7 +11,7 @@ start=$(date +%s.%N)
 setsid torchrun --standalone --nproc-per-node "$nproc" -m wan_spmd serve --model wan2.2-i2v-a14b \
   --load-format dummy --port 8765 --output-dir "$out/videos" > "$out/server.log" 2>&1 &
 pid=$!
-until curl -sf http://127.0.0.1:8765/health >/dev/null; do
+until python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:8765/health').status_code != 200)" 2>/dev/null; do
   kill -0 $pid 2>/dev/null || { tail -30 "$out/server.log"; exit 1; }
   sleep 1
 done
