@@ -268,6 +268,17 @@ def serve(
     max_frames: MaxFramesOpt = Limits.max_frames,
     max_steps: MaxStepsOpt = Limits.max_steps,
     max_fps: MaxFpsOpt = Limits.max_fps,
+    collective_timeout: Annotated[
+        float, typer.Option(help="Seconds a rank waits in a collective inside a job (idle ranks never do).")
+    ] = 600.0,
+    heartbeat_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds before a dead or stuck rank is noticed on the control plane (then exit 1)."),
+    ] = 60.0,
+    stop_grace: Annotated[
+        float, typer.Option(help="Seconds after SIGTERM/SIGINT before a rank stuck in a collective ends itself.")
+    ] = 15.0,
+    load_timeout: Annotated[float, typer.Option(help="Seconds the ranks wait for each other to load.")] = 1800.0,
 ) -> None:
     """Serve the model over HTTP (rank 0 answers; every rank runs each job)."""
     rank, world_size, _ = torchrun_env()
@@ -285,6 +296,14 @@ def serve(
             raise ValueError(f"--uds {uds} exists and is not a socket; refusing to replace it")
         if output_dir.exists() and not output_dir.is_dir():
             raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
+        for flag, seconds in (
+            ("--collective-timeout", collective_timeout),
+            ("--heartbeat-timeout", heartbeat_timeout),
+            ("--stop-grace", stop_grace),
+            ("--load-timeout", load_timeout),
+        ):
+            if not seconds > 0:
+                raise ValueError(f"{flag} must be > 0 seconds, got {seconds}")
         if rank == 0:
             output_dir.mkdir(parents=True, exist_ok=True)
         limits = _limits(max_width, max_height, max_frames, max_steps, max_fps, max_upload_bytes)
@@ -297,7 +316,7 @@ def serve(
             world_size=world_size,
         )
         # torch loads only once the arguments are known to be good
-        from wan_spmd.serve import ServeOptions, run_server
+        from wan_spmd.serve import ServeOptions, end_rank, run_server
 
         options = ServeOptions(
             host=host,
@@ -307,10 +326,16 @@ def serve(
             output_dir=output_dir,
             device=device,
             load_format=load_format,
+            collective_timeout_s=collective_timeout,
+            heartbeat_timeout_s=heartbeat_timeout,
+            stop_grace_s=stop_grace,
+            load_timeout_s=load_timeout,
         )
     _note_tiny(model)
     with user_errors():
         code = run_server(settings, options)
+    if world_size > 1:
+        end_rank(code)
     if code:
         raise CliExit("", code=code)
 

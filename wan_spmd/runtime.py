@@ -9,8 +9,12 @@ collective. A single process without torchrun is the world_size == 1 case of the
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,6 +35,11 @@ log = logging.getLogger("wan_spmd")
 
 class PeerFailed(RuntimeError):
     """Another rank reported a failure at an agreement point; this rank stops the job too."""
+
+
+class ControlPlaneLost(RuntimeError):
+    """A control-plane collective failed or timed out: a peer is dead or stuck, so the ranks can no
+    longer agree on anything. The loop ends; the job should exit non-zero so it is restarted."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +76,8 @@ def pick_device(local_rank: int, want: str = "auto") -> torch.device:
 def init_dist(device: str = "auto", collective_timeout_s: float = 600.0, control_timeout_s: float = 60.0) -> Dist:
     """Join torchrun's job: NCCL on CUDA, gloo on CPU, plus a gloo control-plane group.
 
-    `control_timeout_s` bounds how long a rank waits on the control plane; rank 0 sends heartbeats
+    `collective_timeout_s` bounds the default group's collectives (inside a job only: idle ranks
+    never wait there). `control_timeout_s` bounds every control-plane call; rank 0 sends heartbeats
     well inside it, so only a dead or stuck peer makes it expire.
     """
     rank, world_size, local_rank = torchrun_env()
@@ -77,18 +87,133 @@ def init_dist(device: str = "auto", collective_timeout_s: float = 600.0, control
     if world_size == 1:
         return Dist(device=dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=collective_timeout_s)
+    store = _attempt_store(world_size, timeout)
     dist.init_process_group(
         backend=backend,
-        timeout=timedelta(seconds=collective_timeout_s),
+        timeout=timeout,
         device_id=dev if dev.type == "cuda" else None,
+        **({"store": store, "rank": rank, "world_size": world_size} if store is not None else {}),
     )
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s))
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, control=control)
 
 
+def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """torchrun's store, under a prefix of this restart attempt (None outside torchrun's agent).
+
+    torchrun --max-restarts keeps one store across attempts without a per-attempt prefix (seen with
+    torch 2.13): the new ranks would read the dead attempt's gloo/NCCL peer addresses, dial them,
+    and fail to start, spending a restart."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"wan_spmd/attempt_{attempt}/", agent)
+
+
 def shutdown(d: Dist) -> None:
     if d.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wait_for_all(d: Dist, timeout_s: float) -> None:
+    """Return once every rank has got here, waiting up to `timeout_s` rather than the control
+    timeout: ranks may finish loading a large model minutes apart. Raises ControlPlaneLost naming
+    the ranks that never came."""
+    if d.world_size == 1:
+        return
+    try:
+        dist.monitored_barrier(group=d.control, timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as exc:
+        raise ControlPlaneLost(f"not every rank arrived within {timeout_s:.0f} s: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+class ShutdownWatch:
+    """Reacts to SIGTERM/SIGINT at once, even while the main thread is blocked in a collective.
+
+    A Python signal handler runs only once the main thread is back in the interpreter, and a rank
+    waiting in gloo or NCCL on a dead or stuck peer may not get there for minutes. So the C-level
+    handler writes the signal number to a pipe (`signal.set_wakeup_fd`) and a watcher thread reads
+    it: it calls `on_signal(name)` at once, then gives the main thread `grace_s` to leave the `with`
+    block; past that it calls `on_expire(name)` and ends the process with `exit_code` through
+    `os._exit` (no finally blocks run, so `on_expire` must answer whatever is still waiting).
+    `expire_in` starts the same countdown without a signal (a lost peer seen by the main thread);
+    `on_expire` then gets None.
+    Install from the main thread; repeated signals (torchrun forwards the one a group got) are ignored.
+    """
+
+    _ARMED = 0  # byte written by `expire_in`; real signal numbers are > 0
+
+    def __init__(
+        self,
+        on_signal: Callable[[str], None],
+        on_expire: Callable[[str | None], None],
+        grace_s: float = 15.0,
+        exit_code: int = 1,
+        signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    ) -> None:
+        self.on_signal = on_signal
+        self.on_expire = on_expire
+        self.grace_s = grace_s
+        self.exit_code = exit_code
+        self.signals = tuple(signals)
+        self.received: str | None = None
+        """The first signal's name, once one arrived."""
+        self._left = threading.Event()
+        self._pipe: tuple[int, int] | None = None
+
+    def __enter__(self) -> ShutdownWatch:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)  # the C handler must never block
+        self._pipe = (read_fd, write_fd)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        for signum in self.signals:
+            # the watcher does the work; the Python-level handler only keeps the default action away
+            signal.signal(signum, lambda *_: None)
+        threading.Thread(target=self._watch, name="shutdown-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # The handlers stay: a signal that arrives while the process exits (torchrun forwards the
+        # one its group already got) must not turn a clean exit into a death by signal.
+        self._left.set()
+
+    def expire_in(self) -> None:
+        """Start the grace countdown now, as a signal would (without calling `on_signal`)."""
+        if self._pipe is not None:
+            os.write(self._pipe[1], bytes([self._ARMED]))
+
+    def _watch(self) -> None:
+        assert self._pipe is not None
+        wanted = {int(s) for s in self.signals} | {self._ARMED}
+        while not (got := [b for b in os.read(self._pipe[0], 64) if b in wanted]):
+            pass  # another signal with a Python handler: not ours
+        if self._left.is_set():
+            return
+        if signals := [b for b in got if b != self._ARMED]:
+            self.received = signal.Signals(signals[0]).name
+            try:
+                self.on_signal(self.received)
+            except Exception:
+                log.exception("handling %s failed", self.received)
+        if self._left.wait(self.grace_s):
+            return
+        try:
+            self.on_expire(self.received)
+        except Exception:
+            log.exception("sending the last answers failed")
+        for handler in log.handlers:
+            handler.flush()
+        sys.stderr.flush()
+        os._exit(self.exit_code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,23 +272,35 @@ RunJob = Callable[[Job, Callable[[int, int], bool], Callable[[int, int], None]],
 
 
 class ControlPlane:
-    """Broadcasts rank 0's decisions and agrees on per-job flags, over the gloo group."""
+    """Broadcasts rank 0's decisions and agrees on per-job flags, over the gloo group.
+
+    Every call is bounded by the group's timeout; a failure (a peer's socket closed, or the timeout)
+    becomes ControlPlaneLost, which no job-level handler swallows.
+    """
 
     def __init__(self, d: Dist) -> None:
         self.d = d
 
-    def broadcast(self, message: Any) -> Any:
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except RuntimeError as exc:  # gloo: "Connection closed by peer", "Timed out waiting ..."
+            raise ControlPlaneLost(
+                f"the control plane failed during {what} (a rank is dead or stuck): {_first_line(exc)}"
+            ) from exc
+
+    def broadcast(self, message: Any, what: str = "a broadcast") -> Any:
         if self.d.world_size == 1:
             return message
         box = [message if self.d.is_main else None]
-        dist.broadcast_object_list(box, src=0, group=self.d.control)
+        self._call(what, lambda: dist.broadcast_object_list(box, src=0, group=self.d.control))
         return box[0]
 
-    def any_flags(self, failed: bool, cancel: bool) -> tuple[bool, bool]:
+    def any_flags(self, failed: bool, cancel: bool, what: str = "an agreement") -> tuple[bool, bool]:
         """MAX over ranks of (failed, cancel)."""
         flags = torch.tensor([int(failed), int(cancel)], dtype=torch.int32)
         if self.d.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.d.control)
+            self._call(what, lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.d.control))
         return bool(flags[0]), bool(flags[1])
 
     def gather_errors(self, error: str | None) -> list[str | None]:
@@ -171,7 +308,10 @@ class ControlPlane:
         if self.d.world_size == 1:
             return [error]
         out: list[Any] = [None] * self.d.world_size if self.d.is_main else []
-        dist.gather_object(error, out if self.d.is_main else None, dst=0, group=self.d.control)
+        self._call(
+            "gathering errors",
+            lambda: dist.gather_object(error, out if self.d.is_main else None, dst=0, group=self.d.control),
+        )
         return out
 
 
@@ -190,7 +330,7 @@ class JobAgreement:
         self.ended = False
 
     def __call__(self, step: int, total: int) -> bool:
-        failed, cancel = self.plane.any_flags(False, self.plane.d.is_main and self.cancelled())
+        failed, cancel = self.plane.any_flags(False, self.plane.d.is_main and self.cancelled(), f"step {step}")
         if failed:
             self.ended = True
             raise PeerFailed(f"another rank failed before step {step}")
@@ -203,7 +343,7 @@ class JobAgreement:
         """Agree at the end of the job; True if any rank failed (or an earlier agreement ended it)."""
         if self.ended:
             return True
-        any_failed, _ = self.plane.any_flags(failed, False)
+        any_failed, _ = self.plane.any_flags(failed, False, "the end of a job")
         return any_failed
 
 
@@ -218,6 +358,8 @@ def run_agreed(plane: ControlPlane, job: Job, run_job: RunJob, source: JobSource
         error, cancelled = str(exc), True
     except PeerFailed:
         pass
+    except ControlPlaneLost:  # the ranks cannot agree any more: this ends the loop, not just the job
+        raise
     except Exception as exc:  # a job's failure must not end the loop
         log.error("job %s failed on rank %d: %s: %s", job.id, plane.d.rank, type(exc).__name__, exc, exc_info=True)
         error, local_failed = f"{type(exc).__name__}: {exc}", True
@@ -238,6 +380,8 @@ def spmd_loop(d: Dist, run_job: RunJob, source: JobSource | None, heartbeat_s: f
 
     Rank 0 takes a job from `source` (or sends a heartbeat after `heartbeat_s` idle) and broadcasts
     it; every rank runs it; rank 0 hands the outcome to the source. A reply is always sent.
+    `heartbeat_s` must be well inside the control timeout, which bounds the other ranks' wait.
+    Raises ControlPlaneLost when a peer is dead or stuck (within the control timeout).
     """
     if d.is_main and source is None:
         raise ValueError("rank 0 needs a job source")
@@ -248,10 +392,15 @@ def spmd_loop(d: Dist, run_job: RunJob, source: JobSource | None, heartbeat_s: f
         if d.is_main:
             item = source.next_job(heartbeat_s)
             message = ("stop", None) if item is StopLoop else ("heartbeat", None) if item is None else ("job", item)
-        kind, job = plane.broadcast(message)
-        if kind == "stop":
-            return count
-        if kind == "heartbeat":
+        what = f"the {message[0]} broadcast" if d.is_main else "the wait for rank 0's next message"
+        kind, job = plane.broadcast(message, what)
+        if kind in ("stop", "heartbeat"):
+            # gloo's broadcast can return on rank 0 before anyone received it (the bytes wait in a
+            # socket buffer), so every rank also joins an all-reduce: a stuck or dead peer makes
+            # it fail on every live rank within the control timeout, and stop is known to be heard.
+            plane.any_flags(False, False, f"the {kind} agreement")
+            if kind == "stop":
+                return count
             continue
         start = time.perf_counter()
         outcome = run_agreed(plane, job, run_job, source if d.is_main else None)

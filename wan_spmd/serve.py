@@ -6,14 +6,22 @@ then is /health 200. From there rank 0's main thread runs the SPMD loop fed by `
 requests come off the bounded queue, every rank runs them, and rank 0 encodes the frames to an mp4
 under --output-dir (in an encoder thread, so the next job can start meanwhile) and resolves the
 request's future. Other ranks only run the loop.
+
+Staying up and going down (issue 6): idle ranks wait on the control plane, whose heartbeats are
+agreements every rank joins, so a dead or stuck rank is noticed within --heartbeat-timeout. A
+`ShutdownWatch` on every rank reacts to SIGTERM/SIGINT at once, even while the main thread sits in
+a collective: rank 0 stops admitting, answers the queue 503 and cancels the running job at its next
+step; a stop every rank agreed to exits 0, a lost rank exits 1 (so torchrun --max-restarts or a
+supervisor restarts the job), and a main thread still stuck after --stop-grace is ended by the watch
+after the last answers are sent.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import stat
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wan_spmd.runtime import ControlPlane, Dist, Job, Outcome, StopLoop
+from wan_spmd.runtime import ControlPlane, ControlPlaneLost, Dist, Job, Outcome, ShutdownWatch, StopLoop
 from wan_spmd.server.jobs import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
 
 if TYPE_CHECKING:
@@ -31,6 +39,8 @@ if TYPE_CHECKING:
     from wan_spmd.server.app import ServerSettings
 
 log = logging.getLogger("wan_spmd")
+
+LOST = "the server lost one of its ranks (dead or stuck) and is stopping so that it can be restarted; retry shortly"
 
 
 class QueueJobSource:
@@ -47,11 +57,11 @@ class QueueJobSource:
         """Jobs handed to the loop and not yet finished, by id."""
 
     def request_stop(self, reason: str) -> None:
-        """Safe in a signal handler: set a flag, and close the queue from another thread (taking the
-        queue's lock inside a handler could interrupt the main thread while it holds that lock)."""
+        """Stop admitting and answer the queue at once (from the shutdown watch's thread); the loop
+        then cancels the running job at its next step and broadcasts stop."""
         if self.stop_reason is None:
             self.stop_reason = reason
-            threading.Thread(target=self.queue.close, args=(reason,), name="stop", daemon=True).start()
+            self.queue.close(reason)
 
     def next_job(self, timeout: float) -> Job | None | type[StopLoop]:
         if self.stop_reason is not None:
@@ -72,14 +82,18 @@ class QueueJobSource:
         pass
 
     def finish(self, outcome: Outcome) -> None:
-        pending = self._running.pop(outcome.job.id)
-        if outcome.cancelled:
-            pending.resolve(error=Unavailable(self.stop_reason or "cancelled: the client went away"))
-        elif not outcome.ok:
-            pending.resolve(error=JobFailed(outcome.error or "unknown error"))
-        else:
+        pending = self._running[outcome.job.id]
+        if outcome.ok:
             dispatch_ms = (time.perf_counter() - pending.started_at) * 1000.0
             self.encoder.submit(self._deliver, pending, outcome, dispatch_ms)
+            return
+        del self._running[outcome.job.id]
+        if outcome.cancelled:
+            reason = self.stop_reason or "the client went away"
+            log.info("video %s %s: %s", pending.id, outcome.error, reason)
+            pending.resolve(error=Unavailable(reason))
+        else:
+            pending.resolve(error=JobFailed(outcome.error or "unknown error"))
 
     def _deliver(self, pending: PendingVideo, outcome: Outcome, dispatch_ms: float) -> None:
         """Encoder thread: frames -> mp4 under --output-dir -> the request's future."""
@@ -100,15 +114,23 @@ class QueueJobSource:
         except Exception as exc:  # a reply is always sent
             log.exception("could not encode video %s", pending.id)
             pending.resolve(error=JobFailed(f"encoding the mp4 failed: {type(exc).__name__}: {exc}"))
+        finally:
+            self._running.pop(pending.id, None)
 
     def close(self, reason: str) -> None:
-        """Answer whatever is still waiting or running (the loop may have died mid-job) and let the
-        encoder finish the videos it holds."""
+        """Let the encoder finish the videos it holds, then answer whatever is still waiting or
+        running (the loop may have ended mid-job)."""
         self.queue.close(reason)
-        for pending in self._running.values():
+        self.encoder.shutdown(wait=True)
+        self.abandon(reason)
+
+    def abandon(self, reason: str) -> None:
+        """Answer everything waiting, running or encoding with 503 now, without waiting for the loop
+        or the encoder (the shutdown watch calls this when the main thread is stuck)."""
+        self.queue.close(reason)
+        for pending in list(self._running.values()):
             pending.resolve(error=Unavailable(reason))
         self._running.clear()
-        self.encoder.shutdown(wait=True)
 
 
 class HttpThread:
@@ -153,7 +175,10 @@ class HttpThread:
         self.server.should_exit = True
         if self.thread.is_alive():
             self.thread.join(timeout=10)
-        # remove the socket we bound (never a file that was there when we could not bind)
+        self.remove_socket()
+
+    def remove_socket(self) -> None:
+        """Remove the socket we bound (never a file that was there when we could not bind)."""
         if self.uds and self.server.started and os.path.lexists(self.uds):
             if stat.S_ISSOCK(os.lstat(self.uds).st_mode):
                 os.unlink(self.uds)
@@ -171,6 +196,19 @@ class ServeOptions:
     device: str = "auto"
     load_format: str = "auto"
     """auto reads the folder's weights; dummy makes random ones (benchmarks without weights)."""
+    collective_timeout_s: float = 600.0
+    """Bound on the default group's collectives (inside a job; idle ranks never wait there)."""
+    heartbeat_timeout_s: float = 60.0
+    """Bound on every control-plane call: a dead or stuck rank is noticed within it."""
+    stop_grace_s: float = 15.0
+    """After SIGTERM/SIGINT, how long the loop may take to stop before the process ends itself."""
+    load_timeout_s: float = 1800.0
+    """How long ranks wait for each other to finish loading."""
+
+    @property
+    def heartbeat_s(self) -> float:
+        """Idle heartbeat period, well inside the timeout that bounds the other ranks' wait."""
+        return min(5.0, self.heartbeat_timeout_s / 4)
 
 
 def agree_all_ok(d: Dist, ok: bool) -> bool:
@@ -181,75 +219,141 @@ def agree_all_ok(d: Dist, ok: bool) -> bool:
 
 
 def run_server(settings: ServerSettings, options: ServeOptions) -> int:
-    """Every rank: join, load, agree, then loop; rank 0 also serves HTTP. Returns the exit status."""
-    from wan_spmd.runtime import init_dist, load_pipeline, pipeline_runner, shutdown, spmd_loop
-    from wan_spmd.server.app import ServerContext, create_app
+    """Every rank: join, load, agree, then loop; rank 0 also serves HTTP. Returns the exit status:
+    0 after a stop every rank agreed to, 1 when a rank was lost or could not start."""
+    from wan_spmd.runtime import init_dist
 
-    d = init_dist(options.device)
-    ctx = http = source = None
-    ok = True
-    try:
-        # 1. Rank 0 listens at once, so /health answers 503 while the model loads
+    d = init_dist(options.device, options.collective_timeout_s, options.heartbeat_timeout_s)
+    rank = RankServer(d, settings, options)
+    with ShutdownWatch(rank.on_signal, rank.on_expire, grace_s=options.stop_grace_s) as watch:
+        code = rank.run(watch)
+    rank.log_exit(code)
+    return code
+
+
+def end_rank(code: int) -> None:
+    """End a torchrun rank right after its teardown, skipping the interpreter's own exit: there the
+    process groups' C++ threads can abort the process ("terminate called without an active
+    exception", status 134, seen about one exit in ten on CPU), which would turn a clean stop into
+    a crash in torchrun's eyes. Everything worth keeping is flushed or answered by now."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class RankServer:
+    """One rank's part of the server; rank 0 also holds the HTTP thread, the queue and its source."""
+
+    def __init__(self, d: Dist, settings: ServerSettings, options: ServeOptions) -> None:
+        from wan_spmd.server.app import ServerContext, create_app
+
+        self.d = d
+        self.settings = settings
+        self.options = options
+        self.ctx: ServerContext | None = None
+        self.http: HttpThread | None = None
+        self.source: QueueJobSource | None = None
         if d.is_main:
-            ctx = ServerContext(settings, JobQueue(options.max_queue))
-            http = HttpThread(create_app(ctx), options.host, options.port, options.uds)
-            try:
-                address = http.start()
-                log.info("listening on %s (503 on /health until %d rank(s) have loaded)", address, d.world_size)
-            except ValueError as exc:
-                log.error("%s", exc)
-                ok = False
-        # 2. Every rank loads its shard
-        pipe = None
-        if ok:
-            try:
-                pipe = load_pipeline(d, settings.info, load_format=options.load_format)
-            except Exception:
-                log.exception("rank %d could not load the model", d.rank)
-                ok = False
-        # 3. Agree that all ranks loaded, then serve
-        if not agree_all_ok(d, ok):
-            if d.is_main:
-                log.error("not every rank is ready; stopping")
-                ctx.mark_stopping("failed")
+            self.ctx = ServerContext(settings, JobQueue(options.max_queue))
+            self.source = QueueJobSource(self.ctx.queue, options.output_dir)
+            self.http = HttpThread(create_app(self.ctx), options.host, options.port, options.uds)
+
+    def run(self, watch: ShutdownWatch) -> int:
+        from wan_spmd.runtime import load_pipeline, pipeline_runner, spmd_loop, wait_for_all
+
+        d, ok, lost = self.d, True, False
+        try:
+            # 1. Rank 0 listens at once, so /health answers 503 while the model loads
+            if self.http is not None:
+                try:
+                    address = self.http.start()
+                    log.info("listening on %s (503 on /health until %d rank(s) have loaded)", address, d.world_size)
+                except ValueError as exc:
+                    log.error("%s", exc)
+                    ok = False
+            # 2. Every rank loads its shard, starting together: loading may hold default-group
+            #    collectives, and rank 0 has just spent a moment starting HTTP
+            wait_for_all(d, self.options.load_timeout_s)
+            pipe = None
+            if ok:
+                try:
+                    pipe = load_pipeline(d, self.settings.info, load_format=self.options.load_format)
+                except Exception:
+                    log.exception("rank %d could not load the model", d.rank)
+                    ok = False
+            # 3. Wait for every rank however long loading takes, agree that all loaded, then serve
+            wait_for_all(d, self.options.load_timeout_s)
+            if not agree_all_ok(d, ok):
+                if d.is_main:
+                    log.error("not every rank is ready; stopping")
+                    self.ctx.mark_stopping("failed")
+                return 1
+            if self.ctx is not None:
+                self.ctx.mark_ready()
+                log.info(
+                    "ready: %s on %d rank(s), writing videos to %s",
+                    self.settings.served_model_name,
+                    d.world_size,
+                    self.options.output_dir,
+                )
+            jobs = spmd_loop(d, pipeline_runner(pipe, d.is_main), self.source, self.options.heartbeat_s)
+            stop = self.source.stop_reason if self.source else None
+            log.info("stopped after %d job(s)%s", jobs, f": {stop}" if stop else "")
+            return 0
+        except ControlPlaneLost as exc:
+            lost = True
+            watch.expire_in()  # the teardown may wait on the lost peer too: bound it
+            log.error("%s; exiting with status 1 for torchrun --max-restarts or a supervisor to restart", exc)
             return 1
-        if d.is_main:
-            source = QueueJobSource(ctx.queue, options.output_dir)
-        _install_stop_signals(d, source)
-        if d.is_main:
-            ctx.mark_ready()
-            log.info(
-                "ready: %s on %d rank(s), writing videos to %s",
-                settings.served_model_name,
-                d.world_size,
-                options.output_dir,
-            )
-        jobs = spmd_loop(d, pipeline_runner(pipe, d.is_main), source)
-        log.info("stopped after %d job(s)%s", jobs, f": {source.stop_reason}" if source and source.stop_reason else "")
-        return 0
-    finally:
-        if ctx is not None:
-            ctx.mark_stopping()
-        if source is not None:
-            source.close("the server is shutting down")
-        elif ctx is not None:
-            ctx.queue.close("the server is shutting down")
-        if http is not None:
-            http.stop()
-        shutdown(d)
+        finally:
+            self.teardown(lost)
 
+    def teardown(self, lost: bool) -> None:
+        """Answer everything still waiting, stop HTTP (removing the socket), leave the process group
+        (not after a lost peer: destroying the group could wait on it)."""
+        from wan_spmd.runtime import shutdown
 
-def _install_stop_signals(d: Dist, source: QueueJobSource | None) -> None:
-    """SIGTERM/SIGINT: rank 0 cancels the running job, answers the queued ones 503 and broadcasts
-    stop; other ranks (torchrun signals them too) wait for that broadcast rather than die mid-job.
-    A dead rank 0 still ends them: their next control-plane call fails. Issue 6 hardens this."""
+        if self.ctx is not None:
+            self.ctx.mark_stopping("failed" if lost else "stopping")
+        if self.source is not None:
+            self.source.close(LOST if lost else self.source.stop_reason or "the server is shutting down")
+        if self.http is not None:
+            self.http.stop()
+        if not lost:
+            shutdown(self.d)
 
-    def stop(signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if source is not None:
-            source.request_stop(f"the server is shutting down ({name})")
-        else:
+    def on_signal(self, name: str) -> None:
+        """The shutdown watch's thread, as soon as SIGTERM/SIGINT arrives."""
+        if self.source is None:
             log.warning("%s: waiting for rank 0 to stop the loop", name)
+            return
+        log.info("%s: answering queued requests 503 and stopping at the next step", name)
+        self.ctx.mark_stopping()
+        self.source.request_stop(f"the server is shutting down ({name})")
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    def on_expire(self, signal_name: str | None) -> None:
+        """The shutdown watch's thread, when the main thread has not stopped within --stop-grace of
+        a signal (or of a lost peer, None): it is stuck in a collective. Send the last answers; the
+        watch then ends the process."""
+        log.error(
+            "rank %d: still not stopped %.0f s after %s (stuck in a collective with a lost rank?)",
+            self.d.rank,
+            self.options.stop_grace_s,
+            signal_name or "losing a peer",
+        )
+        if self.source is not None:
+            self.ctx.mark_stopping("failed")
+            self.source.abandon(self.source.stop_reason if signal_name and self.source.stop_reason else LOST)
+            time.sleep(0.5)  # let the HTTP thread write those answers before the process ends
+            self.http.remove_socket()
+        self.log_exit(1)
+
+    def log_exit(self, code: int) -> None:
+        """One line per rank with its exit status (torchrun does not report it when it was signalled)."""
+        if code:
+            log.error("rank %d exits with status %d", self.d.rank, code)
+        elif self.d.is_main:
+            log.info("rank %d exits with status 0", self.d.rank)
+        else:
+            log.warning("rank %d exits with status 0", self.d.rank)

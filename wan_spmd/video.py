@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -20,8 +21,9 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
     num_frames, height, width, _ = frames.shape
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".mp4.part", dir=path.parent)
-    os.close(fd)
+    # Not mkstemp: its 0600 would stick to the finished video; 0666 & ~umask is what a reader expects.
+    tmp = str(path.parent / f".{path.stem}-{secrets.token_hex(6)}.mp4.part")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         writer = imageio_ffmpeg.write_frames(
             tmp,

@@ -41,17 +41,46 @@ class Server:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def ranks(self) -> dict[int, int]:
+        return rank_pids(self.proc.pid)
 
-def _start(tmp: Path, *args: str, uds: Path | None = None, headers: dict | None = None) -> Server:
+
+def rank_pids(torchrun_pid: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's live workers. torchrun starts each in a session of its own, so a
+    signal to torchrun's process group does not reach them: tests track them by pid."""
+    pids: dict[int, int] = {}
+    for children in Path(f"/proc/{torchrun_pid}/task").glob("*/children"):
+        for pid in children.read_text().split():
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for item in environ:
+                if item.startswith(b"RANK="):
+                    pids[int(item[5:])] = int(pid)
+    return pids
+
+
+def alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _start(
+    tmp: Path, *args: str, uds: Path | None = None, headers: dict | None = None, torchrun: tuple[str, ...] = ()
+) -> Server:
     log, out = tmp / "serve.log", tmp / "videos"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *torchrun]
     cmd += ["-m", "wan_spmd", "serve", "--model", "tiny", "--output-dir", str(out)]
     cmd += ["--max-upload-bytes", str(UPLOAD_LIMIT), "--max-queue", "4", *args]
     cmd += ["--uds", str(uds)] if uds else ["--port", "0"]
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             cmd, stdout=sink, stderr=subprocess.STDOUT, env=cli_env(), cwd=ROOT, start_new_session=True
-        )  # its own process group: the teardown kills only it
+        )  # its own process group: the teardown kills only it (and its workers, by pid)
     deadline = time.monotonic() + START_TIMEOUT_S
     base_url = "http://serve" if uds else None
     while base_url is None:
@@ -66,31 +95,42 @@ def _start(tmp: Path, *args: str, uds: Path | None = None, headers: dict | None 
     transport = httpx.HTTPTransport(uds=str(uds)) if uds else None
     client = httpx.Client(base_url=base_url, transport=transport, timeout=120, headers=headers)
     server = Server(proc, client, log, out, uds)
-    while True:  # /health says 503 until both ranks have loaded
+    wait_healthy(server, deadline)
+    return server
+
+
+def wait_healthy(server: Server, deadline: float) -> None:
+    """Until /health says 200 (both ranks loaded); the server is stopped if it never does."""
+    while True:
         try:
-            if client.get("/health").status_code == 200:
-                return server
+            if server.client.get("/health").status_code == 200:
+                return
         except httpx.TransportError:
             pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
+        if server.proc.poll() is not None or time.monotonic() > deadline:
+            _stop(server.proc)
             raise AssertionError(f"server never became healthy:\n{server.log_text()}")
         time.sleep(0.1)
 
 
-def _stop(proc: subprocess.Popen) -> int | None:
-    """SIGTERM the server's process group (torchrun and both ranks), SIGKILL it if it lingers."""
+def _stop(proc: subprocess.Popen, sig: signal.Signals = signal.SIGTERM) -> int | None:
+    """Signal the server's process group (torchrun), SIGKILL it if it lingers, then SIGKILL any of
+    its workers still alive (they live in sessions of their own)."""
+    workers = list(rank_pids(proc.pid).values()) if proc.poll() is None else []
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-    try:  # a rank that outlived torchrun is still in the group
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in workers:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
     return proc.returncode
 
 
@@ -186,8 +226,11 @@ def test_multipart_video(tcp_server, tmp_path):
         assert timings[stage] >= 0, stage
     assert timings["Overhead"] == pytest.approx(timings["ServerTotal"] - timings["PipelineWall"], abs=0.01)
     assert any("num_frames 9" in w for w in body["warnings"])
-    kept = set(tcp_server.output_dir.glob("*.mp4")) - before
-    assert [p.name for p in kept if body["id"] in p.name], "the video was not kept under --output-dir"
+    kept = [p for p in set(tcp_server.output_dir.glob("*.mp4")) - before if body["id"] in p.name]
+    assert kept, "the video was not kept under --output-dir"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert kept[0].stat().st_mode & 0o777 == 0o666 & ~umask  # others may read it, as with any new file
 
 
 def test_json_body_and_sync(tcp_server, tmp_path):
@@ -370,12 +413,22 @@ def test_curl_client_over_unix_socket_with_key(uds_server, tmp_path):
 
 
 def test_sigterm_stops_cleanly_and_removes_socket(uds_server):
-    """SIGTERM (as a supervisor sends it) stops both ranks without a traceback and removes the Unix
-    socket file, the start of issue 6's shutdown story: if this fails, a restarted server cannot
-    bind its socket. (torchrun itself reports the signal with its own non-zero status.)"""
+    """SIGTERM to the whole process group (as systemd or a terminal's kill does) stops both ranks
+    within 30 s, each with status 0, without a traceback, leaving no worker behind and removing the
+    Unix socket file: if this fails, a restarted server cannot bind its socket, or torchrun's
+    --max-restarts would count a clean stop as a crash. (torchrun itself reports the signal with
+    its own non-zero status and a SignalException.)"""
     assert uds_server.uds.exists()
-    _stop(uds_server.proc)
+    workers = uds_server.ranks()
+    assert sorted(workers) == [0, 1]
+    start = time.monotonic()
+    os.killpg(uds_server.proc.pid, signal.SIGTERM)
+    uds_server.proc.wait(timeout=30)
+    assert time.monotonic() - start < 30
     log = uds_server.log_text()
     assert "stopped after" in log, log
+    assert "rank 0 exits with status 0" in log and "rank 1 exits with status 0" in log, log
     assert "[rank0]:" not in log and "[rank1]:" not in log, log  # torchrun's relay of a rank's traceback
+    assert "SignalException" in log  # torchrun's own way of saying it was signalled
+    assert not [pid for pid in workers.values() if alive(pid)]
     assert not uds_server.uds.exists()

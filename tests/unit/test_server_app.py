@@ -118,6 +118,7 @@ def test_job_errors_become_json(ctx, client, error, status):
     FakeLoop(ctx.queue, lambda p: p.resolve(error=error))
     r = client.post("/v1/videos", data=FORM, files=_files())
     assert r.status_code == status and str(error) in r.json()["error"]["message"]
+    assert ("retry-after" in r.headers) == (status == 503)  # a load balancer may retry a 503, not a 500
 
 
 def test_close_answers_waiting_and_take_skips_cancelled():
@@ -136,3 +137,17 @@ def test_close_answers_waiting_and_take_skips_cancelled():
     assert queue.take(1) is Closed
     with pytest.raises(Unavailable):
         queue.submit(PendingVideo("late", None, 0))
+
+
+def test_running_counts_taken_requests_until_answered():
+    """`running` (the wan_spmd_jobs_running gauge) counts what the loop took and has not answered:
+    if this fails, an operator cannot tell an idle server from a busy one with an empty queue."""
+    queue = JobQueue(max_size=2)
+    first, second = queue.submit(PendingVideo("a", None, 0)), queue.submit(PendingVideo("b", None, 0))
+    assert (queue.depth, queue.running) == (2, 0)
+    queue.take(0)
+    queue.take(0)
+    assert (queue.depth, queue.running) == (0, 2)
+    first.resolve(error=Unavailable("done"))
+    second.resolve(error=Unavailable("done"))
+    assert queue.running == 0

@@ -53,7 +53,7 @@ class ServerContext:
     metrics: ServerMetrics = field(init=False)
 
     def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(lambda: self.queue.depth, self.ready.is_set)
+        self.metrics = ServerMetrics(lambda: self.queue.depth, self.ready.is_set, lambda: self.queue.running)
 
     def mark_ready(self) -> None:
         """Every rank has loaded: start admitting requests."""

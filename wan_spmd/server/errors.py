@@ -12,6 +12,7 @@ KINDS = {
     413: ("request_too_large", "too_large"),
     415: ("unsupported_media_type", "unsupported_media_type"),
     429: ("rate_limit_error", "queue_full"),
+    499: ("client_closed_request", "disconnected"),  # nginx's code; the answer reaches nobody
     500: ("server_error", "failed"),
     503: ("service_unavailable", "unavailable"),
 }

@@ -79,10 +79,17 @@ class JobQueue:
         self._items: deque[PendingVideo] = deque()
         self._cond = threading.Condition()
         self._closed_reason: str | None = None
+        self._taken: set[str] = set()
+        """Ids taken by the loop whose answer is not out yet."""
 
     @property
     def depth(self) -> int:
         return len(self._items)
+
+    @property
+    def running(self) -> int:
+        """Requests the loop has taken and not yet answered (running, or their mp4 being encoded)."""
+        return len(self._taken)
 
     @property
     def closed(self) -> bool:
@@ -114,6 +121,8 @@ class JobQueue:
                         pending.resolve(error=Unavailable("cancelled before it started"))
                         continue
                     pending.started_at = time.perf_counter()
+                    self._taken.add(pending.id)
+                    pending.future.add_done_callback(lambda _, done=pending.id: self._taken.discard(done))
                     return pending
                 if self._closed_reason is not None:
                     return Closed

@@ -11,18 +11,24 @@ BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1
 
 
 class ServerMetrics:
-    """Queue depth, requests by endpoint and outcome, and stage latencies."""
+    """Queue depth, jobs running, requests by endpoint and outcome, and stage latencies."""
 
-    def __init__(self, queue_depth: Callable[[], int], ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, queue_depth: Callable[[], int], ready: Callable[[], bool], running: Callable[[], int] = lambda: 0
+    ) -> None:
         self.registry = CollectorRegistry()
         depth = Gauge("wan_spmd_queue_depth", "Requests waiting for the SPMD loop.", registry=self.registry)
         depth.set_function(queue_depth)
+        taken = Gauge(
+            "wan_spmd_jobs_running", "Requests the loop took and has not answered yet.", registry=self.registry
+        )
+        taken.set_function(running)
         up = Gauge("wan_spmd_ready", "1 once every rank has loaded the model.", registry=self.registry)
         up.set_function(lambda: float(ready()))
         self.requests = Counter(
             "wan_spmd_requests",
             "Video requests by endpoint and outcome (ok, invalid, too_large, unsupported_media_type, "
-            "unknown_model, unauthorized, queue_full, unavailable, failed).",
+            "unknown_model, unauthorized, queue_full, disconnected, unavailable, failed).",
             ["endpoint", "outcome"],
             registry=self.registry,
         )

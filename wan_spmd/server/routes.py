@@ -47,8 +47,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (413, "The image upload is over --max-upload-bytes."),
         (415, "The body is neither multipart/form-data nor JSON."),
         (429, "--max-queue requests are already waiting; retry after Retry-After seconds."),
+        (499, "Never seen by a client: it closed the connection, and the job was cancelled (counted in /metrics)."),
         (500, "The generation failed on some rank."),
-        (503, "The model is still loading, or the server is stopping."),
+        (503, "The model is still loading, or the server is stopping or lost a rank; retry after Retry-After."),
     )
 }
 
@@ -91,19 +92,44 @@ async def _generate(request: Request) -> tuple[PendingVideo, VideoAnswer, dict[s
     except QueueFull as exc:
         raise ApiError(429, f"the server is busy: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
     except Unavailable as exc:
-        raise ApiError(503, f"the server is not taking requests: {exc}") from None
+        raise ApiError(
+            503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
+        ) from None
     try:
-        answer = await asyncio.wrap_future(pending.future)
+        answer = await _answer_or_disconnect(request, pending)
     except asyncio.CancelledError:
         pending.cancelled = True  # nobody waits any more: the loop drops or stops the job
         raise
     except Unavailable as exc:
-        raise ApiError(503, f"video {pending.id} was not made: {exc}") from None
+        raise ApiError(503, f"video {pending.id} was not made: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
     except JobFailed as exc:
         raise ApiError(500, f"video {pending.id} failed: {exc}") from None
     for warning in params.warnings:
         log.info("video %s: %s", pending.id, warning)
     return pending, answer, {**answer.timings_ms, **timings}
+
+
+async def _answer_or_disconnect(request: Request, pending: PendingVideo) -> VideoAnswer:
+    """The job's answer; if the client hangs up first, the job is cancelled (dropped while queued,
+    stopped at its next denoising step while running, nothing kept) and the request ends as 499."""
+    answer = asyncio.wrap_future(pending.future)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if answer.done():
+        return answer.result()
+    pending.cancelled = True
+    answer.cancel()  # the loop's later answer then goes nowhere (PendingVideo.resolve allows that)
+    raise ApiError(499, f"the client closed the connection; video {pending.id} was cancelled")
+
+
+async def _client_gone(request: Request) -> None:
+    """Return when the client closes the connection: with the body read, the server's next ASGI
+    message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _close_timings(timings: dict[str, float], request: Request) -> dict[str, float]:
