@@ -216,27 +216,42 @@ class WanVideoPipeline:
         keep_tensors: bool = False,
         decode: bool = True,
     ) -> VideoResult:
+        """The whole request: `generate_latents`, then (where the frames are wanted) `decode_frames`."""
+        state = self.generate_latents(params, control, on_step)
+        if not decode:
+            return VideoResult(frames=None, timings_ms=state.timer.ms, latents=state.latents if keep_tensors else None)
+        return self.decode_frames(state, keep_tensors)
+
+    def generate_latents(
+        self,
+        params: GenerationParams,
+        control: StepControl | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> Latents:
+        """Steps 1-3, which every rank runs together (the experts' collectives are in here)."""
         timer = _StageTimer(self.device)
-        with timer("PipelineWall"):
-            # 1. Encode prompts (the negative one only when CFG will run)
-            with timer("TextEncoding"):
-                prompt_embeds = self.encode_prompt(params.prompt)
-                negative_embeds = self.encode_prompt(params.negative_prompt) if params.guidance_scale > 1 else None
-            # 2. Initial noise and, for I2V, the image condition
-            with timer("LatentPreparation"):
-                latents = self.initial_noise(params)
-                condition = self.image_condition(params) if self.info.is_i2v else None
-            # 3. Denoising loop over both experts
-            with timer("Denoising"):
-                latents = self.denoise(params, latents, condition, prompt_embeds, negative_embeds, control, on_step)
-            # 4. Decode where the frames are wanted; 8-bit on the device before they go to the host
-            video = frames = None
-            if decode:
-                with timer("Decoding"):
-                    video = self.decode(latents)
-                    # (1, 3, F, H, W) -> (F, H, W, 3); diffusers' numpy_to_pil rounds the same way
-                    frames = (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
-        frames = frames.cpu() if frames is not None else None
+        timer.start("PipelineWall")
+        # 1. Encode prompts (the negative one only when CFG will run)
+        with timer("TextEncoding"):
+            prompt_embeds = self.encode_prompt(params.prompt)
+            negative_embeds = self.encode_prompt(params.negative_prompt) if params.guidance_scale > 1 else None
+        # 2. Initial noise and, for I2V, the image condition
+        with timer("LatentPreparation"):
+            latents = self.initial_noise(params)
+            condition = self.image_condition(params) if self.info.is_i2v else None
+        # 3. Denoising loop over both experts
+        with timer("Denoising"):
+            latents = self.denoise(params, latents, condition, prompt_embeds, negative_embeds, control, on_step)
+        return Latents(params, latents, timer)
+
+    def decode_frames(self, state: Latents, keep_tensors: bool = False) -> VideoResult:
+        """Step 4, on one rank: decode, then 8-bit on the device before the frames go to the host."""
+        timer, params = state.timer, state.params
+        with timer("Decoding"):
+            video = self.decode(state.latents)
+            # (1, 3, F, H, W) -> (F, H, W, 3); diffusers' numpy_to_pil rounds the same way
+            frames = (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
+        timer.stop("PipelineWall")
         timings = timer.ms
         log.info(
             "request seed=%d %s x%d frames, %d steps: %s",
@@ -247,11 +262,21 @@ class WanVideoPipeline:
             " ".join(f"{k}={v:.0f}ms" for k, v in timings.items()),
         )
         return VideoResult(
-            frames=frames,
+            frames=frames.cpu(),
             timings_ms=timings,
-            latents=latents if keep_tensors else None,
+            latents=state.latents if keep_tensors else None,
             video=video if keep_tensors else None,
         )
+
+
+@dataclass
+class Latents:
+    """A job between its collective part (denoising) and its one-rank part (decoding)."""
+
+    params: GenerationParams
+    latents: torch.Tensor
+    """(1, 16, T_lat, H/8, W/8) float32."""
+    timer: _StageTimer
 
 
 class _StageTimer:
@@ -260,6 +285,7 @@ class _StageTimer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.ms: dict[str, float] = {}
+        self._started: dict[str, float] = {}
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -267,8 +293,14 @@ class _StageTimer:
 
     @contextmanager
     def __call__(self, name: str):
-        self._sync()
-        start = time.perf_counter()
+        self.start(name)
         yield
+        self.stop(name)
+
+    def start(self, name: str) -> None:
         self._sync()
-        self.ms[name] = (time.perf_counter() - start) * 1000.0
+        self._started[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        self._sync()
+        self.ms[name] = (time.perf_counter() - self._started.pop(name)) * 1000.0

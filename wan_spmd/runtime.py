@@ -264,7 +264,12 @@ class StopLoop:
     """Sentinel a source returns to end the loop on every rank."""
 
 
-RunJob = Callable[[Job, Callable[[int, int], bool], Callable[[int, int], None]], VideoResult]
+RunJob = Callable[
+    [Job, Callable[[int, int], bool], Callable[[int, int], None]], VideoResult | Callable[[], VideoResult]
+]
+"""Runs a job's collective part on this rank. It may return a callable for work that only this rank
+does afterwards (rank 0's decoding): the loop calls it once the ranks have agreed the job went
+well, so the other ranks never wait for it on the control plane."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +372,13 @@ def run_agreed(plane: ControlPlane, job: Job, run_job: RunJob, source: JobSource
         return Outcome(job, error=error, cancelled=True)
     any_failed = agreement.finish(local_failed)
     if not any_failed:
-        return Outcome(job, result=result)
+        if not callable(result):
+            return Outcome(job, result=result)
+        try:  # this rank's own part: no collectives, so no agreement either
+            return Outcome(job, result=result())
+        except Exception as exc:
+            log.error("job %s failed on rank %d: %s: %s", job.id, plane.d.rank, type(exc).__name__, exc, exc_info=True)
+            return Outcome(job, error=f"{type(exc).__name__}: {exc}")
     errors = plane.gather_errors(error if local_failed else None)
     if not plane.d.is_main:
         return Outcome(job, error=error or "failed on another rank")
@@ -442,8 +453,12 @@ def load_pipeline(
 def pipeline_runner(pipe: WanVideoPipeline, is_main: bool = True) -> RunJob:
     """The job runner the loop calls: the pipeline with the agreed per-step control."""
 
-    def run(job: Job, control: Callable[[int, int], bool], on_step: Callable[[int, int], None]) -> VideoResult:
-        # Only rank 0 answers, so only rank 0 decodes; the others are free for the next job sooner.
-        return pipe(job.params, control=control, on_step=on_step, decode=is_main)
+    def run(job: Job, control: Callable[[int, int], bool], on_step: Callable[[int, int], None]):
+        state = pipe.generate_latents(job.params, control=control, on_step=on_step)
+        # Only rank 0 answers, so only rank 0 decodes, after the end-of-job agreement: the other
+        # ranks go back to the control plane instead of waiting there for the decode.
+        if is_main:
+            return lambda: pipe.decode_frames(state)
+        return VideoResult(frames=None, timings_ms=state.timer.ms)
 
     return run

@@ -5,8 +5,8 @@ Modes:
               writes its parameter counts for the sharded layers
   attn OUT    one attention module sharded by the TP plan vs the same module whole
   dummy OUT   a dummy-weight expert (tiny architecture) made already sharded
-  fault OUT   the SPMD loop over four jobs, rank 1 failing in two of them (before the first step,
-              and between steps); rank 0 writes every outcome
+  fault OUT   the SPMD loop over five jobs, rank 1 failing in two of them (before the first step,
+              and between steps), rank 0 in its decoding of a third; rank 0 writes every outcome
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from wan_spmd.config import generation_defaults, resolve_model
 from wan_spmd.env import finish_process, setup_logging, torchrun_env
 from wan_spmd.params import resolve_params
+from wan_spmd.pipeline import VideoResult
 from wan_spmd.runtime import Job, Outcome, StopLoop, init_dist, load_pipeline, shutdown, spmd_loop
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "example.png"
@@ -128,9 +129,17 @@ def mode_fault(d, out: Path) -> None:
                 raise RuntimeError("injected at step 2")
             return control(step, total)
 
-        return pipe(job.params, control=control_with_fault, on_step=on_step)
+        state = pipe.generate_latents(job.params, control=control_with_fault, on_step=on_step)
+        if d.rank == 0 and job.id == "fail-decode":  # rank 0's own part, after the agreement
 
-    jobs = [Job(i, params_for(info, size="32x32", num_frames=5)) for i in ("ok-1", "fail-before", "fail-mid", "ok-2")]
+            def failing_decode():
+                raise RuntimeError("injected in decoding")
+
+            return failing_decode
+        return (lambda: pipe.decode_frames(state)) if d.is_main else VideoResult(None, state.timer.ms)
+
+    ids = ("ok-1", "fail-before", "fail-mid", "fail-decode", "ok-2")
+    jobs = [Job(i, params_for(info, size="32x32", num_frames=5)) for i in ids]
     source = ListSource(jobs, out) if d.is_main else None
     ran = spmd_loop(d, run_job, source)
     (out / f"ran-{d.rank}.json").write_text(json.dumps(ran))

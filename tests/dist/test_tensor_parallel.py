@@ -63,15 +63,17 @@ def test_sharded_attention_with_across_heads_norm_equals_whole(cache_home, tmp_p
 
 def test_failed_job_is_reported_and_the_loop_goes_on(cache_home, tiny_t2v, tmp_path):
     """A job failing on rank 1 only (before the first step, or between steps) is agreed, reported by
-    rank 0 with rank 1's error, and the next job still runs on both ranks."""
+    rank 0 with rank 1's error; a failure in rank 0's own decoding (after the agreement) is reported
+    too; and the next job still runs on both ranks."""
     proc = run_torchrun_script(SCRIPT, ["fault", str(tmp_path)], nproc=2, timeout=180)
     assert proc.returncode == 0, proc.stderr
     records = json.loads((tmp_path / "fault.json").read_text())
-    assert [r["id"] for r in records] == ["ok-1", "fail-before", "fail-mid", "ok-2"]
-    assert [r["ok"] for r in records] == [True, False, False, True]
+    assert [r["id"] for r in records] == ["ok-1", "fail-before", "fail-mid", "fail-decode", "ok-2"]
+    assert [r["ok"] for r in records] == [True, False, False, False, True]
     assert "rank 1: RuntimeError: injected before the first step" in records[1]["error"]
     assert "rank 1: RuntimeError: injected at step 2" in records[2]["error"]
-    assert json.loads((tmp_path / "ran-0.json").read_text()) == json.loads((tmp_path / "ran-1.json").read_text()) == 4
+    assert records[3]["error"] == "RuntimeError: injected in decoding"
+    assert json.loads((tmp_path / "ran-0.json").read_text()) == json.loads((tmp_path / "ran-1.json").read_text()) == 5
 
 
 @pytest.mark.parametrize(
@@ -106,7 +108,5 @@ def test_generate_under_torchrun_writes_the_same_video(cache_home, tiny_i2v, tmp
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.count("wrote ") == 2  # the mp4 and the PNGs, printed once
         frames[nproc] = [Image.open(p).tobytes() for p in sorted((tmp_path / f"f{nproc}").glob("*.png"))]
-    diffs = [
-        max(abs(a - b) for a, b in zip(x, y, strict=True)) for x, y in zip(frames[0], frames[2], strict=True)
-    ]
+    diffs = [max(abs(a - b) for a, b in zip(x, y, strict=True)) for x, y in zip(frames[0], frames[2], strict=True)]
     assert len(frames[2]) == 9 and max(diffs) <= 1  # 8-bit rounding of a 1e-6 difference at most
