@@ -21,7 +21,11 @@ def test_each_rank_holds_about_half_the_expert_in_host_memory(tmp_path):
     folder = tmp_path / "expert"
     written = subprocess.run(
         [sys.executable, str(HOST_MEMORY), "write", str(folder), "--layers", "8", "--dim", "1536", "--ffn", "6144"],
-        capture_output=True, text=True, env=cli_env(), cwd=ROOT, check=True,
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+        check=True,
     )
     size_mib = json.loads(written.stdout.strip().splitlines()[-1])["written_mib"]
     assert size_mib > 500
