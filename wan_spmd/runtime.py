@@ -56,6 +56,9 @@ class Dist:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     control: Any = None
     """The gloo control-plane group (None when world_size == 1)."""
+    control_after_job: Any = None
+    """The same ranks with the collective timeout, for the first message after a job: the other
+    ranks wait there while rank 0 alone decodes and delivers, which is part of the job."""
 
     @property
     def is_main(self) -> bool:
@@ -96,7 +99,8 @@ def init_dist(device: str = "auto", collective_timeout_s: float = 600.0, control
         **({"store": store, "rank": rank, "world_size": world_size} if store is not None else {}),
     )
     control = dist.new_group(backend="gloo", timeout=timedelta(seconds=control_timeout_s))
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, control=control)
+    after_job = dist.new_group(backend="gloo", timeout=timeout)
+    return Dist(rank, world_size, local_rank, dev, control=control, control_after_job=after_job)
 
 
 def _attempt_store(world_size: int, timeout: timedelta) -> dist.Store | None:
@@ -294,11 +298,13 @@ class ControlPlane:
                 f"the control plane failed during {what} (a rank is dead or stuck): {_first_line(exc)}"
             ) from exc
 
-    def broadcast(self, message: Any, what: str = "a broadcast") -> Any:
+    def broadcast(self, message: Any, what: str = "a broadcast", after_job: bool = False) -> Any:
+        """Rank 0's message to every rank; `after_job` waits up to the collective timeout."""
         if self.d.world_size == 1:
             return message
         box = [message if self.d.is_main else None]
-        self._call(what, lambda: dist.broadcast_object_list(box, src=0, group=self.d.control))
+        group = self.d.control_after_job if after_job else self.d.control
+        self._call(what, lambda: dist.broadcast_object_list(box, src=0, group=group))
         return box[0]
 
     def any_flags(self, failed: bool, cancel: bool, what: str = "an agreement") -> tuple[bool, bool]:
@@ -398,13 +404,15 @@ def spmd_loop(d: Dist, run_job: RunJob, source: JobSource | None, heartbeat_s: f
         raise ValueError("rank 0 needs a job source")
     plane = ControlPlane(d)
     count = 0
+    after_job = False
     while True:
         message: Any = None
         if d.is_main:
             item = source.next_job(heartbeat_s)
             message = ("stop", None) if item is StopLoop else ("heartbeat", None) if item is None else ("job", item)
         what = f"the {message[0]} broadcast" if d.is_main else "the wait for rank 0's next message"
-        kind, job = plane.broadcast(message, what)
+        kind, job = plane.broadcast(message, what, after_job=after_job)
+        after_job = kind == "job"
         if kind in ("stop", "heartbeat"):
             # gloo's broadcast can return on rank 0 before anyone received it (the bytes wait in a
             # socket buffer), so every rank also joins an all-reduce: a stuck or dead peer makes

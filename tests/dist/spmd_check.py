@@ -5,6 +5,7 @@ Modes:
               writes its parameter counts for the sharded layers
   attn OUT    one attention module sharded by the TP plan vs the same module whole
   dummy OUT   a dummy-weight expert (tiny architecture) made already sharded
+  slow_decode OUT  rank 0 decodes for longer than the control timeout; the loop goes on
   fault OUT   the SPMD loop over five jobs, rank 1 failing in two of them (before the first step,
               and between steps), rank 0 in its decoding of a third; rank 0 writes every outcome
 """
@@ -96,6 +97,28 @@ def mode_dummy(d, out: Path) -> None:
         torch.save(result, out / f"dummy-{d.world_size}.pt")
 
 
+def mode_slow_decode(d, out: Path) -> None:
+    """Rank 0's own part of a job (decoding) takes longer than the control timeout (2 s here)."""
+    import time
+
+    info = resolve_model("tiny-t2v")
+    pipe = load_pipeline(d, info)
+
+    def run_job(job, control, on_step):
+        state = pipe.generate_latents(job.params, control=control, on_step=on_step)
+        if not d.is_main:
+            return VideoResult(None, state.timer.ms)
+
+        def slow_decode():
+            time.sleep(5.0)
+            return pipe.decode_frames(state)
+
+        return slow_decode
+
+    jobs = [Job(i, params_for(info, size="32x32", num_frames=5)) for i in ("slow-1", "slow-2")]
+    spmd_loop(d, run_job, ListSource(jobs, out) if d.is_main else None, heartbeat_s=0.5)
+
+
 class ListSource:
     """Four jobs; records outcomes."""
 
@@ -149,9 +172,11 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     rank, _, _ = torchrun_env()
     setup_logging(rank)
-    d = init_dist("cpu")
+    d = init_dist("cpu", control_timeout_s=2.0 if mode == "slow_decode" else 60.0)
     try:
-        {"tp": mode_tp, "attn": mode_attn, "fault": mode_fault, "dummy": mode_dummy}[mode](d, out)
+        {"tp": mode_tp, "attn": mode_attn, "fault": mode_fault, "dummy": mode_dummy, "slow_decode": mode_slow_decode}[
+            mode
+        ](d, out)
     finally:
         shutdown(d)
     finish_process(0)

@@ -76,6 +76,15 @@ def test_failed_job_is_reported_and_the_loop_goes_on(cache_home, tiny_t2v, tmp_p
     assert json.loads((tmp_path / "ran-0.json").read_text()) == json.loads((tmp_path / "ran-1.json").read_text()) == 5
 
 
+def test_rank0_decoding_longer_than_the_control_timeout(cache_home, tiny_t2v, tmp_path):
+    """Rank 0 decodes alone after each job while the others wait for its next message; if that wait
+    were bounded by the (short) control timeout, a large video would look like a dead rank 0."""
+    proc = run_torchrun_script(SCRIPT, ["slow_decode", str(tmp_path)], nproc=2, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((tmp_path / "fault.json").read_text())
+    assert [(r["id"], r["ok"]) for r in records] == [("slow-1", True), ("slow-2", True)]
+
+
 @pytest.mark.parametrize(
     "nproc, extra, message",
     [
