@@ -408,7 +408,9 @@ def spmd_loop(d: Dist, run_job: RunJob, source: JobSource | None, heartbeat_s: f
     while True:
         message: Any = None
         if d.is_main:
-            item = source.next_job(heartbeat_s)
+            # Right after a job, answer at once (a job or a heartbeat): the others' wait for this
+            # message is bounded by the collective timeout, which need not cover a heartbeat period.
+            item = source.next_job(0.0 if after_job else heartbeat_s)
             message = ("stop", None) if item is StopLoop else ("heartbeat", None) if item is None else ("job", item)
         what = f"the {message[0]} broadcast" if d.is_main else "the wait for rank 0's next message"
         kind, job = plane.broadcast(message, what, after_job=after_job)
