@@ -250,13 +250,8 @@ def test_json_body_and_sync(tcp_server, tmp_path):
     _check_mp4(r.content, tmp_path, 5, "32x32", 8)
 
 
-def test_curl_client_example(tcp_server, tmp_path):
-    """examples/curl_client.sh (vllm-omni's documented curl | jq | base64 style, seconds=5 at 16 fps)
-    must work as written: if this fails, the README's first example is broken."""
-    if shutil.which("jq") is None or shutil.which("curl") is None:
-        pytest.fail("curl and jq must be installed (apt-get install -y curl jq)")
-    out = tmp_path / "out.mp4"
-    env = dict(os.environ, BASE_URL=str(tcp_server.client.base_url).rstrip("/"), SIZE="32x32", NUM_INFERENCE_STEPS="2")
+def _run_curl_example(env: dict[str, str], out: Path, tmp_path: Path) -> None:
+    """examples/curl_client.sh as a user runs it; its mp4 has 5 s x 16 fps = 81 frames."""
     done = subprocess.run(
         ["bash", str(ROOT / "examples" / "curl_client.sh"), str(EXAMPLE_IMAGE), str(out)],
         capture_output=True,
@@ -266,6 +261,16 @@ def test_curl_client_example(tcp_server, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     _check_mp4(out.read_bytes(), tmp_path, 81, "32x32", 16)
+
+
+def test_curl_client_example(tcp_server, tmp_path):
+    """examples/curl_client.sh (vllm-omni's documented curl | jq | base64 style, seconds=5 at 16 fps)
+    must work as written: if this fails, the README's first example is broken."""
+    if shutil.which("jq") is None or shutil.which("curl") is None:
+        pytest.fail("curl and jq must be installed (apt-get install -y curl jq)")
+    out = tmp_path / "out.mp4"
+    env = dict(os.environ, BASE_URL=str(tcp_server.client.base_url).rstrip("/"), SIZE="32x32", NUM_INFERENCE_STEPS="2")
+    _run_curl_example(env, out, tmp_path)
 
 
 # -- bad requests: 4xx JSON naming the field, and the server goes on ----------------------------
@@ -401,15 +406,7 @@ def test_curl_client_over_unix_socket_with_key(uds_server, tmp_path):
         SIZE="32x32",
         NUM_INFERENCE_STEPS="1",
     )
-    done = subprocess.run(
-        ["bash", str(ROOT / "examples" / "curl_client.sh"), str(EXAMPLE_IMAGE), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    _check_mp4(out.read_bytes(), tmp_path, 81, "32x32", 16)
+    _run_curl_example(env, out, tmp_path)
 
 
 def test_sigterm_stops_cleanly_and_removes_socket(uds_server):
