@@ -313,11 +313,3 @@ def dummy_expert_sharded(
         del full
         _attach(model, name, local, placement, mesh)
     return model.to(device).eval()
-
-
-def shard_experts(components, tp_size: int, device: torch.device, sequence_parallel: bool = True) -> DeviceMesh:
-    """Shard both experts (`transformer`, `transformer_2`) over one TP mesh."""
-    mesh = tp_mesh(device, tp_size)
-    shard_expert(components.transformer, mesh, sequence_parallel)
-    shard_expert(components.transformer_2, mesh, sequence_parallel)
-    return mesh

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import tempfile
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -49,12 +48,6 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def mp4_bytes(frames: np.ndarray, fps: int) -> bytes:
-    """The mp4 as bytes (for HTTP answers)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        return write_mp4(frames, Path(tmp) / "video.mp4", fps).read_bytes()
 
 
 def write_pngs(frames: np.ndarray, folder: str | Path) -> list[Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from wan_spmd.video import mp4_bytes, probe_mp4, write_mp4, write_pngs
+from wan_spmd.video import probe_mp4, write_mp4, write_pngs
 
 
 def test_mp4_has_requested_frames_size_fps_and_codec(tmp_path):
@@ -18,7 +18,7 @@ def test_mp4_has_requested_frames_size_fps_and_codec(tmp_path):
     assert meta["fps"] == 12
     assert meta["codec"].startswith("h264") and meta["pix_fmt"].startswith("yuv420p")
     assert not list(tmp_path.glob("*.part"))  # the temporary name is gone
-    data = mp4_bytes(frames, fps=12)
+    data = path.read_bytes()
     assert data[4:8] == b"ftyp" and len(data) > 1000
 
 
