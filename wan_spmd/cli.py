@@ -316,7 +316,7 @@ def serve(
             world_size=world_size,
         )
         # torch loads only once the arguments are known to be good
-        from wan_spmd.serve import ServeOptions, end_rank, run_server
+        from wan_spmd.serve import ServeOptions, run_server
 
         options = ServeOptions(
             host=host,
@@ -334,8 +334,7 @@ def serve(
     _note_tiny(model)
     with user_errors():
         code = run_server(settings, options)
-    if world_size > 1:
-        end_rank(code)
+    # main() ends the rank with finish_process, skipping interpreter finalisation under torchrun
     if code:
         raise CliExit("", code=code)
 

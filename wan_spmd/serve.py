@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import stat
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -229,17 +228,6 @@ def run_server(settings: ServerSettings, options: ServeOptions) -> int:
         code = rank.run(watch)
     rank.log_exit(code)
     return code
-
-
-def end_rank(code: int) -> None:
-    """End a torchrun rank right after its teardown, skipping the interpreter's own exit: there the
-    process groups' C++ threads can abort the process ("terminate called without an active
-    exception", status 134, seen about one exit in ten on CPU), which would turn a clean stop into
-    a crash in torchrun's eyes. Everything worth keeping is flushed or answered by now."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 class RankServer:
