@@ -358,6 +358,12 @@ class JobAgreement:
         return any_failed
 
 
+def _job_failed(job: Job, rank: int, exc: Exception) -> str:
+    """Log a job's failure on this rank (with its traceback) and return the error to report."""
+    log.error("job %s failed on rank %d: %s: %s", job.id, rank, type(exc).__name__, exc, exc_info=True)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def run_agreed(plane: ControlPlane, job: Job, run_job: RunJob, source: JobSource | None) -> Outcome:
     """Run one job on this rank; every rank returns after the same collectives."""
     agreement = JobAgreement(plane, (lambda: source.is_cancelled(job)) if source else (lambda: False))
@@ -372,8 +378,7 @@ def run_agreed(plane: ControlPlane, job: Job, run_job: RunJob, source: JobSource
     except ControlPlaneLost:  # the ranks cannot agree any more: this ends the loop, not just the job
         raise
     except Exception as exc:  # a job's failure must not end the loop
-        log.error("job %s failed on rank %d: %s: %s", job.id, plane.d.rank, type(exc).__name__, exc, exc_info=True)
-        error, local_failed = f"{type(exc).__name__}: {exc}", True
+        error, local_failed = _job_failed(job, plane.d.rank, exc), True
     if cancelled:
         return Outcome(job, error=error, cancelled=True)
     any_failed = agreement.finish(local_failed)
@@ -383,8 +388,7 @@ def run_agreed(plane: ControlPlane, job: Job, run_job: RunJob, source: JobSource
         try:  # this rank's own part: no collectives, so no agreement either
             return Outcome(job, result=result())
         except Exception as exc:
-            log.error("job %s failed on rank %d: %s: %s", job.id, plane.d.rank, type(exc).__name__, exc, exc_info=True)
-            return Outcome(job, error=f"{type(exc).__name__}: {exc}")
+            return Outcome(job, error=_job_failed(job, plane.d.rank, exc))
     errors = plane.gather_errors(error if local_failed else None)
     if not plane.d.is_main:
         return Outcome(job, error=error or "failed on another rank")
