@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wan_spmd.runtime import ControlPlane, ControlPlaneLost, Dist, Job, Outcome, ShutdownWatch, StopLoop
-from wan_spmd.server.jobs import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
+from wan_spmd.server.queue import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

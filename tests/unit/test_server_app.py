@@ -15,7 +15,7 @@ from tests.conftest import EXAMPLE_IMAGE, ROOT, cli_env
 from wan_spmd.config import generation_defaults, inspect_model_folder
 from wan_spmd.params import Limits
 from wan_spmd.server.app import ServerContext, ServerSettings, create_app
-from wan_spmd.server.jobs import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
+from wan_spmd.server.queue import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
 
 FORM = {"prompt": "a cat", "size": "64x48", "num_frames": "5", "num_inference_steps": "2", "seed": "3"}
 PIPELINE_MS = {"TextEncoding": 1.0, "LatentPreparation": 2.0, "Denoising": 3.0, "Decoding": 4.0, "PipelineWall": 10.0}

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from wan_spmd.config import ModelInfo
 from wan_spmd.params import Limits
 from wan_spmd.server.errors import ApiError
-from wan_spmd.server.jobs import JobQueue
+from wan_spmd.server.queue import JobQueue
 from wan_spmd.server.metrics import ServerMetrics
 
 ARRIVED = "wan_spmd.arrived"  # scope key: perf_counter when the request's headers arrived

@@ -16,7 +16,7 @@ from wan_spmd.params import GenerationParams, RequestError, resolve_params
 from wan_spmd.server.app import ARRIVED, ServerContext
 from wan_spmd.server.body import read_video_request
 from wan_spmd.server.errors import ApiError
-from wan_spmd.server.jobs import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
+from wan_spmd.server.queue import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
 from wan_spmd.server.wire import ErrorResponse, Health, ModelCard, ModelList, VideoData, VideoForm, VideoResponse
 
 log = logging.getLogger("wan_spmd")
