@@ -40,7 +40,7 @@ def write_checkpoint(folder: Path, layers: int, dim: int, ffn: int) -> int:
     """Write the checkpoint; returns its size in bytes."""
     from safetensors.torch import save_file
 
-    from wan_spmd.parallel import expert_on_meta
+    from wan_spmd.loading import expert_on_meta
 
     folder.mkdir(parents=True, exist_ok=True)
     config = expert_config(layers, dim, ffn)
@@ -67,7 +67,8 @@ def write_checkpoint(folder: Path, layers: int, dim: int, ffn: int) -> int:
 def load(folder: Path) -> dict:
     """Load this rank's shard under torchrun (gloo) and report memory."""
     from wan_spmd.env import torchrun_env
-    from wan_spmd.parallel import load_expert_sharded, tp_mesh
+    from wan_spmd.loading import load_expert_sharded
+    from wan_spmd.parallel import tp_mesh
     from wan_spmd.runtime import init_dist, shutdown
 
     rank, world_size, _ = torchrun_env()

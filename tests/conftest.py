@@ -24,14 +24,14 @@ def cache_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_i2v(cache_home) -> Path:
-    from wan_spmd.models import ensure_tiny
+    from wan_spmd.tiny import ensure_tiny
 
     return ensure_tiny("i2v")
 
 
 @pytest.fixture(scope="session")
 def tiny_t2v(cache_home) -> Path:
-    from wan_spmd.models import ensure_tiny
+    from wan_spmd.tiny import ensure_tiny
 
     return ensure_tiny("t2v")
 

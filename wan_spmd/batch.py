@@ -27,21 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from wan_spmd.jobs import Job, Outcome, StopLoop
 from wan_spmd.params import PARAM_KEYS, Limits, RequestError, read_image_file, resolve_params
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
     from wan_spmd.config import ModelInfo
-    from wan_spmd.runtime import Job, Outcome, StopLoop
 
 # What a line's derived id and its fingerprint cover: the generation parameters, the image path as
 # written and the output name. Not `id` (it is what we derive) and not unknown keys (ignored).
 FINGERPRINT_KEYS = (*PARAM_KEYS, "image", "output")
 ID_HEX_CHARS = 16  # 64 bits: collisions among a batch's lines are out of reach
 MAX_NAME_CHARS = 200  # per path component, under every filesystem's 255-byte limit for ASCII
-# write_mp4 writes `.{stem}-XXXXXXXX.mp4.part` (tempfile's 8 random characters) beside the video.
-PART_SUFFIX = ".mp4.part"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,16 +246,13 @@ def is_done(entry: Entry, done: Mapping[str, set[tuple[str, str]]], out_dir: Pat
 
 
 def remove_stale_parts(video: Path) -> list[Path]:
-    """Delete the temporary files a run killed while writing `video` left beside it (write_mp4 names
-    them `.{stem}-XXXXXXXX.mp4.part`). Matched exactly, so another shard's video in flight in the
-    same folder is never touched."""
-    pattern = re.compile(rf"\.{re.escape(video.stem)}-[A-Za-z0-9_]{{8}}{re.escape(PART_SUFFIX)}")
-    removed = []
-    if video.parent.is_dir():
-        for candidate in video.parent.iterdir():
-            if pattern.fullmatch(candidate.name):
-                candidate.unlink(missing_ok=True)
-                removed.append(candidate)
+    """Delete the temporary files a run killed while writing `video` left beside it (the writer's
+    own matcher, `video.stale_parts`, so another shard's video in flight is never touched)."""
+    from wan_spmd.video import stale_parts
+
+    removed = stale_parts(video)
+    for part in removed:
+        part.unlink(missing_ok=True)
     return removed
 
 
@@ -294,6 +289,8 @@ class Summary:
 
     ok: int = 0
     failed: int = 0
+    interrupted: int = 0
+    """Lines stopped by SIGTERM/SIGINT (recorded; a rerun does them)."""
     duplicates: int = 0
     already_done: int = 0
     video_s: list[float] = field(default_factory=list)
@@ -309,7 +306,7 @@ class Summary:
         total_s = (self.ended or time.perf_counter()) - (self.started or time.perf_counter())
         mean = f"{sum(self.video_s) / len(self.video_s):.1f} s" if self.video_s else "-"
         return (
-            f"batch: {self.ok} ok, {self.failed} failed, {self.skipped} skipped "
+            f"batch: {self.ok} ok, {self.failed} failed, {self.interrupted} interrupted, {self.skipped} skipped "
             f"({self.already_done} done earlier, {self.duplicates} duplicate); "
             f"total {total_s:.1f} s, mean {mean} per video"
         )
@@ -354,6 +351,8 @@ class BatchSource:
         self._bar: tqdm | None = None
         self._current: Entry | None = None
         self._job_started = 0.0
+        self.stop_reason: str | None = None
+        """Set from the shutdown watch's thread: the running job stops at its next step, no new one starts."""
 
     def _count_work(self) -> int:
         count, seen = 0, set()
@@ -370,11 +369,11 @@ class BatchSource:
     def next_job(self, timeout: float) -> Job | None | type[StopLoop]:
         """The next runnable line; bad ones are recorded on the way. Returns None once `timeout` has
         passed without a job, so the loop's heartbeat reaches the waiting ranks in time."""
-        from wan_spmd.runtime import Job, StopLoop
-
         self._start()
         deadline = time.monotonic() + timeout
         for entry in self._entries:
+            if self.stop_reason is not None:
+                break
             job_or_reason = self._prepare(entry)
             if isinstance(job_or_reason, Job):
                 self._current, self._job_started = entry, time.perf_counter()
@@ -384,36 +383,37 @@ class BatchSource:
         self.close()
         return StopLoop
 
+    def output_path(self, job: Job) -> Path:
+        return self.out_dir / job.meta["output"]
+
     def is_cancelled(self, job: Job) -> bool:
-        return False
+        return self.stop_reason is not None
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
 
     def on_step(self, job: Job, step: int, total: int) -> None:
         if self._bar is not None:
             self._bar.set_postfix_str(f"line {job.meta['line']} step {step}/{total}", refresh=True)
 
     def finish(self, outcome: Outcome) -> None:
-        """Video first (written under a temporary name, renamed into place), then its ok line."""
-        from wan_spmd.video import write_mp4
-
-        job, meta = outcome.job, outcome.job.meta
+        """The engine has put the verified video in place; record its ok line (or why not)."""
+        job = outcome.job
         entry = self._current
         assert entry is not None, "finish without a job from next_job"
+        if outcome.cancelled:
+            self._record(entry, "interrupted", error=f"{self.stop_reason or 'cancelled'}: {outcome.error}")
+            return
         if not outcome.ok:
             self._record(entry, "failed", error=outcome.error or "failed")
             return
-        params, result = job.params, outcome.result
-        path = self.out_dir / meta["output"]
-        try:
-            write_mp4(result.frames.numpy(), path, params.fps)
-        except Exception as exc:  # disk full, ffmpeg trouble: this job failed, the batch goes on
-            self._record(entry, "failed", error=f"could not write {meta['output']}: {type(exc).__name__}: {exc}")
-            return
+        params = job.params
         elapsed = time.perf_counter() - self._job_started
         self.summary.video_s.append(elapsed)
         self._record(
             entry,
             "ok",
-            timings_ms={k: round(v, 1) for k, v in result.timings_ms.items()},
+            timings_ms={k: round(v, 1) for k, v in outcome.timings_ms.items()},
             job_s=round(elapsed, 3),
             seed=params.seed,
             size=params.size,
@@ -449,8 +449,6 @@ class BatchSource:
 
     def _prepare(self, entry: Entry) -> Job | str:
         """A Job for the line, or the reason it was recorded instead (failed or skipped)."""
-        from wan_spmd.runtime import Job
-
         if entry.error is not None:
             return self._record(entry, "failed", error=entry.error)
         assert entry.id is not None and entry.request is not None and entry.output is not None
@@ -512,9 +510,12 @@ class BatchSource:
         self._log.append(record)
         if status == "ok":
             self.summary.ok += 1
-        elif status == "failed":
-            self.summary.failed += 1
-            self._write(f"line {entry.line}: failed: {record['error']}")
+        elif status in ("failed", "interrupted"):
+            if status == "failed":
+                self.summary.failed += 1
+            else:
+                self.summary.interrupted += 1
+            self._write(f"line {entry.line}: {status}: {record['error']}")
         else:
             self.summary.duplicates += 1
         if self._bar is not None:
@@ -526,3 +527,27 @@ class BatchSource:
             self._bar.write(message, file=sys.stderr)
         else:
             print(message, file=sys.stderr)
+
+
+class BatchFront:
+    """Rank 0's side of `batch`: exit 1 if a line failed or the run was interrupted, so Slurm and
+    Kubernetes indexed Jobs never mark a preempted shard complete."""
+
+    def __init__(self, source: BatchSource) -> None:
+        self.source = source
+
+    def start(self) -> None:
+        pass
+
+    def ready(self, world_size: int) -> None:
+        pass
+
+    def stopped(self, lost: bool) -> None:
+        self.source.close()
+
+    def on_expire(self, signal_name: str | None) -> None:
+        self.source.close()
+
+    def exit_code(self, jobs: int, signal_name: str | None) -> int:
+        summary = self.source.summary
+        return 1 if summary.failed or summary.interrupted or self.source.stop_reason else 0

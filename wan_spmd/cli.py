@@ -7,6 +7,8 @@ line (printed by rank 0 only) and no traceback.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import signal
 import sys
@@ -14,13 +16,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from wan_spmd.config import TINY_NOTE, ModelFolderError, ModelInfo, check_tp, generation_defaults, resolve_model
+from wan_spmd.config import TINY_NOTE, ModelFolderError, ModelInfo, generation_defaults
 from wan_spmd.env import finish_process, setup_logging, torchrun_env
-from wan_spmd.params import Limits, RequestError, read_image_file, resolve_params
+from wan_spmd.launch import ParallelLayout, check_layout, resolve_layout, resolve_model
+from wan_spmd.params import FIELDS, Limits, RequestError, read_image_file, resolve_params
+
+if TYPE_CHECKING:
+    from wan_spmd.engine import EngineOptions
 
 app = typer.Typer(
     add_completion=False,
@@ -65,13 +71,49 @@ LoadFormatOpt = Annotated[
     str, typer.Option(help="auto (the folder's weights) or dummy (random weights, e.g. --model wan2.2-i2v-a14b).")
 ]
 
-# Schema flags are taken as text and validated by the one schema (params.resolve_params), so the
-# CLI, HTTP and JSONL reject the same values with the same words.
-Text = Annotated[str | None, typer.Option()]
+TpOpt = Annotated[
+    int | None, typer.Option(help="Tensor-parallel degree (default: every rank of the world, one replica).")
+]
+CollectiveTimeoutOpt = Annotated[
+    float, typer.Option(help="Seconds a rank waits in a collective inside a job (idle ranks never do).")
+]
+HeartbeatTimeoutOpt = Annotated[
+    float, typer.Option(help="Seconds before a dead or stuck rank is noticed on the control plane (then exit 1).")
+]
+StopGraceOpt = Annotated[
+    float, typer.Option(help="Seconds after SIGTERM/SIGINT before a rank stuck in a collective ends itself.")
+]
+LoadTimeoutOpt = Annotated[float, typer.Option(help="Seconds the ranks wait for each other to load.")]
 
 
-def _request(**values: Any) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None}
+def request_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add one `--name` option per request field (params.FIELDS, the table the HTTP form is made
+    from too) and hand the given ones to the command as `request`.
+
+    Values are taken as text and validated by the one schema (params.resolve_params), so the CLI,
+    HTTP and JSONL reject the same values with the same words.
+    """
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.name != "request"]
+    fields = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[str | None, typer.Option(help=f.help)],
+        )
+        for f in FIELDS
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        request = {f.name: kwargs.pop(f.name) for f in FIELDS if kwargs.get(f.name) is not None}
+        for f in FIELDS:
+            kwargs.pop(f.name, None)
+        return command(request=request, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *fields])  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _limits(
@@ -94,12 +136,44 @@ def _limits(
     )
 
 
-def _model(model: str, load_format: str = "auto") -> ModelInfo:
-    """The model's facts, refused before torch loads if N ranks cannot split it."""
+def _model(model: str, load_format: str = "auto", tp: int | None = None) -> tuple[ModelInfo, ParallelLayout]:
+    """The model's facts and the parallel layout, refused before torch loads if the world's ranks
+    cannot split it."""
     _, world_size, _ = torchrun_env()
     info = resolve_model(model, load_format)
-    check_tp(info.transformer_config, world_size)
-    return info
+    layout = resolve_layout(world_size, tp=tp)
+    check_layout(layout, info.transformer_config)
+    return info, layout
+
+
+def _engine_options(
+    layout: ParallelLayout,
+    device: str,
+    load_format: str,
+    collective_timeout: float,
+    heartbeat_timeout: float,
+    stop_grace: float,
+    load_timeout: float,
+) -> EngineOptions:
+    from wan_spmd.engine import EngineOptions
+
+    for flag, seconds in (
+        ("--collective-timeout", collective_timeout),
+        ("--heartbeat-timeout", heartbeat_timeout),
+        ("--stop-grace", stop_grace),
+        ("--load-timeout", load_timeout),
+    ):
+        if not seconds > 0:
+            raise ValueError(f"{flag} must be > 0 seconds, got {seconds}")
+    return EngineOptions(
+        layout=layout,
+        device=device,
+        load_format=load_format,
+        collective_timeout_s=collective_timeout,
+        heartbeat_timeout_s=heartbeat_timeout,
+        stop_grace_s=stop_grace,
+        load_timeout_s=load_timeout,
+    )
 
 
 def _note_tiny(model: str) -> None:
@@ -108,69 +182,42 @@ def _note_tiny(model: str) -> None:
         print(f"note: {TINY_NOTE}", file=sys.stderr)
 
 
-def _run_loop(model: str, info: ModelInfo, device: str, load_format: str, make_source: Callable[[], Any]) -> None:
-    """Every rank: join torchrun's job, load its shard, run the SPMD loop; rank 0 feeds it from
-    `make_source()`. torch loads here, after the arguments were checked."""
+def _run(model: str, info: ModelInfo, engine: EngineOptions, make_front: Callable[[], Any]) -> int:
+    """Every rank: the engine's lifecycle; rank 0's front from `make_front()`. torch loads here,
+    after the arguments were checked."""
     _note_tiny(model)
-    from wan_spmd.runtime import init_dist, load_pipeline, pipeline_runner, shutdown, spmd_loop
+    from wan_spmd.engine import run_engine
 
+    front = make_front() if torchrun_env()[0] == 0 else None
     with user_errors():
-        d = init_dist(device)
-    try:
-        pipe = load_pipeline(d, info, load_format=load_format)
-        spmd_loop(d, pipeline_runner(pipe, d.is_main), make_source() if d.is_main else None)
-    finally:
-        shutdown(d)
+        return run_engine(info, engine, front)
 
 
 @app.command()
+@request_options
 def generate(
-    prompt: Annotated[str | None, typer.Option(help="What the video shows.")] = None,
+    request: dict[str, Any],
     image: Annotated[str | None, typer.Option(help="Input image path (image-to-video models).")] = None,
     model: ModelOpt = "tiny",
     output: Annotated[Path, typer.Option(help="Where the mp4 goes.")] = Path("output.mp4"),
     frames_dir: Annotated[Path | None, typer.Option(help="Also write every frame as a lossless PNG here.")] = None,
-    negative_prompt: Text = None,
-    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, multiples of 16.")] = None,
-    width: Text = None,
-    height: Text = None,
-    seconds: Annotated[str | None, typer.Option(help="Duration; frames = seconds x fps rounded to 4k+1.")] = None,
-    fps: Text = None,
-    num_frames: Annotated[str | None, typer.Option(help="4k+1 frames; wins over --seconds.")] = None,
-    num_inference_steps: Text = None,
-    guidance_scale: Annotated[str | None, typer.Option(help="High-noise expert's CFG scale.")] = None,
-    guidance_scale_2: Annotated[str | None, typer.Option(help="Low-noise expert's CFG scale.")] = None,
-    boundary_ratio: Text = None,
-    flow_shift: Text = None,
-    seed: Text = None,
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     load_format: LoadFormatOpt = "auto",
+    tp: TpOpt = None,
     max_width: MaxWidthOpt = Limits.max_width,
     max_height: MaxHeightOpt = Limits.max_height,
     max_frames: MaxFramesOpt = Limits.max_frames,
     max_steps: MaxStepsOpt = Limits.max_steps,
     max_fps: MaxFpsOpt = Limits.max_fps,
+    collective_timeout: CollectiveTimeoutOpt = 600.0,
+    heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
+    stop_grace: StopGraceOpt = 15.0,
+    load_timeout: LoadTimeoutOpt = 1800.0,
 ) -> None:
     """Generate one video and write it as an mp4."""
     with user_errors():
-        info = _model(model, load_format)
-        request = _request(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            size=size,
-            width=width,
-            height=height,
-            seconds=seconds,
-            fps=fps,
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            guidance_scale_2=guidance_scale_2,
-            boundary_ratio=boundary_ratio,
-            flow_shift=flow_shift,
-            seed=seed,
-        )
+        info, layout = _model(model, load_format, tp)
         image_bytes = read_image_file(image) if image is not None else None
         params = resolve_params(
             request,
@@ -182,18 +229,16 @@ def generate(
         )
         if output.is_dir():
             raise ValueError(f"--output {output} is a folder; give a file name such as out.mp4")
-    from wan_spmd.generate import OneJobSource
-    from wan_spmd.runtime import Job
+        engine = _engine_options(
+            layout, device, load_format, collective_timeout, heartbeat_timeout, stop_grace, load_timeout
+        )
+    from wan_spmd.generate import GenerateFront
+    from wan_spmd.jobs import Job
 
-    sources: list[OneJobSource] = []
-
-    def make_source() -> OneJobSource:
-        sources.append(OneJobSource(Job("generate", params), output, frames_dir))
-        return sources[0]
-
-    _run_loop(model, info, device, load_format, make_source)
-    if sources and (sources[0].outcome is None or not sources[0].outcome.ok):
-        raise CliExit("", code=1)
+    meta = {"frames_dir": str(frames_dir)} if frames_dir is not None else {}
+    code = _run(model, info, engine, lambda: GenerateFront(Job("generate", params, meta), output))
+    if code:
+        raise CliExit("", code=code)
 
 
 @app.command()
@@ -216,34 +261,40 @@ def batch(
     max_steps: MaxStepsOpt = Limits.max_steps,
     max_fps: MaxFpsOpt = Limits.max_fps,
     load_format: LoadFormatOpt = "auto",
+    tp: TpOpt = None,
+    collective_timeout: CollectiveTimeoutOpt = 600.0,
+    heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
+    stop_grace: StopGraceOpt = 15.0,
+    load_timeout: LoadTimeoutOpt = 1800.0,
 ) -> None:
-    """Generate a video per JSONL line; rerun to resume, shard over many runs. Exit 1 if any line failed."""
+    """Generate a video per JSONL line; rerun to resume, shard over many runs. Exit 1 if any line
+    failed or the run was interrupted (SIGTERM/SIGINT: the line in flight is recorded, the rerun does it)."""
     from wan_spmd.batch import check_args
 
     with user_errors():
         shard = check_args(requests, output_dir, shard_index, num_shards)
-        info = _model(model, load_format)
+        info, layout = _model(model, load_format, tp)
         defaults = generation_defaults(info, config)
         limits = _limits(max_width, max_height, max_frames, max_steps, max_fps)
+        engine = _engine_options(
+            layout, device, load_format, collective_timeout, heartbeat_timeout, stop_grace, load_timeout
+        )
     # rank 0 alone reads the file
-    from wan_spmd.batch import BatchSource
+    from wan_spmd.batch import BatchFront, BatchSource
 
-    sources: list[BatchSource] = []
+    fronts: list[BatchFront] = []
 
-    def make_source() -> BatchSource:
-        sources.append(BatchSource(requests, output_dir, info=info, defaults=defaults, limits=limits, shard=shard))
-        return sources[0]
+    def make_front() -> BatchFront:
+        source = BatchSource(requests, output_dir, info=info, defaults=defaults, limits=limits, shard=shard)
+        fronts.append(BatchFront(source))
+        return fronts[0]
 
-    try:
-        _run_loop(model, info, device, load_format, make_source)
-    finally:
-        for source in sources:
-            source.close()
-    for source in sources:
-        print(source.summary.line())
-        print(f"results: {source.results_path}")
-        if source.summary.failed:
-            raise CliExit("", code=1)
+    code = _run(model, info, engine, make_front)
+    for front in fronts:
+        print(front.source.summary.line())
+        print(f"results: {front.source.results_path}")
+    if code:
+        raise CliExit("", code=code)
 
 
 @app.command()
@@ -262,30 +313,24 @@ def serve(
     load_format: LoadFormatOpt = "auto",
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
+    tp: TpOpt = None,
     max_upload_bytes: Annotated[int, typer.Option(help="Largest image upload; 413 beyond.")] = Limits.max_upload_bytes,
     max_width: MaxWidthOpt = Limits.max_width,
     max_height: MaxHeightOpt = Limits.max_height,
     max_frames: MaxFramesOpt = Limits.max_frames,
     max_steps: MaxStepsOpt = Limits.max_steps,
     max_fps: MaxFpsOpt = Limits.max_fps,
-    collective_timeout: Annotated[
-        float, typer.Option(help="Seconds a rank waits in a collective inside a job (idle ranks never do).")
-    ] = 600.0,
-    heartbeat_timeout: Annotated[
-        float,
-        typer.Option(help="Seconds before a dead or stuck rank is noticed on the control plane (then exit 1)."),
-    ] = 60.0,
-    stop_grace: Annotated[
-        float, typer.Option(help="Seconds after SIGTERM/SIGINT before a rank stuck in a collective ends itself.")
-    ] = 15.0,
-    load_timeout: Annotated[float, typer.Option(help="Seconds the ranks wait for each other to load.")] = 1800.0,
+    collective_timeout: CollectiveTimeoutOpt = 600.0,
+    heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
+    stop_grace: StopGraceOpt = 15.0,
+    load_timeout: LoadTimeoutOpt = 1800.0,
 ) -> None:
     """Serve the model over HTTP (rank 0 answers; every rank runs each job)."""
     rank, world_size, _ = torchrun_env()
     with user_errors():
         from wan_spmd.server.app import ServerSettings
 
-        info = _model(model, load_format)
+        info, layout = _model(model, load_format, tp)
         if max_queue < 1:
             raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
         if uds is None and not 0 <= port <= 65535:
@@ -296,16 +341,9 @@ def serve(
             raise ValueError(f"--uds {uds} exists and is not a socket; refusing to replace it")
         if output_dir.exists() and not output_dir.is_dir():
             raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
-        for flag, seconds in (
-            ("--collective-timeout", collective_timeout),
-            ("--heartbeat-timeout", heartbeat_timeout),
-            ("--stop-grace", stop_grace),
-            ("--load-timeout", load_timeout),
-        ):
-            if not seconds > 0:
-                raise ValueError(f"{flag} must be > 0 seconds, got {seconds}")
-        if rank == 0:
-            output_dir.mkdir(parents=True, exist_ok=True)
+        engine = _engine_options(
+            layout, device, load_format, collective_timeout, heartbeat_timeout, stop_grace, load_timeout
+        )
         limits = _limits(max_width, max_height, max_frames, max_steps, max_fps, max_upload_bytes)
         settings = ServerSettings(
             info=info,
@@ -324,16 +362,10 @@ def serve(
             uds=str(Path(uds).expanduser()) if uds else None,
             max_queue=max_queue,
             output_dir=output_dir,
-            device=device,
-            load_format=load_format,
-            collective_timeout_s=collective_timeout,
-            heartbeat_timeout_s=heartbeat_timeout,
-            stop_grace_s=stop_grace,
-            load_timeout_s=load_timeout,
         )
     _note_tiny(model)
     with user_errors():
-        code = run_server(settings, options)
+        code = run_server(settings, options, engine)
     # main() ends the rank with finish_process, skipping interpreter finalisation under torchrun
     if code:
         raise CliExit("", code=code)
@@ -345,10 +377,10 @@ def make_tiny_cmd(
     variant: Annotated[str, typer.Option(help="i2v or t2v.")] = "i2v",
 ) -> None:
     """Write a tiny random Wan2.2 checkpoint in the real diffusers layout (noise, not art)."""
-    from wan_spmd.models import make_tiny
+    from wan_spmd.tiny import VARIANTS, make_tiny
 
-    if variant not in ("i2v", "t2v"):
-        raise CliExit(f"error: --variant must be i2v or t2v, got {variant!r}")
+    if variant not in VARIANTS:
+        raise CliExit(f"error: --variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     make_tiny(dest, variant)
     print(f"wrote a tiny random {variant} checkpoint to {dest} (it makes noise, not art)")
 

@@ -1,7 +1,7 @@
-"""Model-folder facts and generation defaults, without torch.
+"""Model-folder facts and generation defaults, without torch; a leaf (it imports only `families`).
 
-The server and the CLI both need to know what a model folder is (I2V or T2V, its boundary_ratio,
-its latent geometry) and which defaults apply before any weights load, so this module reads only
+The server and the CLI both need to know what a model folder is (its family, boundary_ratio,
+latent geometry) and which defaults apply before any weights load, so this module reads only
 JSON and TOML.
 """
 
@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The components a Wan2.2 A14B diffusers folder must have (model_index.json names them too).
-REQUIRED_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer", "transformer_2")
-PIPELINE_CONFIGS = {"WanImageToVideoPipeline": "wan2.2-i2v-a14b", "WanPipeline": "wan2.2-t2v-a14b"}
+from wan_spmd.families import FAMILIES, Family, UnknownFamily, match_family
+
+# Every Wan2.2 folder has these; `transformer_2` only where its family has two experts.
+BASE_COMPONENTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")
 # Keys a generation table may set; anything else in a toml is a mistake worth naming.
 DEFAULT_KEYS = frozenset(
     {
@@ -34,7 +35,7 @@ DEFAULT_KEYS = frozenset(
 )
 
 
-TINY_VERSION = 1  # bump when the tiny layout changes, so stale caches are rebuilt
+TINY_VERSION = 2  # bump when the tiny layout changes, so stale caches are rebuilt
 TINY_NAMES = {"tiny": "i2v", "tiny-i2v": "i2v", "tiny-t2v": "t2v"}
 TINY_NOTE = (
     "model 'tiny' is a tiny randomly initialised Wan2.2 checkpoint: it makes noise, not art. "
@@ -51,28 +52,24 @@ class ModelInfo:
     """What the model folder says about itself; never overridden by a toml."""
 
     path: Path | None
-    """The folder, or None for a dummy model built from a named config."""
-    pipeline_class: str
-    """`WanImageToVideoPipeline` (I2V) or `WanPipeline` (T2V)."""
-    boundary_ratio: float
-    """Fraction of num_train_timesteps above which the high-noise expert runs."""
+    """The folder, or None for a dummy model built from a named architecture."""
+    family: Family
+    """The row of `families.FAMILIES` the folder's facts match."""
+    boundary_ratio: float | None
+    """Fraction of num_train_timesteps above which the high-noise expert runs; None for one expert."""
     transformer_config: dict[str, Any]
-    """`transformer/config.json` (both experts share one architecture)."""
+    """`transformer/config.json` (two experts share one architecture)."""
     vae_config: dict[str, Any] = field(default_factory=dict)
     """`vae/config.json`."""
 
     @property
-    def is_i2v(self) -> bool:
-        return self.pipeline_class == "WanImageToVideoPipeline"
-
-    @property
     def config_name(self) -> str:
-        return PIPELINE_CONFIGS[self.pipeline_class]
+        """The built-in preset of the family."""
+        return self.family.name
 
     @property
     def spatial_multiple(self) -> int:
-        """Width and height must be multiples of this: VAE x8 times the patch size (2) = 16."""
-        return 8 * int(self.transformer_config.get("patch_size", (1, 2, 2))[1])
+        return self.family.spatial_multiple
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -82,8 +79,12 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelFolderError(f"cannot read {path}: {exc}") from None
 
 
+def _declared(index: dict[str, Any], name: str) -> bool:
+    return bool((index.get(name) or [None])[0])
+
+
 def inspect_model_folder(path: str | Path) -> ModelInfo:
-    """Check that `path` is a Wan2.2 A14B diffusers folder and read its facts."""
+    """Check that `path` is a Wan2.2 diffusers folder, read its facts and match its family."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise ModelFolderError(
@@ -95,42 +96,35 @@ def inspect_model_folder(path: str | Path) -> ModelInfo:
         raise ModelFolderError(f"{folder} is not a diffusers model folder: model_index.json is missing")
     index = _read_json(index_path)
     cls = index.get("_class_name")
-    if cls not in PIPELINE_CONFIGS:
-        raise ModelFolderError(
-            f"{folder} holds a {cls!r} pipeline, not Wan2.2 (expected one of {', '.join(sorted(PIPELINE_CONFIGS))})"
-        )
-    declared_missing = [c for c in REQUIRED_COMPONENTS if not (index.get(c) or [None])[0]]
-    dirs_missing = [c for c in REQUIRED_COMPONENTS if not (folder / c).is_dir()]
-    missing = sorted(set(declared_missing) | set(dirs_missing), key=REQUIRED_COMPONENTS.index)
+    # Only a sanity check that this is a Wan pipeline at all; the family comes from the facts below.
+    if not isinstance(cls, str) or not cls.startswith("Wan"):
+        raise ModelFolderError(f"{folder} holds a {cls!r} pipeline, not Wan2.2")
+    expert_2 = _declared(index, "transformer_2")
+    wanted = (*BASE_COMPONENTS, "transformer_2") if expert_2 else BASE_COMPONENTS
+    missing = [c for c in wanted if not _declared(index, c) or not (folder / c).is_dir()]
     if missing:
         raise ModelFolderError(
-            f"{folder} is not a Wan2.2 A14B folder: missing {', '.join(missing)} "
-            "(a two-expert folder has tokenizer, text_encoder, vae, scheduler, transformer, transformer_2)"
+            f"{folder} is not a complete Wan2.2 folder: missing {', '.join(missing)} (it needs {', '.join(wanted)})"
         )
-    if index.get("boundary_ratio") is None:
-        raise ModelFolderError(f"{folder}/model_index.json has no boundary_ratio: not a Wan2.2 two-expert folder")
     for sub, name in (("transformer", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
         if not (folder / sub / name).is_file():
             raise ModelFolderError(f"{folder} is missing {sub}/{name}")
+    transformer_config = _read_json(folder / "transformer" / "config.json")
+    vae_config = _read_json(folder / "vae" / "config.json")
+    try:
+        family = match_family(index, transformer_config, vae_config, expert_2)
+    except UnknownFamily as exc:
+        raise ModelFolderError(f"{folder}: {exc}") from None
+    boundary = index.get("boundary_ratio")
+    if family.experts == 2 and boundary is None:
+        raise ModelFolderError(f"{folder}/model_index.json has no boundary_ratio: not a Wan2.2 two-expert folder")
     return ModelInfo(
         path=folder,
-        pipeline_class=cls,
-        boundary_ratio=float(index["boundary_ratio"]),
-        transformer_config=_read_json(folder / "transformer" / "config.json"),
-        vae_config=_read_json(folder / "vae" / "config.json"),
+        family=family,
+        boundary_ratio=float(boundary) if family.experts == 2 else None,
+        transformer_config=transformer_config,
+        vae_config=vae_config,
     )
-
-
-def check_tp(transformer_config: dict, tp_size: int) -> None:
-    """Refuse a TP size the architecture cannot split evenly, naming the numbers."""
-    heads = int(transformer_config["num_attention_heads"])
-    ffn = int(transformer_config["ffn_dim"])
-    if tp_size < 1:
-        raise ValueError(f"tensor-parallel size must be >= 1, got {tp_size}")
-    if heads % tp_size:
-        raise ValueError(f"{heads} attention heads do not split over tp={tp_size} ranks")
-    if ffn % tp_size:
-        raise ValueError(f"ffn_dim {ffn} does not split over tp={tp_size} ranks")
 
 
 def builtin_config_dir() -> Path:
@@ -164,7 +158,7 @@ def load_builtin_config(name: str) -> dict[str, Any]:
 
 
 def generation_defaults(info: ModelInfo, config_name: str | None = None) -> dict[str, Any]:
-    """Defaults in DESIGN.md's order (later wins): built-in config of the pipeline class,
+    """Defaults in DESIGN.md's order (later wins): built-in preset of the folder's family,
     `--config NAME`, the model folder's `generation.toml`. The request then overrides all."""
     defaults = load_builtin_config(info.config_name)
     if config_name:
@@ -178,26 +172,6 @@ def tiny_cache_dir(variant: str) -> Path:
     """Where the tiny checkpoint lives: the user's cache folder (XDG_CACHE_HOME or ~/.cache)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "wan_spmd" / f"tiny-{variant}-v{TINY_VERSION}"
-
-
-def resolve_model(model: str, load_format: str = "auto") -> ModelInfo:
-    """`tiny` / `tiny-t2v` (built on first use into the cache) or a local diffusers folder; with
-    `load_format="dummy"` also a named real architecture (`wan2.2-i2v-a14b`) with no folder.
-
-    Only a first build of the tiny model imports torch; checking a folder never does.
-    """
-    if load_format not in ("auto", "dummy"):
-        raise ModelFolderError(f"--load-format must be auto or dummy, got {load_format!r}")
-    if load_format == "dummy" and model in REAL_MODELS:
-        return REAL_MODELS[model]
-    if model in TINY_NAMES:
-        folder = tiny_cache_dir(TINY_NAMES[model])
-        if not (folder / "model_index.json").is_file():
-            from wan_spmd.models import ensure_tiny
-
-            folder = ensure_tiny(TINY_NAMES[model])
-        return inspect_model_folder(folder)
-    return inspect_model_folder(model)
 
 
 # The real architectures (diffusers' conversion script and the public Wan-AI/*-Diffusers configs),
@@ -232,7 +206,9 @@ UMT5_XXL_ENCODER = {
 }
 REAL_MODELS = {
     "wan2.2-i2v-a14b": ModelInfo(
-        None, "WanImageToVideoPipeline", 0.9, {**_A14B_TRANSFORMER, "in_channels": 36}, {"z_dim": 16}
+        None, FAMILIES["wan2.2-i2v-a14b"], 0.9, {**_A14B_TRANSFORMER, "in_channels": 36}, {"z_dim": 16}
     ),
-    "wan2.2-t2v-a14b": ModelInfo(None, "WanPipeline", 0.875, {**_A14B_TRANSFORMER, "in_channels": 16}, {"z_dim": 16}),
+    "wan2.2-t2v-a14b": ModelInfo(
+        None, FAMILIES["wan2.2-t2v-a14b"], 0.875, {**_A14B_TRANSFORMER, "in_channels": 16}, {"z_dim": 16}
+    ),
 }

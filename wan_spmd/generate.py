@@ -1,39 +1,44 @@
-"""The `generate` front: one job from the command line, its video written by rank 0."""
+"""The `generate` front: one job from the command line; the engine writes its mp4 on rank 0."""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from wan_spmd.runtime import Job, Outcome, StopLoop
+from wan_spmd.jobs import Job, Outcome, StopLoop
 
 
 def timings_line(timings_ms: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.0f}ms" for k, v in timings_ms.items())
 
 
-@dataclass
 class OneJobSource:
     """Feeds a single job to the SPMD loop, then stops it; shows a progress bar over the steps."""
 
-    job: Job
-    output: Path
-    frames_dir: Path | None = None
-    outcome: Outcome | None = None
-    _given: bool = False
-    _bar: tqdm | None = None
+    def __init__(self, job: Job, output: Path) -> None:
+        self.job = job
+        self.output = output
+        self.outcome: Outcome | None = None
+        self.stop_reason: str | None = None
+        self._given = False
+        self._bar: tqdm | None = None
 
     def next_job(self, timeout: float) -> Job | type[StopLoop]:
-        if self._given:
+        if self._given or self.stop_reason is not None:
             return StopLoop
         self._given = True
         return self.job
 
+    def output_path(self, job: Job) -> Path:
+        return self.output
+
     def is_cancelled(self, job: Job) -> bool:
-        return False
+        return self.stop_reason is not None
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_reason = reason
 
     def on_step(self, job: Job, step: int, total: int) -> None:
         if self._bar is None:
@@ -41,21 +46,45 @@ class OneJobSource:
         self._bar.update(step - self._bar.n)
 
     def finish(self, outcome: Outcome) -> None:
-        from wan_spmd.video import write_mp4, write_pngs
-
         if self._bar is not None:
             self._bar.close()
         self.outcome = outcome
+        if outcome.cancelled:
+            print(f"error: generation {self.stop_reason or 'cancelled'}: {outcome.error}", file=sys.stderr)
+            return
         if not outcome.ok:
             print(f"error: generation failed: {outcome.error}", file=sys.stderr)
             return
         params = outcome.job.params
-        frames = outcome.result.frames.numpy()
-        write_mp4(frames, self.output, params.fps)
-        print(f"wrote {self.output} ({params.num_frames} frames, {params.size}, {params.fps} fps, seed {params.seed})")
-        if self.frames_dir is not None:
-            write_pngs(frames, self.frames_dir)
-            print(f"wrote {len(frames)} PNG frames to {self.frames_dir}")
-        print(f"timings: {timings_line(outcome.result.timings_ms)}")
+        what = f"{params.num_frames} frames, {params.size}, {params.fps} fps, seed {params.seed}"
+        print(f"wrote {outcome.video_path} ({what})")
+        frames_dir = outcome.job.meta.get("frames_dir")
+        if frames_dir:
+            print(f"wrote {params.num_frames} PNG frames to {frames_dir}")
+        print(f"timings: {timings_line(outcome.timings_ms)}")
         for warning in params.warnings:
             print(f"note: {warning}")
+
+
+class GenerateFront:
+    """Rank 0's side of `generate`: exit 0 only if the video was written."""
+
+    def __init__(self, job: Job, output: Path) -> None:
+        self.source = OneJobSource(job, output)
+
+    def start(self) -> None:
+        pass
+
+    def ready(self, world_size: int) -> None:
+        pass
+
+    def stopped(self, lost: bool) -> None:
+        if self.source._bar is not None:
+            self.source._bar.close()
+
+    def on_expire(self, signal_name: str | None) -> None:
+        pass
+
+    def exit_code(self, jobs: int, signal_name: str | None) -> int:
+        outcome = self.source.outcome
+        return 0 if outcome is not None and outcome.ok else 1

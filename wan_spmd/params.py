@@ -19,24 +19,38 @@ from PIL import Image, UnidentifiedImageError
 
 from wan_spmd.config import ModelInfo
 
-# The request's own keys (the HTTP form's names). `image`/`input_reference` carry the image and
-# are handled by each front; `model`, `id` and `output` are front-specific and accepted here.
-PARAM_KEYS = (
-    "prompt",
-    "negative_prompt",
-    "size",
-    "width",
-    "height",
-    "seconds",
-    "fps",
-    "num_frames",
-    "num_inference_steps",
-    "guidance_scale",
-    "guidance_scale_2",
-    "boundary_ratio",
-    "flow_shift",
-    "seed",
+
+@dataclass(frozen=True)
+class RequestField:
+    """One request key: its name everywhere (HTTP form and JSON key, JSONL key, CLI flag with dashes),
+    the type a client should send, and the one help text the CLI and the OpenAPI page both show."""
+
+    name: str
+    type: type
+    help: str
+
+
+# The one field table. The CLI options (cli.request_options) and the HTTP form model
+# (server.wire.VideoForm) are made from it; values arrive as text or JSON scalars and are validated
+# by `resolve_params` alone. The image is each front's own (`input_reference` upload over HTTP, an
+# `image` path in the CLI and JSONL).
+FIELDS: tuple[RequestField, ...] = (
+    RequestField("prompt", str, "What the video shows (required)."),
+    RequestField("negative_prompt", str, "What to steer away from."),
+    RequestField("size", str, "WIDTHxHEIGHT, multiples of the model's spatial multiple (16 for A14B), e.g. 1280x720."),
+    RequestField("width", int, "Frame width in pixels, given with height; size wins."),
+    RequestField("height", int, "Frame height in pixels, given with width; size wins."),
+    RequestField("seconds", float, "Duration; num_frames = seconds x fps rounded down to 4k+1."),
+    RequestField("fps", int, "Frames per second of the video."),
+    RequestField("num_frames", int, "4k+1 frames, e.g. 81; wins over seconds."),
+    RequestField("num_inference_steps", int, "Denoising steps."),
+    RequestField("guidance_scale", float, "CFG scale of the high-noise expert; CFG runs only when > 1."),
+    RequestField("guidance_scale_2", float, "CFG scale of the low-noise expert (defaults to guidance_scale)."),
+    RequestField("boundary_ratio", float, "Where the two experts switch, in [0, 1] (the model's own by default)."),
+    RequestField("flow_shift", float, "Shift of the flow-matching noise schedule."),
+    RequestField("seed", int, "Random seed; a random one (reported) when absent."),
 )
+PARAM_KEYS = tuple(f.name for f in FIELDS)
 FRONT_KEYS = frozenset({"model", "image", "input_reference", "id", "output"})
 MAX_SEED = 2**63 - 1
 
@@ -84,7 +98,8 @@ class GenerationParams:
     """Classifier-free guidance of the high-noise expert; CFG runs at all only when > 1."""
     guidance_scale_2: float
     """Guidance of the low-noise expert."""
-    boundary_ratio: float
+    boundary_ratio: float | None
+    """None for a one-expert family."""
     flow_shift: float
     seed: int
     warnings: tuple[str, ...] = ()
@@ -212,18 +227,19 @@ def resolve_params(
     if not isinstance(negative_prompt, str):
         raise RequestError("negative_prompt must be a string", "negative_prompt")
 
-    # 2. Image: required for I2V, refused for T2V
+    # 2. Image: required, optional or refused, as the model's family says
     pil_image = None
-    if info.is_i2v:
-        if image is None:
-            raise RequestError(f"this is an image-to-video model: send an input image ({image_field})", image_field)
+    policy = info.family.image
+    if image is None and policy == "required":
+        raise RequestError(f"this is an image-to-video model: send an input image ({image_field})", image_field)
+    if image is not None and policy == "refused":
+        raise RequestError(f"this is a text-to-video model: it takes no input image ({image_field})", image_field)
+    if image is not None:
         if len(image) > limits.max_upload_bytes:
             raise RequestError(
                 f"{image_field} is {len(image)} bytes, over the {limits.max_upload_bytes}-byte limit", image_field
             )
         pil_image = decode_image(image, image_field)
-    elif image is not None:
-        raise RequestError(f"this is a text-to-video model: it takes no input image ({image_field})", image_field)
 
     # 3. Size: size wins over width/height; else the image's aspect (I2V) or the default size
     multiple = info.spatial_multiple
@@ -284,9 +300,13 @@ def resolve_params(
     for name, value in (("guidance_scale", guidance), ("guidance_scale_2", guidance_2)):
         if value < 0:
             raise RequestError(f"{name} must be >= 0, got {value:g}", name)
-    boundary = _as_float("boundary_ratio", req.get("boundary_ratio", info.boundary_ratio))
-    if not 0.0 <= boundary <= 1.0:
-        raise RequestError(f"boundary_ratio must be within [0, 1], got {boundary:g}", "boundary_ratio")
+    boundary = None
+    if info.family.experts == 2:
+        boundary = _as_float("boundary_ratio", req.get("boundary_ratio", info.boundary_ratio))
+        if not 0.0 <= boundary <= 1.0:
+            raise RequestError(f"boundary_ratio must be within [0, 1], got {boundary:g}", "boundary_ratio")
+    elif "boundary_ratio" in req:
+        warnings.append("ignored boundary_ratio: this model has one expert")
     flow_shift = _as_float("flow_shift", pick("flow_shift"))
     if flow_shift <= 0:
         raise RequestError(f"flow_shift must be > 0, got {flow_shift:g}", "flow_shift")

@@ -13,8 +13,11 @@ numbers match on the same weights and seed, quirks included:
 - I2V conditions on the VAE's latent mode of [image, zeros...] and a first-frame mask.
 
 The pipeline is single-device code: it never calls torch.distributed. Under tensor parallelism the
-experts it is handed are already sharded (their collectives live inside them), and the runtime
-passes a per-step `StepControl` that agrees across ranks whether to go on.
+experts it is handed are already sharded (their collectives live inside them); two seams let the
+`parallel` package change the rest without the pipeline knowing: `NoisePredictor` (one guided
+noise prediction per step: serial CFG here, CFG-parallel there) and `decode_chunks` (the VAE's
+causal decode, latent frame by latent frame, as uint8 chunks). The runtime passes a per-step
+`StepControl` that agrees across ranks whether to go on.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import html
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -54,6 +57,41 @@ class StepControl(Protocol):
     def __call__(self, step: int, total: int) -> bool: ...
 
 
+class NoisePredictor(Protocol):
+    """One guided noise prediction: the conditional branch and, when `guidance` is not None, the
+    unconditional one combined as `uncond + guidance * (cond - uncond)`."""
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        guidance: float | None,
+    ) -> torch.Tensor: ...
+
+
+def serial_cfg(
+    model: torch.nn.Module,
+    model_input: torch.Tensor,
+    timestep: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    guidance: float | None,
+) -> torch.Tensor:
+    """Both branches on these ranks, one after the other, as diffusers runs them."""
+    noise_pred = model(
+        hidden_states=model_input, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False
+    )[0]
+    if guidance is None:
+        return noise_pred
+    noise_uncond = model(
+        hidden_states=model_input, timestep=timestep, encoder_hidden_states=negative_embeds, return_dict=False
+    )[0]
+    return noise_uncond + guidance * (noise_pred - noise_uncond)
+
+
 def prompt_clean(text: str) -> str:
     """diffusers' Wan prompt cleaning: fix mojibake, unescape HTML twice, collapse whitespace."""
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
@@ -62,24 +100,36 @@ def prompt_clean(text: str) -> str:
 
 @dataclass
 class VideoResult:
-    """What a job produces on every rank; only rank 0 uses `frames`."""
+    """A whole request's result in one piece (equivalence tests and benchmarks; serving streams)."""
 
-    frames: torch.Tensor | None
-    """uint8 (F, H, W, 3) on the host, converted on the device first; None where not decoded."""
+    frames: torch.Tensor
+    """uint8 (F, H, W, 3) on the host."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     latents: torch.Tensor | None = None
-    """Final latents (B, C, T, H/8, W/8) in float32, kept only when asked (equivalence tests)."""
-    video: torch.Tensor | None = None
-    """Decoded float frames in [0, 1] (B, C, F, H, W), kept only when asked."""
+    """Final latents (B, C, T, H/8, W/8) in float32."""
 
 
 class WanVideoPipeline:
-    """Prompt (+ image) -> frames for a Wan2.2 two-expert model, on one device (or one TP shard)."""
+    """Prompt (+ image) -> frames for a Wan2.2 model, on one device (or one shard of a layout)."""
 
-    def __init__(self, components: Components, info: ModelInfo, device: torch.device) -> None:
+    def __init__(
+        self,
+        components: Components,
+        info: ModelInfo,
+        device: torch.device,
+        predict_noise: NoisePredictor = serial_cfg,
+        decode_latent_frames: int = 4,
+    ) -> None:
+        if info.family.conditioning == "first_frame":
+            raise ValueError(f"{info.family.name} (first-frame conditioning) is not supported by this pipeline yet")
+        if len(components.experts) != info.family.experts:
+            raise ValueError(f"{info.family.name} has {info.family.experts} expert(s), {len(components.experts)} given")
         self.c = components
         self.info = info
         self.device = device
+        self.predict_noise = predict_noise
+        self.decode_latent_frames = decode_latent_frames
+        """Latent frames per decoded chunk (each is 4 video frames, the first 1)."""
         self.vae_scale_temporal = int(components.vae.config.scale_factor_temporal)
         self.vae_scale_spatial = int(components.vae.config.scale_factor_spatial)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_spatial)
@@ -167,60 +217,80 @@ class WanVideoPipeline:
         scheduler = self.make_scheduler(params.flow_shift)
         scheduler.set_timesteps(params.num_inference_steps, device=self.device)
         timesteps = scheduler.timesteps
-        boundary_timestep = params.boundary_ratio * scheduler.config.num_train_timesteps
+        boundary_timestep = (
+            None if params.boundary_ratio is None else params.boundary_ratio * scheduler.config.num_train_timesteps
+        )
         do_cfg = params.guidance_scale > 1.0  # diffusers' rule, applied to both experts
         dtype = self.transformer_dtype
         total = len(timesteps)
         for i, t in enumerate(timesteps):
             if control is not None and not control(i, total):
                 raise JobCancelled(f"cancelled at step {i} of {total}")
-            if t >= boundary_timestep:  # high-noise stage
-                model, guidance = self.c.transformer, params.guidance_scale
-            else:  # low-noise stage
-                model, guidance = self.c.transformer_2, params.guidance_scale_2
+            model, guidance = self.expert_for(t, boundary_timestep, params)
             model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
             model_input = model_input.to(dtype)
             timestep = t.expand(latents.shape[0])
-            noise_pred = model(
-                hidden_states=model_input, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False
-            )[0]
-            if do_cfg:
-                noise_uncond = model(
-                    hidden_states=model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=negative_embeds,
-                    return_dict=False,
-                )[0]
-                noise_pred = noise_uncond + guidance * (noise_pred - noise_uncond)
+            noise_pred = self.predict_noise(
+                model, model_input, timestep, prompt_embeds, negative_embeds, guidance if do_cfg else None
+            )
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i + 1, total)
         return latents
 
+    def expert_for(self, t: torch.Tensor, boundary_timestep: float | None, params: GenerationParams):
+        """(expert, guidance) for timestep t: the high-noise expert (`transformer`) while
+        t >= boundary, the low-noise one (`transformer_2`) below; one expert runs every step."""
+        if len(self.c.experts) == 1 or boundary_timestep is None:
+            return self.c.experts[0], params.guidance_scale
+        if t >= boundary_timestep:  # high-noise stage
+            return self.c.experts[0], params.guidance_scale
+        return self.c.experts[1], params.guidance_scale_2  # low-noise stage
+
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> float video (1, 3, F, H, W) in [0, 1] on the device."""
+    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Latents -> uint8 frames (f, H, W, 3) on the device, a few latent frames at a time.
+
+        Wan's VAE decodes latent frame by latent frame with a causal cache (diffusers' `_decode`
+        loop); we run the same loop and hand out each chunk as soon as it exists, so the mp4 writer
+        encodes while the rest decodes. Element-wise post-processing per chunk gives the same bytes
+        as decoding the whole video at once.
+        """
         vae = self.c.vae
         latents = latents.to(vae.dtype)
         latents = latents / self.inv_latents_std.to(latents) + self.latents_mean.to(latents)
-        video = vae.decode(latents, return_dict=False)[0]
-        return (video / 2 + 0.5).clamp(0, 1)
+        vae.clear_cache()
+        try:
+            x = vae.post_quant_conv(latents)
+            num_latent_frames = x.shape[2]
+            pending = []
+            for i in range(num_latent_frames):
+                vae._conv_idx = [0]
+                out = vae.decoder(
+                    x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0
+                )
+                pending.append(out)
+                if len(pending) == self.decode_latent_frames or i == num_latent_frames - 1:
+                    video = torch.cat(pending, dim=2) if len(pending) > 1 else pending[0]  # (1, 3, f, H, W)
+                    pending = []
+                    if vae.config.patch_size is not None:
+                        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+                        video = unpatchify(video, patch_size=vae.config.patch_size)
+                    video = video.clamp(-1.0, 1.0)
+                    video = (video / 2 + 0.5).clamp(0, 1)
+                    # (1, 3, f, H, W) -> (f, H, W, 3); diffusers' numpy_to_pil rounds the same way
+                    yield (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
+        finally:
+            vae.clear_cache()
 
     # -- the whole request ----------------------------------------------------------------------
 
-    def __call__(
-        self,
-        params: GenerationParams,
-        control: StepControl | None = None,
-        on_step: Callable[[int, int], None] | None = None,
-        keep_tensors: bool = False,
-        decode: bool = True,
-    ) -> VideoResult:
-        """The whole request: `generate_latents`, then (where the frames are wanted) `decode_frames`."""
-        state = self.generate_latents(params, control, on_step)
-        if not decode:
-            return VideoResult(frames=None, timings_ms=state.timer.ms, latents=state.latents if keep_tensors else None)
-        return self.decode_frames(state, keep_tensors)
+    def __call__(self, params: GenerationParams, control: StepControl | None = None) -> VideoResult:
+        """The whole request in one piece on one device (tests, benchmarks): steps 1-4."""
+        state = self.generate_latents(params, control)
+        frames = torch.cat([chunk.cpu() for chunk in self.timed_decode(state)])
+        return VideoResult(frames=frames, timings_ms=state.timer.ms, latents=state.latents)
 
     def generate_latents(
         self,
@@ -231,41 +301,37 @@ class WanVideoPipeline:
         """Steps 1-3, which every rank runs together (the experts' collectives are in here)."""
         timer = _StageTimer(self.device)
         timer.start("PipelineWall")
+        do_cfg = params.guidance_scale > 1.0
         # 1. Encode prompts (the negative one only when CFG will run)
         with timer("TextEncoding"):
             prompt_embeds = self.encode_prompt(params.prompt)
-            negative_embeds = self.encode_prompt(params.negative_prompt) if params.guidance_scale > 1 else None
-        # 2. Initial noise and, for I2V, the image condition
+            negative_embeds = self.encode_prompt(params.negative_prompt) if do_cfg else None
+        # 2. Initial noise and, for channel-concat conditioning, the image condition
         with timer("LatentPreparation"):
             latents = self.initial_noise(params)
-            condition = self.image_condition(params) if self.info.is_i2v else None
-        # 3. Denoising loop over both experts
+            condition = None
+            if self.info.family.conditioning == "channel_concat":
+                condition = self.image_condition(params)
+        # 3. Denoising loop over the experts
         with timer("Denoising"):
             latents = self.denoise(params, latents, condition, prompt_embeds, negative_embeds, control, on_step)
         return Latents(params, latents, timer)
 
-    def decode_frames(self, state: Latents, keep_tensors: bool = False) -> VideoResult:
-        """Step 4, on one rank: decode, then 8-bit on the device before the frames go to the host."""
+    def timed_decode(self, state: Latents, chunks: Iterator[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+        """Step 4: the decoded chunks (this pipeline's own, or `chunks` from a parallel decoder),
+        timed as Decoding; PipelineWall ends with the last one, and one log line gives the stages."""
         timer, params = state.timer, state.params
-        with timer("Decoding"):
-            video = self.decode(state.latents)
-            # (1, 3, F, H, W) -> (F, H, W, 3); diffusers' numpy_to_pil rounds the same way
-            frames = (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
+        timer.start("Decoding")
+        yield from self.decode_chunks(state.latents) if chunks is None else chunks
+        timer.stop("Decoding")
         timer.stop("PipelineWall")
-        timings = timer.ms
         log.info(
             "request seed=%d %s x%d frames, %d steps: %s",
             params.seed,
             params.size,
             params.num_frames,
             params.num_inference_steps,
-            " ".join(f"{k}={v:.0f}ms" for k, v in timings.items()),
-        )
-        return VideoResult(
-            frames=frames.cpu(),
-            timings_ms=timings,
-            latents=state.latents if keep_tensors else None,
-            video=video if keep_tensors else None,
+            " ".join(f"{k}={v:.0f}ms" for k, v in timer.ms.items()),
         )
 
 

@@ -17,18 +17,15 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from wan_spmd.env import torchrun_env
-from wan_spmd.params import GenerationParams
-from wan_spmd.pipeline import JobCancelled, VideoResult
-
-if TYPE_CHECKING:
-    from wan_spmd.config import ModelInfo
-    from wan_spmd.pipeline import WanVideoPipeline
+from wan_spmd.jobs import Job, JobSource, Outcome, StopLoop
+from wan_spmd.pipeline import JobCancelled
 
 log = logging.getLogger("wan_spmd")
 
@@ -57,8 +54,9 @@ class Dist:
     control: Any = None
     """The gloo control-plane group (None when world_size == 1)."""
     control_after_job: Any = None
-    """The same ranks with the collective timeout, for the first message after a job: the other
-    ranks wait there while rank 0 alone decodes and delivers, which is part of the job."""
+    """The same ranks with the collective timeout: the agreements inside a job (per step, at its
+    end) and the first message after it, where the others wait while rank 0 writes the mp4 and
+    answers, which is part of the job."""
 
     @property
     def is_main(self) -> bool:
@@ -220,60 +218,17 @@ class ShutdownWatch:
         os._exit(self.exit_code)
 
 
-# ---------------------------------------------------------------------------------------------
-# Jobs and their sources
+RunJob = Callable[[Job, Callable[[int, int], bool], Callable[[int, int], None], Path | None], "JobReport"]
+"""Runs one job on this rank, all of it inside the job's collective part: denoising, decoding and,
+on rank 0, delivery of the mp4 to the path given (None on the other ranks)."""
 
 
 @dataclass
-class Job:
-    """One validated request, as broadcast to every rank (primitives and image bytes only)."""
+class JobReport:
+    """What a job left on this rank: the finished mp4 (rank 0) and the stage timings."""
 
-    id: str
-    params: GenerationParams
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Front-specific data (output path, line number); only rank 0 reads it."""
-
-
-@dataclass
-class Outcome:
-    """How a job ended, as rank 0 reports it to the front."""
-
-    job: Job
-    result: VideoResult | None = None
-    error: str | None = None
-    cancelled: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.result is not None
-
-
-class JobSource(Protocol):
-    """Where rank 0 gets work from and where outcomes go; the only front-facing interface."""
-
-    def next_job(self, timeout: float) -> Job | None | type[StopLoop]:
-        """A job; None if none arrived within `timeout` (a heartbeat goes out); StopLoop to end."""
-
-    def is_cancelled(self, job: Job) -> bool:
-        """Whether the job should stop at its next step (client gone, shutdown)."""
-
-    def on_step(self, job: Job, step: int, total: int) -> None:
-        """Progress, after each denoising step."""
-
-    def finish(self, outcome: Outcome) -> None:
-        """Deliver the outcome (write the mp4, answer the client). Rank 0 only."""
-
-
-class StopLoop:
-    """Sentinel a source returns to end the loop on every rank."""
-
-
-RunJob = Callable[
-    [Job, Callable[[int, int], bool], Callable[[int, int], None]], VideoResult | Callable[[], VideoResult]
-]
-"""Runs a job's collective part on this rank. It may return a callable for work that only this rank
-does afterwards (rank 0's decoding): the loop calls it once the ranks have agreed the job went
-well, so the other ranks never wait for it on the control plane."""
+    video_path: Path | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,11 +262,14 @@ class ControlPlane:
         self._call(what, lambda: dist.broadcast_object_list(box, src=0, group=group))
         return box[0]
 
-    def any_flags(self, failed: bool, cancel: bool, what: str = "an agreement") -> tuple[bool, bool]:
-        """MAX over ranks of (failed, cancel)."""
+    def any_flags(
+        self, failed: bool, cancel: bool, what: str = "an agreement", after_job: bool = False
+    ) -> tuple[bool, bool]:
+        """MAX over ranks of (failed, cancel); `after_job` waits up to the collective timeout."""
         flags = torch.tensor([int(failed), int(cancel)], dtype=torch.int32)
         if self.d.world_size > 1:
-            self._call(what, lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.d.control))
+            group = self.d.control_after_job if after_job else self.d.control
+            self._call(what, lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group))
         return bool(flags[0]), bool(flags[1])
 
     def gather_errors(self, error: str | None) -> list[str | None]:
@@ -331,7 +289,8 @@ class JobAgreement:
 
     A rank that fails on its own (an exception outside any agreement) reports it at `finish`; its
     peers meet that report at their next step agreement (or their own `finish`), because both use
-    the same all-reduce on the control group. The first agreement that shows a failure or a
+    the same all-reduce on the same group: the job group, bounded by the collective timeout like
+    every other collective inside a job (rank 0 decodes and writes the mp4 before its `finish`). The first agreement that shows a failure or a
     cancellation ends the job on every rank, so each rank enters exactly the same collectives.
     """
 
@@ -341,7 +300,8 @@ class JobAgreement:
         self.ended = False
 
     def __call__(self, step: int, total: int) -> bool:
-        failed, cancel = self.plane.any_flags(False, self.plane.d.is_main and self.cancelled(), f"step {step}")
+        cancel = self.plane.d.is_main and self.cancelled()
+        failed, cancel = self.plane.any_flags(False, cancel, f"step {step}", after_job=True)
         if failed:
             self.ended = True
             raise PeerFailed(f"another rank failed before step {step}")
@@ -351,10 +311,13 @@ class JobAgreement:
         return True
 
     def finish(self, failed: bool) -> bool:
-        """Agree at the end of the job; True if any rank failed (or an earlier agreement ended it)."""
+        """Agree at the end of the job; True if any rank failed (or an earlier agreement ended it).
+
+        Rank 0 gets here only after decoding and writing the mp4, so the others wait up to the
+        collective timeout, not the control timeout."""
         if self.ended:
             return True
-        any_failed, _ = self.plane.any_flags(failed, False, "the end of a job")
+        any_failed, _ = self.plane.any_flags(failed, False, "the end of a job", after_job=True)
         return any_failed
 
 
@@ -364,13 +327,15 @@ def _job_failed(job: Job, rank: int, exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_agreed(plane: ControlPlane, job: Job, run_job: RunJob, source: JobSource | None) -> Outcome:
+def run_agreed(
+    plane: ControlPlane, job: Job, run_job: RunJob, source: JobSource | None, output: Path | None
+) -> Outcome:
     """Run one job on this rank; every rank returns after the same collectives."""
     agreement = JobAgreement(plane, (lambda: source.is_cancelled(job)) if source else (lambda: False))
     on_step = (lambda i, n: source.on_step(job, i, n)) if source else (lambda i, n: None)
-    result, error, local_failed, cancelled = None, None, False, False
+    report, error, local_failed, cancelled = None, None, False, False
     try:
-        result = run_job(job, agreement, on_step)
+        report = run_job(job, agreement, on_step, output)
     except JobCancelled as exc:
         error, cancelled = str(exc), True
     except PeerFailed:
@@ -382,13 +347,8 @@ def run_agreed(plane: ControlPlane, job: Job, run_job: RunJob, source: JobSource
     if cancelled:
         return Outcome(job, error=error, cancelled=True)
     any_failed = agreement.finish(local_failed)
-    if not any_failed:
-        if not callable(result):
-            return Outcome(job, result=result)
-        try:  # this rank's own part: no collectives, so no agreement either
-            return Outcome(job, result=result())
-        except Exception as exc:
-            return Outcome(job, error=_job_failed(job, plane.d.rank, exc))
+    if not any_failed and report is not None:
+        return Outcome(job, video_path=report.video_path, timings_ms=report.timings_ms)
     errors = plane.gather_errors(error if local_failed else None)
     if not plane.d.is_main:
         return Outcome(job, error=error or "failed on another rank")
@@ -428,7 +388,8 @@ def spmd_loop(d: Dist, run_job: RunJob, source: JobSource | None, heartbeat_s: f
                 return count
             continue
         start = time.perf_counter()
-        outcome = run_agreed(plane, job, run_job, source if d.is_main else None)
+        output = source.output_path(job) if d.is_main else None
+        outcome = run_agreed(plane, job, run_job, source if d.is_main else None, output)
         count += 1
         if d.is_main:
             outcome.job.meta.setdefault("job_ms", (time.perf_counter() - start) * 1000.0)
@@ -436,43 +397,3 @@ def spmd_loop(d: Dist, run_job: RunJob, source: JobSource | None, heartbeat_s: f
                 source.finish(outcome)
             except Exception:  # delivery trouble (disk full, client gone) must not end the loop
                 log.exception("could not deliver the outcome of job %s", job.id)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building the pipeline on every rank
-
-
-def load_pipeline(
-    d: Dist, info: ModelInfo, load_format: str = "auto", sequence_parallel: bool = True
-) -> WanVideoPipeline:
-    """Load the model on this rank's device; under world_size > 1 both experts are tensor-parallel
-    and each rank reads (or, for dummy weights, makes) only its shard of them."""
-    from wan_spmd.models import load_components, quiet_hub_logging
-    from wan_spmd.parallel import shard_expert, tp_mesh
-    from wan_spmd.pipeline import WanVideoPipeline
-
-    quiet_hub_logging()
-    start = time.perf_counter()
-    mesh = tp_mesh(d.device, d.world_size) if d.world_size > 1 else None
-    components = load_components(info, d.device, mesh=mesh, load_format=load_format)
-    if mesh is not None:
-        for expert in (components.transformer, components.transformer_2):
-            shard_expert(expert, mesh, sequence_parallel)
-    log.info(
-        "loaded %s on %d rank(s) in %.1f s", info.path or info.config_name, d.world_size, time.perf_counter() - start
-    )
-    return WanVideoPipeline(components, info, d.device)
-
-
-def pipeline_runner(pipe: WanVideoPipeline, is_main: bool = True) -> RunJob:
-    """The job runner the loop calls: the pipeline with the agreed per-step control."""
-
-    def run(job: Job, control: Callable[[int, int], bool], on_step: Callable[[int, int], None]):
-        state = pipe.generate_latents(job.params, control=control, on_step=on_step)
-        # Only rank 0 answers, so only rank 0 decodes, after the end-of-job agreement: the other
-        # ranks go back to the control plane instead of waiting there for the decode.
-        if is_main:
-            return lambda: pipe.decode_frames(state)
-        return VideoResult(frames=None, timings_ms=state.timer.ms)
-
-    return run

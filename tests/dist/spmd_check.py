@@ -5,9 +5,10 @@ Modes:
               writes its parameter counts for the sharded layers
   attn OUT    one attention module sharded by the TP plan vs the same module whole
   dummy OUT   a dummy-weight expert (tiny architecture) made already sharded
-  slow_decode OUT  rank 0 decodes for longer than the control timeout; the loop goes on
-  fault OUT   the SPMD loop over five jobs, rank 1 failing in two of them (before the first step,
-              and between steps), rank 0 in its decoding of a third; rank 0 writes every outcome
+  slow_decode OUT  rank 0 delivers for longer than the control timeout; the loop goes on
+  fault OUT   the SPMD loop over five jobs through the engine's real JobRunner, its fault seam making
+              rank 1 fail in two of them (before the first step, and between steps) and rank 0 in
+              its delivery of a third; rank 0 writes every outcome
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from pathlib import Path
 
 import torch
 
-from wan_spmd.config import generation_defaults, resolve_model
+from wan_spmd.config import generation_defaults
+from wan_spmd.engine import EngineOptions, JobRunner, build_pipeline
 from wan_spmd.env import finish_process, setup_logging, torchrun_env
+from wan_spmd.jobs import Job, Outcome, StopLoop
+from wan_spmd.launch import resolve_layout, resolve_model
 from wan_spmd.params import resolve_params
-from wan_spmd.pipeline import VideoResult
-from wan_spmd.runtime import Job, Outcome, StopLoop, init_dist, load_pipeline, shutdown, spmd_loop
+from wan_spmd.parallel.vae import single_rank_decoder
+from wan_spmd.runtime import init_dist, shutdown, spmd_loop
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "example.png"
 SHARDED = ("attn1.to_", "attn2.to_", "attn1.norm_", "attn2.norm_", "ffn.net.")
@@ -33,7 +37,7 @@ def local_numel(p: torch.Tensor) -> int:
 
 
 def params_for(info, **request):
-    image = EXAMPLE.read_bytes() if info.is_i2v else None
+    image = EXAMPLE.read_bytes() if info.family.takes_image else None
     return resolve_params(
         {"prompt": "a kite", "seed": 5, "guidance_scale_2": 2.0, **request},
         info=info,
@@ -42,16 +46,20 @@ def params_for(info, **request):
     )
 
 
+def load_pipeline(d, info):
+    """The engine's own loading path, with the default layout for this world size."""
+    return build_pipeline(d, info, EngineOptions(layout=resolve_layout(d.world_size), device="cpu"))
+
+
 def mode_tp(d, out: Path) -> None:
     counts = {}
     for name in ("tiny", "tiny-t2v"):
         info = resolve_model(name)
         pipe = load_pipeline(d, info)
-        result = pipe(params_for(info), keep_tensors=True)
+        result = pipe(params_for(info))
         if d.is_main:
-            torch.save({"latents": result.latents, "video": result.video}, out / f"{name}-{d.world_size}.pt")
-        for expert in ("transformer", "transformer_2"):
-            model = getattr(pipe.c, expert)
+            torch.save({"latents": result.latents, "frames": result.frames}, out / f"{name}-{d.world_size}.pt")
+        for expert, model in zip(("transformer", "transformer_2"), pipe.c.experts, strict=True):
             counts[f"{name}/{expert}"] = sum(
                 local_numel(p) for n, p in model.blocks.named_parameters() if any(s in n for s in SHARDED)
             )
@@ -82,8 +90,9 @@ def mode_attn(d, out: Path) -> None:
 
 def mode_dummy(d, out: Path) -> None:
     """Dummy weights made already sharded: the same model at every TP size (tiny architecture)."""
-    from wan_spmd.models import tiny_transformer_config
-    from wan_spmd.parallel import dummy_expert_sharded, shard_expert, tp_mesh
+    from wan_spmd.loading import dummy_expert_sharded
+    from wan_spmd.parallel import shard_expert, tp_mesh
+    from wan_spmd.tiny import tiny_transformer_config
 
     mesh = tp_mesh(d.device, d.world_size) if d.world_size > 1 else None
     model = dummy_expert_sharded(tiny_transformer_config(36), mesh, d.device, torch.float32, seed=1)
@@ -97,30 +106,8 @@ def mode_dummy(d, out: Path) -> None:
         torch.save(result, out / f"dummy-{d.world_size}.pt")
 
 
-def mode_slow_decode(d, out: Path) -> None:
-    """Rank 0's own part of a job (decoding) takes longer than the control timeout (2 s here)."""
-    import time
-
-    info = resolve_model("tiny-t2v")
-    pipe = load_pipeline(d, info)
-
-    def run_job(job, control, on_step):
-        state = pipe.generate_latents(job.params, control=control, on_step=on_step)
-        if not d.is_main:
-            return VideoResult(None, state.timer.ms)
-
-        def slow_decode():
-            time.sleep(5.0)
-            return pipe.decode_frames(state)
-
-        return slow_decode
-
-    jobs = [Job(i, params_for(info, size="32x32", num_frames=5)) for i in ("slow-1", "slow-2")]
-    spmd_loop(d, run_job, ListSource(jobs, out) if d.is_main else None, heartbeat_s=0.5)
-
-
 class ListSource:
-    """Four jobs; records outcomes."""
+    """A fixed list of jobs; records outcomes."""
 
     def __init__(self, jobs: list[Job], out: Path) -> None:
         self.jobs, self.out, self.records = list(jobs), out, []
@@ -128,8 +115,14 @@ class ListSource:
     def next_job(self, timeout: float):
         return self.jobs.pop(0) if self.jobs else StopLoop
 
+    def output_path(self, job: Job) -> Path:
+        return self.out / f"{job.id}.mp4"
+
     def is_cancelled(self, job: Job) -> bool:
         return False
+
+    def request_stop(self, reason: str) -> None:
+        pass
 
     def on_step(self, job: Job, step: int, total: int) -> None:
         pass
@@ -139,32 +132,35 @@ class ListSource:
         (self.out / "fault.json").write_text(json.dumps(self.records))
 
 
-def mode_fault(d, out: Path) -> None:
+def run_with_faults(d, out: Path, ids: tuple[str, ...], fault) -> int:
     info = resolve_model("tiny-t2v")
-    pipe = load_pipeline(d, info)
-
-    def run_job(job, control, on_step):
-        if d.rank == 1 and job.id == "fail-before":
-            raise RuntimeError("injected before the first step")
-
-        def control_with_fault(step: int, total: int) -> bool:
-            if d.rank == 1 and job.id == "fail-mid" and step == 2:
-                raise RuntimeError("injected at step 2")
-            return control(step, total)
-
-        state = pipe.generate_latents(job.params, control=control_with_fault, on_step=on_step)
-        if d.rank == 0 and job.id == "fail-decode":  # rank 0's own part, after the agreement
-
-            def failing_decode():
-                raise RuntimeError("injected in decoding")
-
-            return failing_decode
-        return (lambda: pipe.decode_frames(state)) if d.is_main else VideoResult(None, state.timer.ms)
-
-    ids = ("ok-1", "fail-before", "fail-mid", "fail-decode", "ok-2")
+    runner = JobRunner(load_pipeline(d, info), single_rank_decoder(d.is_main), d.rank, fault)
     jobs = [Job(i, params_for(info, size="32x32", num_frames=5)) for i in ids]
     source = ListSource(jobs, out) if d.is_main else None
-    ran = spmd_loop(d, run_job, source)
+    return spmd_loop(d, runner, source, heartbeat_s=0.5)
+
+
+def mode_slow_decode(d, out: Path) -> None:
+    """Rank 0's delivery (decode and mp4, inside the job) takes longer than the control timeout (2 s)."""
+    import time
+
+    def slow(stage: str, job: Job, rank: int) -> None:
+        if stage == "deliver":
+            time.sleep(5.0)
+
+    run_with_faults(d, out, ("slow-1", "slow-2"), slow)
+
+
+def mode_fault(d, out: Path) -> None:
+    def inject(stage: str, job: Job, rank: int) -> None:
+        if rank == 1 and job.id == "fail-before" and stage == "start":
+            raise RuntimeError("injected before the first step")
+        if rank == 1 and job.id == "fail-mid" and stage == "step 2":
+            raise RuntimeError("injected at step 2")
+        if rank == 0 and job.id == "fail-decode" and stage == "deliver":
+            raise RuntimeError("injected in decoding")
+
+    ran = run_with_faults(d, out, ("ok-1", "fail-before", "fail-mid", "fail-decode", "ok-2"), inject)
     (out / f"ran-{d.rank}.json").write_text(json.dumps(ran))
 
 

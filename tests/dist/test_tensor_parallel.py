@@ -37,8 +37,8 @@ def test_tp2_video_matches_tp1(tp_runs, model):
     one = torch.load(tp_runs / f"{model}-1.pt")
     two = torch.load(tp_runs / f"{model}-2.pt")
     assert (one["latents"] - two["latents"]).abs().max().item() <= TOLERANCE
-    assert (one["video"] - two["video"]).abs().max().item() <= TOLERANCE
-    assert one["video"].std() > 0.01
+    assert (one["frames"].int() - two["frames"].int()).abs().max().item() <= 1  # 8-bit rounding at most
+    assert one["frames"].float().std() > 2
 
 
 def test_each_rank_holds_half_of_the_sharded_weights(tp_runs):
@@ -63,8 +63,8 @@ def test_sharded_attention_with_across_heads_norm_equals_whole(cache_home, tmp_p
 
 def test_failed_job_is_reported_and_the_loop_goes_on(cache_home, tiny_t2v, tmp_path):
     """A job failing on rank 1 only (before the first step, or between steps) is agreed, reported by
-    rank 0 with rank 1's error; a failure in rank 0's own decoding (after the agreement) is reported
-    too; and the next job still runs on both ranks."""
+    rank 0 with rank 1's error; a failure in rank 0's own delivery (inside the job) is reported
+    too, with no file left behind; and the next job still runs on both ranks."""
     proc = run_torchrun_script(SCRIPT, ["fault", str(tmp_path)], nproc=2, timeout=180)
     assert proc.returncode == 0, proc.stderr
     records = json.loads((tmp_path / "fault.json").read_text())
@@ -72,13 +72,15 @@ def test_failed_job_is_reported_and_the_loop_goes_on(cache_home, tiny_t2v, tmp_p
     assert [r["ok"] for r in records] == [True, False, False, False, True]
     assert "rank 1: RuntimeError: injected before the first step" in records[1]["error"]
     assert "rank 1: RuntimeError: injected at step 2" in records[2]["error"]
-    assert records[3]["error"] == "RuntimeError: injected in decoding"
+    assert records[3]["error"] == "rank 0: RuntimeError: injected in decoding"
     assert json.loads((tmp_path / "ran-0.json").read_text()) == json.loads((tmp_path / "ran-1.json").read_text()) == 5
+    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["ok-1.mp4", "ok-2.mp4"]
+    assert not list(tmp_path.glob(".*.part"))
 
 
 def test_rank0_decoding_longer_than_the_control_timeout(cache_home, tiny_t2v, tmp_path):
-    """Rank 0 decodes alone after each job while the others wait for its next message; if that wait
-    were bounded by the (short) control timeout, a large video would look like a dead rank 0."""
+    """Rank 0 decodes and writes the mp4 while the others wait at the end-of-job agreement; if that
+    wait were bounded by the (short) control timeout, a large video would look like a dead rank 0."""
     proc = run_torchrun_script(SCRIPT, ["slow_decode", str(tmp_path)], nproc=2, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads((tmp_path / "fault.json").read_text())

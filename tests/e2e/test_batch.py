@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import EXAMPLE_IMAGE, cli_env, run_cli
-from wan_spmd.video import probe_mp4
+from wan_spmd.video import part_name, probe_mp4
 
 # Small enough that a job takes about a second on 2 CPU ranks.
 FAST = {"size": "32x32", "num_frames": 5, "num_inference_steps": 1}
@@ -150,10 +150,11 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def test_resume_after_kill(tiny_i2v, tmp_path: Path):
-    """Kill a 2-rank batch after its first video, then rerun it: if this fails, a rerun redoes
-    finished videos, loses unfinished ones, or leaves a partial mp4 (or a torn results line)
-    behind from the job that was in flight."""
+def test_sigterm_mid_batch_then_resume(tiny_i2v, tmp_path: Path):
+    """SIGTERM a 2-rank batch under torchrun after its first video (as Slurm or Kubernetes preempt
+    it), then rerun it. If this fails, a preempted batch looks finished (exit 0), a rank outlives
+    the grace period, the line in flight is not recorded or leaves a temporary file, or the rerun
+    redoes finished videos, loses unfinished ones, or trips over what a kill mid-write leaves."""
     count = 6
     lines = [
         {
@@ -181,6 +182,8 @@ def test_resume_after_kill(tiny_i2v, tmp_path: Path):
         str(requests),
         "--output-dir",
         str(out),
+        "--stop-grace",
+        "10",
     ]
     proc = subprocess.Popen(
         cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, text=True
@@ -193,24 +196,36 @@ def test_resume_after_kill(tiny_i2v, tmp_path: Path):
             assert time.monotonic() < deadline, "no video within 120 s"
             ranks = _children(proc.pid) or ranks
             time.sleep(0.05)
-    finally:
         ranks = _children(proc.pid) or ranks
         os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler preempts: torchrun passes it to the ranks
-        proc.wait(timeout=60)
-        proc.stderr.close()
-        for pid in ranks:  # torchrun ends them; make sure before the rerun
+        signalled = time.monotonic()
+        code = proc.wait(timeout=60)
+        stderr = proc.stderr.read()
+        gone_after = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in ranks:  # make sure before the rerun
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-
-    finished = {r["id"] for r in read_results(results) if r["status"] == "ok"}
-    assert 1 <= len(finished) < count, "the kill must land mid-batch"
+    assert code != 0, stderr[-3000:]
+    assert gone_after < 10 + 20, f"torchrun took {gone_after:.0f} s to end after SIGTERM"  # grace + wide margin
+    assert not any(_alive(pid) for pid in ranks)
+    assert "rank 1 exits with status 0" in stderr or "rank 1 exits" in stderr, stderr[-3000:]
+    records = read_results(results)
+    finished = {r["id"] for r in records if r["status"] == "ok"}
+    assert 1 <= len(finished) < count, "the signal must land mid-batch"
+    interrupted = [r for r in records if r["status"] == "interrupted"]
+    assert len(interrupted) == 1 and "SIGTERM" in interrupted[0]["error"], records
+    assert not list(out.glob(".*.part"))  # the line in flight left no temporary file
     before = {i: (out / f"{i}.mp4").stat() for i in finished}
-    # Leave what a kill in mid-write leaves, deterministically: a temporary mp4 of an unfinished
-    # job and a results line cut short.
+    # Leave what a SIGKILL mid-write would leave, made by the writer's own naming: a temporary mp4
+    # of an unfinished job, and a results line cut short.
     unfinished = sorted({f"clip{i}" for i in range(count)} - finished)[0]
-    part = out / f".{unfinished}-abcd1234.mp4.part"
+    part = part_name(out / f"{unfinished}.mp4")
     part.write_bytes(b"\x00" * 100)
     with results.open("a") as f:
         f.write('{"id": "' + unfinished + '", "sta')
@@ -268,3 +283,14 @@ def test_shards_cover_every_line_once(tiny_i2v, tmp_path: Path):
     assert sum(r["status"] == "ok" for s in shards for r in s) == 6
     assert {r["line"] for r in shards[0] if r["id"] is None} == {9, 11}  # unparseable: by line number
     assert [r["status"] for s in shards for r in s if r["line"] == 12] == ["failed"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie whose parent (torchrun) is gone is not running
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from wan_spmd.batch import ResultsLog, is_done, read_done, remove_stale_parts, scan_line
+from wan_spmd.video import Mp4Writer
 
 
 def test_results_log_repairs_a_line_cut_short(tmp_path: Path):
@@ -38,13 +41,21 @@ def test_done_needs_ok_line_same_params_and_the_video(tmp_path: Path):
     assert not is_done(other, done, tmp_path)
 
 
-def test_remove_stale_parts_only_touches_its_own_video(tmp_path: Path):
-    """A killed write leaves `.{stem}-XXXXXXXX.mp4.part`; the rerun deletes that one but never a
-    neighbour's (another shard may be writing it right now)."""
-    mine = tmp_path / ".a-abcd_123.mp4.part"
-    neighbour = tmp_path / ".a-b-abcd1234.mp4.part"
-    for p in (mine, neighbour, tmp_path / "a.mp4"):
-        p.write_bytes(b"x")
-    assert remove_stale_parts(tmp_path / "a.mp4") == [mine]
-    assert neighbour.exists() and (tmp_path / "a.mp4").exists()
+def test_remove_stale_parts_removes_what_a_killed_writer_left(tmp_path: Path):
+    """A writer killed mid-video leaves its temporary file; the rerun must delete exactly that one,
+    never a neighbour's (another shard may be writing `a-b.mp4` right now). The leftovers are made
+    by the real writer, so the matcher cannot drift from the names it makes (it had: 8 characters
+    expected, 12 written, and resume never cleaned anything)."""
+    frames = np.zeros((3, 16, 16, 3), dtype=np.uint8)
+    left = []
+    for name in ("a.mp4", "a-b.mp4"):
+        writer = Mp4Writer(tmp_path / name, 16, 16, fps=8)
+        writer.put(frames)
+        writer._proc.kill()  # the process dies here: no finish, no abort
+        writer._proc.wait()
+        left.append(writer.tmp)
+    (tmp_path / "a.mp4").write_bytes(b"x")
+    assert all(p.exists() for p in left)
+    assert remove_stale_parts(tmp_path / "a.mp4") == [left[0]]
+    assert left[1].exists() and (tmp_path / "a.mp4").exists()
     assert remove_stale_parts(tmp_path / "missing" / "z.mp4") == []

@@ -42,12 +42,12 @@ def test_matches_diffusers(variant, request_, request):
     folder = request.getfixturevalue(f"tiny_{variant}")
     info = inspect_model_folder(folder)
     comps = load_components(info, torch.device("cpu"))
-    image = EXAMPLE_IMAGE.read_bytes() if info.is_i2v else None
+    image = EXAMPLE_IMAGE.read_bytes() if info.family.takes_image else None
     params = resolve_params(
         {"prompt": "A cat &amp; a   dog\n play", **request_}, info=info, defaults=generation_defaults(info), image=image
     )
     high, low = count_calls(comps.transformer), count_calls(comps.transformer_2)
-    ours = WanVideoPipeline(comps, info, torch.device("cpu"))(params, keep_tensors=True)
+    ours = WanVideoPipeline(comps, info, torch.device("cpu"))(params)
     passes = 2 if params.guidance_scale > 1 else 1  # CFG for both experts only when guidance_scale > 1
     sched = type(comps.scheduler).from_config(comps.scheduler.config, flow_shift=params.flow_shift)
     sched.set_timesteps(params.num_inference_steps)
@@ -56,7 +56,7 @@ def test_matches_diffusers(variant, request_, request):
     assert (high[0], low[0]) == (high_steps * passes, (params.num_inference_steps - high_steps) * passes)
 
     scheduler = type(comps.scheduler).from_config(comps.scheduler.config, flow_shift=params.flow_shift)
-    cls = WanImageToVideoPipeline if info.is_i2v else WanPipeline
+    cls = WanImageToVideoPipeline if info.family.takes_image else WanPipeline
     pipe = cls(
         tokenizer=comps.tokenizer,
         text_encoder=comps.text_encoder,
@@ -77,16 +77,16 @@ def test_matches_diffusers(variant, request_, request):
         guidance_scale=params.guidance_scale,
         guidance_scale_2=params.guidance_scale_2,
     )
-    if info.is_i2v:
+    if info.family.takes_image:
         kwargs["image"] = Image.open(io.BytesIO(image)).convert("RGB")
     latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(params.seed), output_type="latent").frames
     video = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(params.seed), output_type="np").frames[0]
 
     assert latents.shape == ours.latents.shape
     assert (latents - ours.latents).abs().max().item() <= TOLERANCE
-    ours_video = ours.video[0].permute(1, 2, 3, 0).numpy()  # (F, H, W, C) like diffusers' np output
+    # Our frames come out of the chunked, streamed decode as 8 bits: diffusers' float video rounded
+    # (at most half a step away), so the chunking changes nothing
+    ours_video = ours.frames.numpy().astype(np.float64) / 255  # (F, H, W, C) like diffusers' np output
     assert video.shape == ours_video.shape == (params.num_frames, params.height, params.width, 3)
-    assert np.abs(video - ours_video).max() <= TOLERANCE
+    assert np.abs(video - ours_video).max() <= 0.5 / 255 + TOLERANCE
     assert video.std() > 0.01  # not a constant frame that would match anything
-    # 8-bit frames are the same video rounded as diffusers rounds
-    assert torch.equal(ours.frames, torch.from_numpy((ours_video * 255).round().astype(np.uint8)))

@@ -7,7 +7,8 @@ from diffusers import WanTransformer3DModel
 from torch.distributed.tensor import Replicate, Shard
 
 from wan_spmd.config import REAL_MODELS
-from wan_spmd.parallel import TP_PLAN, expert_on_meta, load_expert_sharded, planned_placement
+from wan_spmd.loading import expert_on_meta, load_expert_sharded
+from wan_spmd.parallel.tp import TP_PLAN, planned_placement
 
 
 def test_placements_follow_the_plan():

@@ -7,11 +7,11 @@ import io
 import pytest
 from PIL import Image
 
-from wan_spmd.config import ModelInfo
+from wan_spmd.config import REAL_MODELS, ModelInfo
 from wan_spmd.params import Limits, RequestError, derive_num_frames, resolve_params, size_from_area
 
-I2V = ModelInfo(None, "WanImageToVideoPipeline", 0.9, {"patch_size": [1, 2, 2]})
-T2V = ModelInfo(None, "WanPipeline", 0.875, {"patch_size": [1, 2, 2]})
+I2V = REAL_MODELS["wan2.2-i2v-a14b"]
+T2V = REAL_MODELS["wan2.2-t2v-a14b"]
 DEFAULTS = {
     "num_inference_steps": 40,
     "flow_shift": 5.0,

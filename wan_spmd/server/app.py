@@ -7,62 +7,17 @@ its future; the SPMD loop on rank 0's main thread does the rest. Nothing here im
 from __future__ import annotations
 
 import hmac
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from wan_spmd.config import ModelInfo
-from wan_spmd.params import Limits
+from wan_spmd.server.context import ARRIVED, VIDEO_PATHS, ServerContext, ServerSettings
 from wan_spmd.server.errors import ApiError
-from wan_spmd.server.queue import JobQueue
-from wan_spmd.server.metrics import ServerMetrics
+from wan_spmd.server.routes import system_router, videos_router
 
-ARRIVED = "wan_spmd.arrived"  # scope key: perf_counter when the request's headers arrived
-VIDEO_PATHS = ("/v1/videos", "/v1/videos/sync")
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """What the server was started with."""
-
-    info: ModelInfo
-    defaults: dict[str, Any]
-    """Generation defaults (config.generation_defaults), read once at start-up."""
-    served_model_name: str
-    """The name /v1/models lists; a request naming another model gets 404."""
-    limits: Limits = Limits()
-    api_key: str | None = None
-    """When set, every endpoint but /health needs `Authorization: Bearer KEY`."""
-    world_size: int = 1
-
-
-@dataclass
-class ServerContext:
-    """The app's shared state: settings, the queue to the SPMD loop, metrics, readiness."""
-
-    settings: ServerSettings
-    queue: JobQueue
-    status: str = "loading"
-    """loading -> ok -> stopping (or failed); /health answers 200 only while ok."""
-    ready: threading.Event = field(default_factory=threading.Event)
-    metrics: ServerMetrics = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.metrics = ServerMetrics(lambda: self.queue.depth, self.ready.is_set, lambda: self.queue.running)
-
-    def mark_ready(self) -> None:
-        """Every rank has loaded: start admitting requests."""
-        self.status = "ok"
-        self.ready.set()
-
-    def mark_stopping(self, status: str = "stopping") -> None:
-        self.status = status
-        self.ready.clear()
+__all__ = ["ServerContext", "ServerSettings", "create_app"]
 
 
 class Gate:
@@ -95,8 +50,6 @@ class Gate:
 
 def create_app(ctx: ServerContext) -> FastAPI:
     """The HTTP front's app: video, model, health and metrics routers plus FastAPI's OpenAPI page."""
-    from wan_spmd.server.routes import system_router, videos_router
-
     app = FastAPI(
         title="wan_spmd",
         version="0.1.0",

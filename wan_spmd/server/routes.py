@@ -13,8 +13,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from wan_spmd.params import GenerationParams, RequestError, resolve_params
-from wan_spmd.server.app import ARRIVED, ServerContext
 from wan_spmd.server.body import read_video_request
+from wan_spmd.server.context import ARRIVED, ServerContext
 from wan_spmd.server.errors import ApiError
 from wan_spmd.server.queue import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
 from wan_spmd.server.wire import ErrorResponse, Health, ModelCard, ModelList, VideoData, VideoForm, VideoResponse
@@ -231,7 +231,7 @@ async def models(request: Request) -> ModelList:
         id=settings.served_model_name,
         created=int(time.time()),
         root=str(settings.info.path) if settings.info.path else None,
-        pipeline=settings.info.pipeline_class,
+        pipeline=settings.info.family.pipeline_class,
     )
     return ModelList(data=[card])
 

@@ -4,36 +4,39 @@ shares, so the request types here describe fields without re-checking them."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Any
+
+from pydantic import BaseModel, Field, create_model
+
+from wan_spmd.params import FIELDS
 
 
-class VideoForm(BaseModel):
-    """The fields of POST /v1/videos and /v1/videos/sync (multipart form or JSON body).
+def _video_form() -> type[BaseModel]:
+    """The fields of POST /v1/videos and /v1/videos/sync (multipart form or JSON body), made from
+    the one field table (`params.FIELDS`) so the OpenAPI page and the CLI say the same things.
 
     Numbers may arrive as text (form fields); every field but `prompt` falls back to the model's
     defaults. `num_frames` wins over `seconds` x `fps`; `size` wins over `width`/`height`.
     """
-
-    prompt: str = Field(description="What the video shows.")
-    negative_prompt: str | None = Field(None, description="What to steer away from.")
-    input_reference: str | None = Field(
-        None,
-        description="The input image for image-to-video models: a file upload in a multipart form, "
-        "base64 or a data URL in a JSON body. At most --max-upload-bytes (20 MiB by default).",
+    fields: dict[str, Any] = {
+        f.name: (f.type, Field(description=f.help))
+        if f.name == "prompt"
+        else (f.type | None, Field(None, description=f.help))
+        for f in FIELDS
+    }
+    fields["input_reference"] = (
+        str | None,
+        Field(
+            None,
+            description="The input image for image-to-video models: a file upload in a multipart form, "
+            "base64 or a data URL in a JSON body. At most --max-upload-bytes (20 MiB by default).",
+        ),
     )
-    size: str | None = Field(None, description="WIDTHxHEIGHT, each a multiple of 16, e.g. 1280x720.")
-    width: int | None = None
-    height: int | None = None
-    seconds: float | None = Field(None, description="Duration; frames = seconds x fps rounded down to 4k+1.")
-    fps: int | None = None
-    num_frames: int | None = Field(None, description="4k+1 frames, e.g. 81; wins over seconds.")
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = Field(None, description="CFG scale of the high-noise expert.")
-    guidance_scale_2: float | None = Field(None, description="CFG scale of the low-noise expert.")
-    boundary_ratio: float | None = Field(None, description="Where the experts switch, in [0, 1].")
-    flow_shift: float | None = None
-    seed: int | None = None
-    model: str | None = Field(None, description="The served model name; another name gets 404.")
+    fields["model"] = (str | None, Field(None, description="The served model name; another name gets 404."))
+    return create_model("VideoForm", **fields)
+
+
+VideoForm = _video_form()
 
 
 class VideoData(BaseModel):

@@ -1,4 +1,4 @@
-"""Tensor and sequence parallelism for the Wan2.2 experts, written as data; sharded loading.
+"""Tensor parallelism for the Wan2.2 experts, written as data, with its sequence regions.
 
 The model code stays single-device (diffusers' `WanTransformer3DModel`); this module owns every
 collective. Each transformer block is sharded by `TP_PLAN` with PyTorch's own DTensor styles:
@@ -9,21 +9,19 @@ Written by hand, and why:
 - Wan normalises q and k with an RMSNorm over the *whole* inner dimension (all heads together,
   `rms_norm_across_heads`). With heads sharded each rank holds only its heads' slice, so the norm
   all-reduces the sums of squares; normalising the local slice alone would be silently wrong.
-- Sequence-parallel regions. Between the row-parallel outputs and the next column-parallel inputs,
-  Wan's block does element-wise work on the full hidden state (fp32 norms, modulation, gates,
-  residuals). We reduce-scatter the partial sums over the sequence instead of all-reducing them,
-  run that work on each rank's 1/tp of the tokens, and all-gather before the next projections
-  (torch's `SequenceParallel` + `PrepareModuleInput` idea). Torch's styles assume the sequence
-  splits evenly; Wan's token count (frames x h/2 x w/2) often does not, so the gather/scatter
-  points are hooks of ours that fall back to a plain all-reduce for an uneven sequence.
+- Sequence regions (inside TP; not Ulysses, which splits attention itself). Between the
+  row-parallel outputs and the next column-parallel inputs, Wan's block does element-wise work
+  on the full hidden state (fp32 norms, modulation, gates, residuals). We reduce-scatter the
+  partial sums over the sequence instead of all-reducing them, run that work on each rank's 1/tp
+  of the tokens, and all-gather before the next projections (torch's `SequenceParallel` +
+  `PrepareModuleInput` idea). Torch's styles assume the sequence splits evenly; Wan's token count
+  (frames x h/2 x w/2) often does not, so the gather/scatter points are hooks of ours that fall
+  back to a plain all-reduce for an uneven sequence.
 """
 
 from __future__ import annotations
 
-import json
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,7 +30,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from wan_spmd.config import check_tp
+from wan_spmd.launch import ParallelLayout, check_layout
 
 # Module pattern (inside each `blocks.*`) -> style. Left replicated on purpose: the patch and
 # condition embeddings, the modulation tables and proj_out (small, and outside the blocks), and the
@@ -108,7 +106,7 @@ class AcrossHeadsRMSNorm(nn.Module):
 
 
 @dataclass
-class SequenceShards:
+class SequenceRegions:
     """Per-expert state of the sequence-parallel regions: on for the current forward only when the
     token count splits evenly over the ranks."""
 
@@ -139,39 +137,40 @@ class SequenceShards:
         return out.transpose(0, 1)
 
 
-def _enter_blocks(shards: SequenceShards, module, args, kwargs):
+def _enter_blocks(shards: SequenceRegions, module, args, kwargs):
     hidden = args[0]  # (B, S, D), the patch-embedded tokens, replicated
     shards.enabled = hidden.shape[1] % shards.tp_size == 0
     return ((shards.split(hidden) if shards.enabled else hidden), *args[1:]), kwargs
 
 
-def _leave_blocks(shards: SequenceShards, module, args, output):
+def _leave_blocks(shards: SequenceRegions, module, args, output):
     return shards.gather(output) if shards.enabled else output
 
 
-def _gather_input(shards: SequenceShards, module, args, kwargs):
+def _gather_input(shards: SequenceRegions, module, args, kwargs):
     if not shards.enabled:
         return None
     return (shards.gather(args[0]), *args[1:]), kwargs
 
 
-def _reduce_output(shards: SequenceShards, module, args, output):
+def _reduce_output(shards: SequenceRegions, module, args, output):
     return shards.reduce(output)
 
 
 def tp_mesh(device: torch.device, tp_size: int) -> DeviceMesh:
-    """A 1-D mesh over all ranks (tensor parallelism stays inside one host)."""
+    """A 1-D mesh over all ranks, for tests of the TP plan alone; the engine takes the tp sub-mesh
+    of `parallel.build_mesh`."""
     return init_device_mesh(device.type, (tp_size,), mesh_dim_names=("tp",))
 
 
-def _style(name: str, sequence_parallel: bool):
+def _style(name: str, sequence_regions: bool):
     if name == "colwise":
         return ColwiseParallel()
-    # Row-parallel outputs stay partial sums; `SequenceShards.reduce` sums them (scatter or all-reduce).
-    return RowwiseParallel(output_layouts=Partial()) if sequence_parallel else RowwiseParallel()
+    # Row-parallel outputs stay partial sums; `SequenceRegions.reduce` sums them (scatter or all-reduce).
+    return RowwiseParallel(output_layouts=Partial()) if sequence_regions else RowwiseParallel()
 
 
-def shard_block(block: nn.Module, mesh: DeviceMesh, shards: SequenceShards | None = None) -> nn.Module:
+def shard_block(block: nn.Module, mesh: DeviceMesh, shards: SequenceRegions | None = None) -> nn.Module:
     """Apply `TP_PLAN` (and, with `shards`, the sequence-parallel regions) to one block, in place."""
     tp_size, tp_rank, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
     dense = {k: _style(v, shards is not None) for k, v in TP_PLAN.items() if v in ("colwise", "rowwise")}
@@ -194,16 +193,16 @@ def shard_block(block: nn.Module, mesh: DeviceMesh, shards: SequenceShards | Non
     return block
 
 
-def shard_expert(transformer: nn.Module, mesh: DeviceMesh, sequence_parallel: bool = True) -> nn.Module:
+def shard_expert(transformer: nn.Module, mesh: DeviceMesh, sequence_regions: bool = True) -> nn.Module:
     """Shard every block of one expert, in place.
 
     Weights the plan shards may already be DTensors (sharded loading); otherwise all ranks must
     hold identical full weights, which DTensor distributes from rank 0.
     """
-    check_tp(dict(transformer.config), mesh.size())
+    check_layout(ParallelLayout(tp=mesh.size()), dict(transformer.config))
     shards = None
-    if sequence_parallel:
-        shards = SequenceShards(mesh.get_group(), mesh.size(), mesh.get_local_rank())
+    if sequence_regions:
+        shards = SequenceRegions(mesh.get_group(), mesh.size(), mesh.get_local_rank())
         blocks = transformer.blocks
         blocks[0].register_forward_pre_hook(lambda m, a, k: _enter_blocks(shards, m, a, k), with_kwargs=True)
         blocks[-1].register_forward_hook(lambda m, a, o: _leave_blocks(shards, m, a, o))
@@ -213,7 +212,7 @@ def shard_expert(transformer: nn.Module, mesh: DeviceMesh, sequence_parallel: bo
 
 
 # ---------------------------------------------------------------------------------------------
-# Sharded loading: each rank reads (or makes) only its slices of the planned weights
+# Where each weight lives: the loader reads exactly this rank's slice
 
 
 def planned_placement(param_name: str):
@@ -231,7 +230,7 @@ def planned_placement(param_name: str):
     return None
 
 
-def _local_slice(shape: torch.Size, placement, tp_rank: int, tp_size: int) -> tuple[slice, ...]:
+def local_slice(shape: torch.Size, placement, tp_rank: int, tp_size: int) -> tuple[slice, ...]:
     index = [slice(None)] * len(shape)
     if isinstance(placement, Shard):
         size = shape[placement.dim] // tp_size
@@ -239,77 +238,9 @@ def _local_slice(shape: torch.Size, placement, tp_rank: int, tp_size: int) -> tu
     return tuple(index)
 
 
-def _attach(model: nn.Module, name: str, local: torch.Tensor, placement, mesh: DeviceMesh | None) -> None:
+def attach_param(model: nn.Module, name: str, local: torch.Tensor, placement, mesh: DeviceMesh | None) -> None:
     value = (
         local if placement is None or mesh is None else DTensor.from_local(local, mesh, [placement], run_check=False)
     )
     owner_name, _, attr = name.rpartition(".")  # "" is the model itself (scale_shift_table)
     setattr(model.get_submodule(owner_name), attr, nn.Parameter(value, requires_grad=False))
-
-
-def expert_on_meta(config: dict) -> nn.Module:
-    """The expert's modules with parameters on the meta device (no memory); buffers (rotary tables)
-    stay real, since they are computed, not loaded."""
-    from accelerate import init_empty_weights
-    from diffusers import WanTransformer3DModel
-
-    with init_empty_weights(include_buffers=False):
-        return WanTransformer3DModel.from_config(config)
-
-
-def load_expert_sharded(folder: Path, mesh: DeviceMesh | None, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """One expert from a diffusers folder, each rank reading only its slices (safetensors' slice
-    reads), so no rank ever holds the whole 14B expert in host or device memory."""
-    from safetensors import safe_open
-
-    config = json.loads((folder / "config.json").read_text())
-    model = expert_on_meta(config)
-    index_file = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if index_file.is_file():
-        weight_map = json.loads(index_file.read_text())["weight_map"]
-    else:
-        weight_map = {}
-    tp_rank, tp_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
-    by_file: dict[str, list[str]] = {}
-    for name, _ in model.named_parameters():
-        by_file.setdefault(weight_map.get(name, "diffusion_pytorch_model.safetensors"), []).append(name)
-    for file_name, names in by_file.items():
-        with safe_open(folder / file_name, framework="pt", device="cpu") as f:
-            for name in names:
-                placement = planned_placement(name)
-                tensor_slice = f.get_slice(name)
-                shape = torch.Size(tensor_slice.get_shape())
-                view = tensor_slice[_local_slice(shape, placement, tp_rank, tp_size)]  # of the mmap'd file
-                # One copy into memory of our own: a view would keep the whole file mapped, and
-                # touching it later would page in more than this rank's slice.
-                local = torch.empty(view.shape, dtype=dtype, device=device)
-                local.copy_(view)
-                _attach(model, name, local, placement, mesh)
-    return model.to(device).eval()
-
-
-def random_weight(name: str, shape: torch.Size, device: torch.device, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """A random weight drawn on the device from a generator seeded by its name: normal(0, 0.02), norm
-    scales 1. The same on every rank, so replicated weights agree without a broadcast."""
-    if "norm" in name and name.endswith("weight"):
-        return torch.ones(shape, device=device, dtype=dtype)
-    generator = torch.Generator(device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * 0.02).to(dtype)
-
-
-def dummy_expert_sharded(
-    config: dict, mesh: DeviceMesh | None, device: torch.device, dtype: torch.dtype, seed: int = 0
-) -> nn.Module:
-    """The real architecture with random weights made straight on the device, already sharded
-    (`--load-format dummy`). Each weight is drawn whole from a generator seeded by its name, one at
-    a time, then sliced: every rank and every TP size sees the same weights, so TP=2 can be
-    compared with TP=1."""
-    model = expert_on_meta(config)
-    tp_rank, tp_size = (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
-    for name, meta in list(model.named_parameters()):
-        placement = planned_placement(name)
-        full = random_weight(name, meta.shape, device, dtype, seed)
-        local = full[_local_slice(meta.shape, placement, tp_rank, tp_size)].clone()
-        del full
-        _attach(model, name, local, placement, mesh)
-    return model.to(device).eval()

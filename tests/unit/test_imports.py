@@ -1,0 +1,115 @@
+"""The layering DESIGN.md asks for: no import cycles among wan_spmd's modules, read from the source."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "wan_spmd"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports_of(path: Path, modules: set[str], me: str | None = None) -> set[str]:
+    """wan_spmd modules `path` imports, at module or function level; `if TYPE_CHECKING:` excluded."""
+    me = me or module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], base]).strip(".")
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {name for name in found if name in modules and name != me}
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    return {module_name(p): imports_of(p, modules) for p in paths}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle as a path [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*stack[stack.index(nxt) :], nxt]
+            if nxt not in state and (cycle := dfs(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := dfs(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    """If this fails, two modules import each other (perhaps through a function-level import), and
+    the layers of DESIGN.md (cli -> fronts -> runtime -> pipeline -> models, parallel) have a loop."""
+    graph = import_graph()
+    assert len(graph) > 20 and graph["wan_spmd.engine"], "the import graph was not read"
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_cycle_finder_sees_function_level_imports(tmp_path):
+    """The checker itself: a cycle through a function-level import is found, TYPE_CHECKING is not."""
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    src = tmp_path / "m.py"
+    src.write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import wan_spmd.x\n"
+        "def f():\n    from wan_spmd import y\n"
+    )
+    assert imports_of(src, {"wan_spmd.x", "wan_spmd.y", "wan_spmd"}, "wan_spmd.m") == {"wan_spmd", "wan_spmd.y"}
+
+
+def test_only_parallel_and_runtime_call_torch_distributed():
+    """DESIGN.md: torch.distributed appears in the runtime and the parallel package, nowhere else
+    (the loaders only name a DeviceMesh type)."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        if name.startswith("wan_spmd.parallel") or name == "wan_spmd.runtime":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if any(m == "torch.distributed" or m.startswith("torch.distributed.") for m in mods):
+                    if name == "wan_spmd.loading" and isinstance(node, ast.ImportFrom):
+                        if node.module == "torch.distributed.device_mesh":
+                            continue
+                    offenders.append(f"{name}: {ast.unparse(node)}")
+    assert offenders == []

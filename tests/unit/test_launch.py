@@ -1,0 +1,43 @@
+"""The parallel layout spec: checked before torch loads, with the numbers in the error."""
+
+from __future__ import annotations
+
+import pytest
+
+from wan_spmd.config import REAL_MODELS
+from wan_spmd.launch import ParallelLayout, check_layout, resolve_layout
+
+A14B = REAL_MODELS["wan2.2-i2v-a14b"].transformer_config
+
+
+def test_tp_defaults_to_what_the_world_leaves():
+    """Plain `torchrun --nproc-per-node N` stays tensor parallelism over all N ranks."""
+    assert resolve_layout(1) == ParallelLayout(tp=1)
+    assert resolve_layout(4) == ParallelLayout(tp=4)
+    assert resolve_layout(4, ulysses=2) == ParallelLayout(tp=2, ulysses=2)
+    assert resolve_layout(4, cfg_parallel=True) == ParallelLayout(tp=2, cfg=2)
+    assert resolve_layout(8, ulysses=2, cfg_parallel=True).mesh_shape == (2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "world, kwargs, message",
+    [
+        (4, {"tp": 3}, "cfg=1 x ulysses=1 x tp=3 = 3 ranks, but the world size is 4"),
+        (3, {"cfg_parallel": True}, "world size 3 does not split into cfg=2 x ulysses=1 groups"),
+        (2, {"tp": 0}, "--tp must be >= 1, got 0"),
+        (2, {"ulysses": 0}, "--ulysses must be >= 1, got 0"),
+    ],
+)
+def test_impossible_products_are_refused(world, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve_layout(world, **kwargs)
+
+
+def test_heads_and_ffn_must_split():
+    check_layout(ParallelLayout(tp=2), A14B)
+    with pytest.raises(ValueError, match="40 attention heads do not split over tp=3"):
+        check_layout(ParallelLayout(tp=3), A14B)
+    with pytest.raises(ValueError, match="ffn_dim 13824 does not split over tp=5"):
+        check_layout(ParallelLayout(tp=5), {**A14B, "num_attention_heads": 40 * 5})
+    with pytest.raises(ValueError, match=r"5 attention heads per tp rank \(40 over tp=8\) do not split over ulysses=2"):
+        check_layout(ParallelLayout(tp=8, ulysses=2), A14B)

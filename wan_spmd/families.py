@@ -1,0 +1,127 @@
+"""Wan2.2 model families as data, without torch.
+
+A model folder is matched to its family by what its files say about the architecture (a second
+expert, `expand_timesteps`, the VAE's latent channels), never by `_class_name`: the official
+TI2V-5B folder declares `WanPipeline`, as T2V-A14B does. Every module that needs a fact about a
+family (folder checks, request validation, the tiny builder, the loader, the pipeline) reads it
+here instead of testing a class name or assuming two experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Conditioning = Literal["none", "channel_concat", "first_frame"]
+"""How an image conditions the video: not at all (T2V); its VAE latent and a first-frame mask
+concatenated to the noise on the channel dimension (I2V-A14B); its latent replacing the first latent
+frame, kept clean by per-token timesteps (TI2V-5B)."""
+ImagePolicy = Literal["required", "optional", "refused"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the table: what a Wan2.2 checkpoint of this family is."""
+
+    name: str
+    """Also the name of its built-in preset, `configs/<name>.toml`."""
+    experts: int
+    """1, or 2 (`transformer` above the boundary timestep, `transformer_2` below)."""
+    vae_z_dim: int
+    """Latent channels of the VAE (16 for the Wan2.1 VAE, 48 for the Wan2.2 VAE)."""
+    vae_stride_spatial: int
+    """Pixels per latent position along height and width."""
+    vae_stride_temporal: int
+    """Frames per latent frame after the first."""
+    conditioning: Conditioning
+    image: ImagePolicy
+    """Whether a request must, may or must not carry an input image."""
+    patch_size: int = 2
+    """The transformer's spatial patch: tokens are latent positions / patch_size**2."""
+    expand_timesteps: bool = False
+    """The timestep is given per token (TI2V), so the conditioned first frame stays clean."""
+    pipeline_class: str = "WanPipeline"
+    """What diffusers loads the folder as (equivalence tests, folder writer)."""
+    default_boundary_ratio: float | None = None
+    """The public checkpoint's `boundary_ratio`; None for one expert. A folder's own value wins."""
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Width and height must be multiples of this: VAE stride times the patch size."""
+        return self.vae_stride_spatial * self.patch_size
+
+    @property
+    def expert_names(self) -> tuple[str, ...]:
+        return ("transformer", "transformer_2")[: self.experts]
+
+    @property
+    def takes_image(self) -> bool:
+        return self.image != "refused"
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            name="wan2.2-i2v-a14b",
+            experts=2,
+            vae_z_dim=16,
+            vae_stride_spatial=8,
+            vae_stride_temporal=4,
+            conditioning="channel_concat",
+            image="required",
+            pipeline_class="WanImageToVideoPipeline",
+            default_boundary_ratio=0.9,
+        ),
+        Family(
+            name="wan2.2-t2v-a14b",
+            experts=2,
+            vae_z_dim=16,
+            vae_stride_spatial=8,
+            vae_stride_temporal=4,
+            conditioning="none",
+            image="refused",
+            default_boundary_ratio=0.875,
+        ),
+        Family(
+            name="wan2.2-ti2v-5b",
+            experts=1,
+            vae_z_dim=48,
+            vae_stride_spatial=16,
+            vae_stride_temporal=4,
+            conditioning="first_frame",
+            image="optional",
+            expand_timesteps=True,
+        ),
+    )
+}
+
+
+class UnknownFamily(ValueError):
+    """The folder's facts match no row of the table (one line, says which facts were seen)."""
+
+
+def match_family(
+    index: Mapping[str, Any], transformer_config: Mapping[str, Any], vae_config: Mapping[str, Any], has_expert_2: bool
+) -> Family:
+    """The family whose facts a model folder shows.
+
+    `index` is model_index.json, `has_expert_2` whether a `transformer_2` component is declared and
+    present. Two experts are A14B: the transformer's input channels say I2V (noise + mask + image
+    latent, 16 + 4 + 16 = 36) or T2V (16). One expert with `expand_timesteps` and a 48-channel VAE
+    is TI2V-5B.
+    """
+    z_dim = int(vae_config.get("z_dim", 16))
+    in_channels = int(transformer_config.get("in_channels", z_dim))
+    expand = bool(index.get("expand_timesteps", False))
+    facts = (
+        f"experts={2 if has_expert_2 else 1}, expand_timesteps={expand}, vae z_dim={z_dim}, in_channels={in_channels}"
+    )
+    for family in FAMILIES.values():
+        if (family.experts == 2) != has_expert_2 or family.expand_timesteps != expand or family.vae_z_dim != z_dim:
+            continue
+        concat = family.conditioning == "channel_concat"
+        if in_channels == (2 * z_dim + 4 if concat else z_dim):
+            return family
+    raise UnknownFamily(f"no Wan2.2 family matches this folder ({facts})")

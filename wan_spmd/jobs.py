@@ -1,0 +1,67 @@
+"""What the SPMD loop passes between fronts and ranks, without torch: `Job`, `Outcome`, `JobSource`.
+
+A job is broadcast to every rank as primitives (the validated parameters and image bytes); its
+outcome, on rank 0, carries what a front needs to answer (the finished mp4's path, timings, the
+error), never a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from wan_spmd.params import GenerationParams
+
+
+@dataclass
+class Job:
+    """One validated request, as broadcast to every rank (primitives and image bytes only)."""
+
+    id: str
+    params: GenerationParams
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Front-specific data (output path, line number); only rank 0 reads it."""
+
+
+@dataclass
+class Outcome:
+    """How a job ended, as rank 0 reports it to the front."""
+
+    job: Job
+    video_path: Path | None = None
+    """The complete, verified mp4, already renamed into place (rank 0; None on failure)."""
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    """The pipeline's stages and PipelineWall, plus Mp4Encoding (the writer's time not hidden by decoding)."""
+    error: str | None = None
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.cancelled and self.video_path is not None
+
+
+class StopLoop:
+    """Sentinel a source returns to end the loop on every rank."""
+
+
+class JobSource(Protocol):
+    """Where rank 0 gets work from and where outcomes go; the only front-facing interface."""
+
+    def next_job(self, timeout: float) -> Job | None | type[StopLoop]:
+        """A job; None if none arrived within `timeout` (a heartbeat goes out); StopLoop to end."""
+
+    def output_path(self, job: Job) -> Path:
+        """Where the job's mp4 goes (the front chooses; the delivery writes it there)."""
+
+    def is_cancelled(self, job: Job) -> bool:
+        """Whether the job should stop at its next step (client gone, shutdown)."""
+
+    def on_step(self, job: Job, step: int, total: int) -> None:
+        """Progress, after each denoising step."""
+
+    def finish(self, outcome: Outcome) -> None:
+        """Answer with the outcome (the mp4 is already in place). Rank 0 only."""
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the running job (cancelled at its next step); called from the shutdown watch's thread."""

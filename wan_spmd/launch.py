@@ -1,0 +1,109 @@
+"""Launch-time choices, checked before torch loads: which model, and how the ranks split it.
+
+Every rank of a torchrun job runs these checks on the same arguments, so a layout that cannot work
+(a product that is not the world size, heads that do not split) stops every rank with the same one
+line and exit 2 before any weights load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from wan_spmd.config import REAL_MODELS, TINY_NAMES, ModelFolderError, ModelInfo, inspect_model_folder, tiny_cache_dir
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How the world's ranks split one replica of the model. world_size = cfg x ulysses x tp.
+
+    The mesh is laid out (cfg, ulysses, tp) with tp innermost, so a tensor-parallel group is made of
+    neighbouring ranks (one host, NVLink) and only the cfg dimension may span hosts.
+    """
+
+    tp: int = 1
+    """Tensor-parallel degree: heads and FFN hidden units split over this many ranks."""
+    cfg: int = 1
+    """1, or 2 when the guidance branches (conditional, unconditional) run on two rank groups."""
+    ulysses: int = 1
+    """Sequence-parallel (Ulysses) degree: tokens split, all-to-all to heads around attention."""
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.ulysses * self.tp
+
+    @property
+    def mesh_shape(self) -> tuple[int, int, int]:
+        return (self.cfg, self.ulysses, self.tp)
+
+    @property
+    def is_single(self) -> bool:
+        return self.world_size == 1
+
+    def describe(self) -> str:
+        parts = [f"tp={self.tp}"]
+        if self.ulysses > 1:
+            parts.append(f"ulysses={self.ulysses}")
+        if self.cfg > 1:
+            parts.append("cfg-parallel")
+        return " ".join(parts)
+
+
+def resolve_layout(
+    world_size: int, tp: int | None = None, ulysses: int = 1, cfg_parallel: bool = False
+) -> ParallelLayout:
+    """The layout for `world_size` ranks; `tp` defaults to what the other dimensions leave, so a
+    plain `torchrun --nproc-per-node N` is tensor parallelism over all N ranks, as before."""
+    cfg = 2 if cfg_parallel else 1
+    if ulysses < 1:
+        raise ValueError(f"--ulysses must be >= 1, got {ulysses}")
+    if tp is not None and tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {tp}")
+    if tp is None:
+        if world_size % (cfg * ulysses):
+            raise ValueError(
+                f"world size {world_size} does not split into cfg={cfg} x ulysses={ulysses} groups "
+                f"(torchrun --nproc-per-node must be a multiple of {cfg * ulysses})"
+            )
+        tp = world_size // (cfg * ulysses)
+    layout = ParallelLayout(tp=tp, cfg=cfg, ulysses=ulysses)
+    if layout.world_size != world_size:
+        raise ValueError(
+            f"cfg={cfg} x ulysses={ulysses} x tp={tp} = {layout.world_size} ranks, but the world size is {world_size}"
+        )
+    return layout
+
+
+def check_layout(layout: ParallelLayout, transformer_config: dict[str, Any]) -> None:
+    """Refuse a layout the architecture cannot split evenly, naming the numbers."""
+    heads = int(transformer_config["num_attention_heads"])
+    ffn = int(transformer_config["ffn_dim"])
+    if heads % layout.tp:
+        raise ValueError(f"{heads} attention heads do not split over tp={layout.tp} ranks")
+    if ffn % layout.tp:
+        raise ValueError(f"ffn_dim {ffn} does not split over tp={layout.tp} ranks")
+    if layout.ulysses > 1 and (heads // layout.tp) % layout.ulysses:
+        raise ValueError(
+            f"{heads // layout.tp} attention heads per tp rank ({heads} over tp={layout.tp}) "
+            f"do not split over ulysses={layout.ulysses}"
+        )
+
+
+def resolve_model(model: str, load_format: str = "auto") -> ModelInfo:
+    """`tiny` / `tiny-t2v` (built on first use into the cache) or a local diffusers folder; with
+    `load_format="dummy"` also a named real architecture (`wan2.2-i2v-a14b`) with no folder.
+
+    Only a first build of the tiny model imports torch; checking a folder never does.
+    """
+    if load_format not in ("auto", "dummy"):
+        raise ModelFolderError(f"--load-format must be auto or dummy, got {load_format!r}")
+    if load_format == "dummy" and model in REAL_MODELS:
+        return REAL_MODELS[model]
+    if model in TINY_NAMES:
+        folder = tiny_cache_dir(TINY_NAMES[model])
+        if not (folder / "model_index.json").is_file():
+            from wan_spmd.tiny import ensure_tiny
+
+            folder = ensure_tiny(TINY_NAMES[model])
+        return inspect_model_folder(folder)
+    return inspect_model_folder(model)
