@@ -121,12 +121,13 @@ def scheduler_shard(
             raise ValueError(f"--num-shards auto: {SLURM_COUNT} (a Slurm array job) is not set; give --num-shards K")
         used.append(f"{SLURM_COUNT}={count}")
         if want_index and slurm_index is not None:
-            # Both from the array: its task ids must be exactly 0..count-1, or some shard would
-            # never run (--array=1-8) or run twice. Slurm sets MIN and MAX for every array task.
+            # Both from the array: its task ids must be exactly 0..count-1, or a shard would never
+            # run (--array=1-8 leaves shard 0 undone). Slurm sets MIN and MAX for every array task.
             low, high = _env_int(env, SLURM_MIN), _env_int(env, SLURM_MAX)
             if (low is not None and low != 0) or (high is not None and high != count - 1):
+                shown = "..".join("?" if x is None else str(x) for x in (low, high))
                 raise ValueError(
-                    f"--num-shards auto: the Slurm array's task ids run {low}..{high} for {count} tasks, "
+                    f"--num-shards auto: the Slurm array's task ids run {shown} for {count} tasks, "
                     f"not 0..{count - 1}; submit with --array=0-{count - 1} or give --num-shards"
                 )
     return index, count, ", ".join(used)

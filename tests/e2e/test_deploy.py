@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -108,6 +109,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_group(cmd: list[str], *, env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run in a process group of its own, all of it killed on timeout (torchrun's ranks
+    and the srun stand-in's agents included)."""
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,13 +358,8 @@ def test_slurm_array_script_runs_its_shard(tiny_i2v, tmp_path: Path):
         SLURM_ARRAY_TASK_MIN="0",
         SLURM_ARRAY_TASK_MAX="1",
     )
-    proc = subprocess.run(
-        ["bash", str(SLURM / "batch-array.sbatch"), str(requests), str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
+    proc = run_group(
+        ["bash", str(SLURM / "batch-array.sbatch"), str(requests), str(out)], env=env, cwd=tmp_path, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "batch: shard 1 of 2 (SLURM_ARRAY_TASK_ID=1, SLURM_ARRAY_TASK_COUNT=2)" in proc.stderr, proc.stderr[-3000:]
@@ -386,14 +397,7 @@ def test_indexed_job_command_runs_its_shard(tiny_i2v, tmp_path: Path):
     run_args = [here(a) for a in batch_args]
     assert run_args[1] == str(requests) and flag(run_args, "--output-dir") == str(data / "out")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "wan_spmd"]
-    proc = subprocess.run(
-        [*cmd, *run_args],
-        capture_output=True,
-        text=True,
-        env=scheduler_free_env(JOB_COMPLETION_INDEX="0"),
-        cwd=tmp_path,
-        timeout=300,
-    )
+    proc = run_group([*cmd, *run_args], env=scheduler_free_env(JOB_COMPLETION_INDEX="0"), cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"batch: shard 0 of {num_shards} (JOB_COMPLETION_INDEX=0)" in proc.stderr, proc.stderr[-3000:]
     check_shard_ran(data / "out", 0, num_shards, picked[0])
@@ -462,9 +466,19 @@ def test_lws_agents_put_rank0_on_the_leader(tmp_path: Path):
         assert not any("$(" in a for a in launcher), launcher
         env = scheduler_free_env(AGENT=role, PROBE_OUT=str(tmp_path / "ranks"))
         cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, str(probe)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )
+        )
         time.sleep(1)
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:  # a hung rendezvous: end each agent with its ranks
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     assert ranks_by_agent(tmp_path / "ranks") == {"leader": 0, "worker": 1}
 
@@ -501,14 +515,7 @@ def test_slurm_two_node_script_puts_rank0_on_the_leader(tmp_path: Path):
         SLURM_JOB_NODELIST="gpu[01-02]",
         SLURM_NNODES="2",
     )
-    proc = subprocess.run(
-        ["bash", str(SLURM / "serve-two-nodes.sbatch")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=180,
-    )
+    proc = run_group(["bash", str(SLURM / "serve-two-nodes.sbatch")], env=env, cwd=tmp_path, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"rendezvous at 127.0.0.1:{port}; the server will listen on http://127.0.0.1:8000" in proc.stderr
     assert ranks_by_agent(tmp_path / "ranks") == {"node0": 0, "node1": 1}
