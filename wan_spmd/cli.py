@@ -253,8 +253,20 @@ def batch(
     model: ModelOpt = "tiny",
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
-    shard_index: Annotated[int | None, typer.Option(help="This run's shard, 0..num-shards-1.")] = None,
-    num_shards: Annotated[int | None, typer.Option(help="Split the batch over this many runs by job id.")] = None,
+    # Text, so that `auto` gets through; check_args turns it into numbers (or a one-line error).
+    shard_index: Annotated[
+        str | None,
+        typer.Option(
+            metavar="I|auto",
+            help="This run's shard, 0..num-shards-1, or auto: SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX.",
+        ),
+    ] = None,
+    num_shards: Annotated[
+        str | None,
+        typer.Option(
+            metavar="K|auto", help="Split the batch over this many runs by job id, or auto: SLURM_ARRAY_TASK_COUNT."
+        ),
+    ] = None,
     max_width: MaxWidthOpt = Limits.max_width,
     max_height: MaxHeightOpt = Limits.max_height,
     max_frames: MaxFramesOpt = Limits.max_frames,
