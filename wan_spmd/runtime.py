@@ -290,8 +290,9 @@ class JobAgreement:
     A rank that fails on its own (an exception outside any agreement) reports it at `finish`; its
     peers meet that report at their next step agreement (or their own `finish`), because both use
     the same all-reduce on the same group: the job group, bounded by the collective timeout like
-    every other collective inside a job (rank 0 decodes and writes the mp4 before its `finish`). The first agreement that shows a failure or a
-    cancellation ends the job on every rank, so each rank enters exactly the same collectives.
+    every other collective inside a job (rank 0 decodes and writes the mp4 before its `finish`).
+    The first agreement that shows a failure or a cancellation ends the job on every rank, so each
+    rank enters exactly the same collectives.
     """
 
     def __init__(self, plane: ControlPlane, cancelled: Callable[[], bool]) -> None:
