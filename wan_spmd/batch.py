@@ -408,7 +408,9 @@ class Summary:
         total_s = (self.ended or time.perf_counter()) - (self.started or time.perf_counter())
         mean = f"{sum(self.video_s) / len(self.video_s):.1f} s" if self.video_s else "-"
         return (
-            f"batch: {self.ok} ok, {self.failed} failed, {self.interrupted} interrupted, {self.skipped} skipped "
+            f"batch: {self.ok} ok, {self.failed} failed, "
+            + (f"{self.interrupted} interrupted, " if self.interrupted else "")
+            + f"{self.skipped} skipped "
             f"({self.already_done} done earlier, {self.duplicates} duplicate); "
             f"total {total_s:.1f} s, mean {mean} per video"
         )

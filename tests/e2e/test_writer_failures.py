@@ -19,7 +19,7 @@ import httpx
 from tests.conftest import EXAMPLE_IMAGE, ROOT, cli_env, run_cli
 from wan_spmd.video import probe_mp4
 
-FULL_DISK_BYTES = 4096  # under any mp4 of the tiny model's 64x64x9 noise, over a results line
+FULL_DISK_BYTES = 2048  # under a 128x128x9 mp4 of the tiny model, over a results line
 
 
 def _full_disk() -> None:
@@ -29,7 +29,14 @@ def _full_disk() -> None:
 def test_batch_line_fails_on_a_full_disk_and_is_redone(tiny_i2v, tmp_path: Path):
     """If this fails, a truncated or empty mp4 was recorded ok (and never redone on resume), a
     temporary file was left, or a name with a colon went to an ffmpeg protocol instead of the file."""
-    line = {"id": "c1", "prompt": "kite", "image": str(EXAMPLE_IMAGE), "output": "clip:1.mp4", "seed": 3}
+    line = {
+        "id": "c1",
+        "prompt": "kite",
+        "image": str(EXAMPLE_IMAGE),
+        "output": "clip:1.mp4",
+        "seed": 3,
+        "size": "128x128",
+    }
     requests = tmp_path / "r.jsonl"
     requests.write_text(json.dumps(line) + "\n")
     out = tmp_path / "out"
@@ -78,7 +85,9 @@ def test_http_answers_500_on_a_full_disk_and_keeps_serving(tiny_i2v, tmp_path: P
             time.sleep(0.1)
         files = {"input_reference": ("in.png", EXAMPLE_IMAGE.read_bytes(), "image/png")}
         for _ in range(2):  # the second shows the loop went on
-            answer = client.post("/v1/videos/sync", data={"prompt": "kite", "seed": "1"}, files=files)
+            answer = client.post(
+                "/v1/videos/sync", data={"prompt": "kite", "seed": "1", "size": "128x128"}, files=files
+            )
             assert answer.status_code == 500, answer.text
             error = answer.json()["error"]
             assert "ffmpeg could not write" in error["message"] and error["type"], error
