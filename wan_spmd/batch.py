@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from wan_spmd.jobs import Job, Outcome, StopLoop
-from wan_spmd.params import PARAM_KEYS, Limits, RequestError, read_image_file, resolve_params
+from wan_spmd.params import PARAM_KEYS, GenerationParams, Limits, RequestError, read_image_file, resolve_params
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -582,22 +582,7 @@ class BatchSource:
         return Job(entry.id, params, meta={"line": entry.line, "output": str(entry.output)})
 
     def _validate(self, request: dict[str, Any]) -> Any:
-        """The one schema (params.resolve_params), with the image read from a path beside the file."""
-        if "input_reference" in request:
-            raise RequestError(
-                "a JSONL line gives its image as `image` (a file path), not input_reference", "input_reference"
-            )
-        image = None
-        if not _is_blank(request.get("image")):
-            if not isinstance(request["image"], str):
-                raise RequestError(f"image must be a file path, got {request['image']!r}", "image")
-            image_path = Path(request["image"]).expanduser()
-            image = read_image_file(image_path if image_path.is_absolute() else self.base_dir / image_path)
-        params = resolve_params(request, info=self.info, defaults=self.defaults, limits=self.limits, image=image)
-        if "model" in request:
-            note = "ignored model: a batch runs the --model it was started with"
-            params = dataclasses.replace(params, warnings=(*params.warnings, note))
-        return params
+        return validate_line(request, self.base_dir, self.info, self.defaults, self.limits)
 
     def _record(self, entry: Entry, status: str, **fields: Any) -> str:
         """Append the line's result and count it; returns a short reason for the caller."""
@@ -633,6 +618,52 @@ class BatchSource:
             print(message, file=sys.stderr)
 
 
+def validate_line(
+    request: dict[str, Any], base_dir: Path, info: ModelInfo, defaults: Mapping[str, Any], limits: Limits
+) -> GenerationParams:
+    """The one schema (params.resolve_params), with the image read from a path beside the file."""
+    if "input_reference" in request:
+        raise RequestError(
+            "a JSONL line gives its image as `image` (a file path), not input_reference", "input_reference"
+        )
+    image = None
+    if not _is_blank(request.get("image")):
+        if not isinstance(request["image"], str):
+            raise RequestError(f"image must be a file path, got {request['image']!r}", "image")
+        image_path = Path(request["image"]).expanduser()
+        image = read_image_file(image_path if image_path.is_absolute() else base_dir / image_path)
+    params = resolve_params(request, info=info, defaults=defaults, limits=limits, image=image)
+    if "model" in request:
+        note = "ignored model: a batch runs the --model it was started with"
+        params = dataclasses.replace(params, warnings=(*params.warnings, note))
+    return params
+
+
+WARMUP_SHAPES = 2
+"""Two shapes warm a compiled block for every size (the second compiles it with a dynamic sequence)."""
+
+
+def first_shapes(
+    requests: Path, info: ModelInfo, defaults: Mapping[str, Any], limits: Limits, shard: Shard
+) -> tuple[tuple[int, int, int], ...]:
+    """The first distinct (width, height, frames) among this shard's valid lines, at most
+    `WARMUP_SHAPES` of them: what a compiled batch warms up with. Lines that do not validate are
+    passed over here (the run records them)."""
+    shapes: dict[tuple[int, int, int], None] = {}
+    base_dir = requests.resolve().parent
+    for entry in iter_entries(requests):
+        if len(shapes) == WARMUP_SHAPES:
+            break
+        if entry.error is not None or entry.request is None or not shard.owns(entry):
+            continue
+        try:
+            params = validate_line(entry.request, base_dir, info, defaults, limits)
+        except RequestError:
+            continue
+        shapes[(params.width, params.height, params.num_frames)] = None
+    return tuple(shapes)
+
+
 class BatchFront:
     """Rank 0's side of `batch`: exit 1 if a line failed or the run was interrupted, so Slurm and
     Kubernetes indexed Jobs never mark a preempted shard complete."""
@@ -643,8 +674,11 @@ class BatchFront:
     def start(self) -> None:
         pass
 
-    def ready(self, world_size: int) -> None:
+    def ready(self, world_size: int, warmup_s: float) -> None:
         pass
+
+    def on_signal(self, name: str) -> None:
+        self.source.request_stop(f"stopped by {name}")
 
     def stopped(self, lost: bool) -> None:
         self.source.close()

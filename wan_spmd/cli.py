@@ -22,7 +22,16 @@ import typer
 
 from wan_spmd.config import TINY_NOTE, ModelFolderError, ModelInfo, generation_defaults
 from wan_spmd.env import finish_process, setup_logging, torchrun_env
-from wan_spmd.launch import ParallelLayout, check_layout, resolve_layout, resolve_model
+from wan_spmd.launch import (
+    VAE_DTYPES,
+    ParallelLayout,
+    WarmupShape,
+    check_layout,
+    parse_warmup_shapes,
+    preset_warmup_shape,
+    resolve_layout,
+    resolve_model,
+)
 from wan_spmd.params import FIELDS, Limits, RequestError, read_image_file, resolve_params
 
 if TYPE_CHECKING:
@@ -84,6 +93,20 @@ StopGraceOpt = Annotated[
     float, typer.Option(help="Seconds after SIGTERM/SIGINT before a rank stuck in a collective ends itself.")
 ]
 LoadTimeoutOpt = Annotated[float, typer.Option(help="Seconds the ranks wait for each other to load.")]
+CompileOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile", help="Compile the experts' repeated blocks (default: on with CUDA, off on the CPU)."
+    ),
+]
+WarmupOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="WxHxF,... throwaway requests before ready (default with --compile: serve the preset's shape, "
+        "generate/batch their jobs' shapes; 'none' for none)."
+    ),
+]
+VaeDtypeOpt = Annotated[str, typer.Option(help="VAE precision for encode and decode: fp32 or bf16.")]
 
 
 def request_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -147,6 +170,7 @@ def _model(model: str, load_format: str = "auto", tp: int | None = None) -> tupl
 
 
 def _engine_options(
+    info: ModelInfo,
     layout: ParallelLayout,
     device: str,
     load_format: str,
@@ -154,8 +178,17 @@ def _engine_options(
     heartbeat_timeout: float,
     stop_grace: float,
     load_timeout: float,
+    compile: bool | None,
+    warmup_shapes: str | None,
+    vae_dtype: str,
+    auto_warmup: tuple[WarmupShape | None, ...] = (),
+    max_frames: int = Limits.max_frames,
 ) -> EngineOptions:
     from wan_spmd.engine import EngineOptions
+
+    if vae_dtype not in VAE_DTYPES:
+        raise ValueError(f"--vae-dtype must be one of {', '.join(VAE_DTYPES)}, got {vae_dtype!r}")
+    shapes = None if warmup_shapes is None else parse_warmup_shapes(warmup_shapes, info.spatial_multiple, max_frames)
 
     for flag, seconds in (
         ("--collective-timeout", collective_timeout),
@@ -173,6 +206,10 @@ def _engine_options(
         heartbeat_timeout_s=heartbeat_timeout,
         stop_grace_s=stop_grace,
         load_timeout_s=load_timeout,
+        compile=compile,
+        warmup_shapes=shapes,
+        auto_warmup_shapes=tuple(dict.fromkeys(shape for shape in auto_warmup if shape is not None)),
+        vae_dtype=vae_dtype,
     )
 
 
@@ -214,6 +251,9 @@ def generate(
     heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
     stop_grace: StopGraceOpt = 15.0,
     load_timeout: LoadTimeoutOpt = 1800.0,
+    compile: CompileOpt = None,
+    warmup_shapes: WarmupOpt = None,
+    vae_dtype: VaeDtypeOpt = "fp32",
 ) -> None:
     """Generate one video and write it as an mp4."""
     with user_errors():
@@ -230,7 +270,19 @@ def generate(
         if output.is_dir():
             raise ValueError(f"--output {output} is a folder; give a file name such as out.mp4")
         engine = _engine_options(
-            layout, device, load_format, collective_timeout, heartbeat_timeout, stop_grace, load_timeout
+            info,
+            layout,
+            device,
+            load_format,
+            collective_timeout,
+            heartbeat_timeout,
+            stop_grace,
+            load_timeout,
+            compile,
+            warmup_shapes,
+            vae_dtype,
+            auto_warmup=((params.width, params.height, params.num_frames),),
+            max_frames=max_frames,
         )
     from wan_spmd.generate import GenerateFront
     from wan_spmd.jobs import Job
@@ -278,6 +330,9 @@ def batch(
     heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
     stop_grace: StopGraceOpt = 15.0,
     load_timeout: LoadTimeoutOpt = 1800.0,
+    compile: CompileOpt = None,
+    warmup_shapes: WarmupOpt = None,
+    vae_dtype: VaeDtypeOpt = "fp32",
 ) -> None:
     """Generate a video per JSONL line; rerun to resume, shard over many runs. Exit 1 if any line
     failed or the run was interrupted (SIGTERM/SIGINT: the line in flight is recorded, the rerun does it)."""
@@ -288,8 +343,23 @@ def batch(
         info, layout = _model(model, load_format, tp)
         defaults = generation_defaults(info, config)
         limits = _limits(max_width, max_height, max_frames, max_steps, max_fps)
+        from wan_spmd.batch import first_shapes
+
         engine = _engine_options(
-            layout, device, load_format, collective_timeout, heartbeat_timeout, stop_grace, load_timeout
+            info,
+            layout,
+            device,
+            load_format,
+            collective_timeout,
+            heartbeat_timeout,
+            stop_grace,
+            load_timeout,
+            compile,
+            warmup_shapes,
+            vae_dtype,
+            # only when they would be used (compiled, no explicit shapes): it validates lines
+            auto_warmup=first_shapes(requests, info, defaults, limits, shard) if warmup_shapes is None else (),
+            max_frames=max_frames,
         )
     # rank 0 alone reads the file
     from wan_spmd.batch import BatchFront, BatchSource
@@ -336,6 +406,9 @@ def serve(
     heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
     stop_grace: StopGraceOpt = 15.0,
     load_timeout: LoadTimeoutOpt = 1800.0,
+    compile: CompileOpt = None,
+    warmup_shapes: WarmupOpt = None,
+    vae_dtype: VaeDtypeOpt = "fp32",
 ) -> None:
     """Serve the model over HTTP (rank 0 answers; every rank runs each job)."""
     rank, world_size, _ = torchrun_env()
@@ -353,13 +426,26 @@ def serve(
             raise ValueError(f"--uds {uds} exists and is not a socket; refusing to replace it")
         if output_dir.exists() and not output_dir.is_dir():
             raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
+        defaults = generation_defaults(info, config)
         engine = _engine_options(
-            layout, device, load_format, collective_timeout, heartbeat_timeout, stop_grace, load_timeout
+            info,
+            layout,
+            device,
+            load_format,
+            collective_timeout,
+            heartbeat_timeout,
+            stop_grace,
+            load_timeout,
+            compile,
+            warmup_shapes,
+            vae_dtype,
+            auto_warmup=(preset_warmup_shape(defaults),),
+            max_frames=max_frames,
         )
         limits = _limits(max_width, max_height, max_frames, max_steps, max_fps, max_upload_bytes)
         settings = ServerSettings(
             info=info,
-            defaults=generation_defaults(info, config),
+            defaults=defaults,
             served_model_name=served_model_name or model,
             limits=limits,
             api_key=api_key or None,

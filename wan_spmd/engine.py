@@ -1,7 +1,7 @@
 """One per-rank lifecycle for every command (generate, batch, serve).
 
-    join torchrun's job -> (rank 0) start the front -> load -> parallelize -> warm up
-    -> agree that every rank is ready -> SPMD loop -> teardown
+    join torchrun's job -> (rank 0) start the front -> load -> parallelize (and compile)
+    -> agree -> warm up -> agree that every rank is ready -> SPMD loop -> teardown
 
 with the same signal handling everywhere: SIGTERM/SIGINT stop the loop at the running job's next
 denoising step (the front says what that means for its answer and exit status), and a main thread
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
-from wan_spmd.launch import ParallelLayout
+from wan_spmd.launch import ParallelLayout, WarmupShape
 from wan_spmd.runtime import (
     ControlPlane,
     ControlPlaneLost,
@@ -56,6 +56,16 @@ class EngineOptions:
     """After SIGTERM/SIGINT, how long the loop may take to stop before the process ends itself."""
     load_timeout_s: float = 1800.0
     """How long ranks wait for each other to finish loading."""
+    compile: bool | None = None
+    """Compile the experts' blocks; None: on CUDA yes, on the CPU no (`compiling.resolve_compile`)."""
+    compile_backend: str = "inductor"
+    """`aot_eager` in CPU tests: traces the same graphs (a graph break still fails) without inductor."""
+    warmup_shapes: tuple[WarmupShape, ...] | None = None
+    """(width, height, frames) of the throwaway requests run before the ranks agree they are ready;
+    None: `auto_warmup_shapes` when the blocks are compiled, none otherwise."""
+    auto_warmup_shapes: tuple[WarmupShape, ...] = ()
+    """The command's own choice: serve the preset's shape, generate its job's, batch its file's first two."""
+    vae_dtype: str = "fp32"
 
     @property
     def heartbeat_s(self) -> float:
@@ -71,8 +81,12 @@ class Front(Protocol):
     def start(self) -> None:
         """Before loading (serve listens here, so /health says 503 while loading); ValueError to fail."""
 
-    def ready(self, world_size: int) -> None:
-        """Every rank has loaded and warmed up."""
+    def ready(self, world_size: int, warmup_s: float) -> None:
+        """Every rank has loaded and warmed up (in `warmup_s` seconds)."""
+
+    def on_signal(self, name: str) -> None:
+        """SIGTERM/SIGINT arrived (shutdown watch's thread): stop admitting; the source's
+        `request_stop` cancels the running job at its next step."""
 
     def stopped(self, lost: bool) -> None:
         """The loop ended (or never started): answer whatever still waits."""
@@ -102,9 +116,11 @@ class JobRunner:
     def __call__(
         self, job: Job, control: Callable[[int, int], bool], on_step: Callable[[int, int], None], output: Path | None
     ) -> JobReport:
+        from wan_spmd.compiling import compiled_graphs
         from wan_spmd.deliver import deliver
 
         fault, rank = self.fault, self.rank
+        graphs_before = compiled_graphs()
         if fault is not None:
             fault("start", job, rank)
             agreed = control
@@ -114,6 +130,10 @@ class JobRunner:
                 return agreed(step, total)
 
         state = self.pipe.generate_latents(job.params, control=control, on_step=on_step)
+        if new_graphs := compiled_graphs() - graphs_before:
+            # warm-up did not cover this shape (or the recompile limit was reached): say so
+            log.warning("job %s paid for compiling %d new graph(s) (%s)", job.id, new_graphs, job.params.size)
+            state.timer.ms["NewCompiledGraphs"] = float(new_graphs)
         chunks = self.pipe.timed_decode(state, self.decoder(self.pipe, state.latents))
         if output is None:  # not rank 0: take part in the decoder's collectives, keep nothing
             for _ in chunks:
@@ -128,7 +148,8 @@ class JobRunner:
 
 def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideoPipeline:
     """Load this rank's part of the model and parallelize it as the layout says."""
-    from wan_spmd.models import load_components
+    from wan_spmd.compiling import compile_blocks, resolve_compile
+    from wan_spmd.models import Dtypes, load_components
     from wan_spmd.parallel import build_mesh, parallelize, tp_submesh
     from wan_spmd.pipeline import WanVideoPipeline
     from wan_spmd.tiny import quiet_hub_logging
@@ -137,17 +158,64 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
     start = time.perf_counter()
     layout = options.layout
     mesh = build_mesh(layout, d.device)
-    components = load_components(info, d.device, mesh=tp_submesh(mesh, layout), load_format=options.load_format)
+    dtypes = Dtypes.for_device(d.device, vae=options.vae_dtype)
+    components = load_components(info, d.device, dtypes, mesh=tp_submesh(mesh, layout), load_format=options.load_format)
+    compiled = resolve_compile(options.compile, d.device)
     for expert in components.experts:
         parallelize(expert, mesh, layout)
+        if compiled:
+            compile_blocks(expert, options.compile_backend)
     log.info(
-        "loaded %s on %d rank(s) (%s) in %.1f s",
+        "loaded %s on %d rank(s) (%s%s) in %.1f s",
         info.path or info.config_name,
         d.world_size,
         layout.describe(),
+        ", blocks compiled" if compiled else "",
         time.perf_counter() - start,
     )
     return WanVideoPipeline(components, info, d.device)
+
+
+def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape, ...]) -> float:
+    """One throwaway request per shape on every rank (text encode, VAE encode, a step of each
+    expert with CFG, decode), so compiles, autotuning and allocator growth are paid before the
+    ranks agree they are ready. Returns the seconds it took."""
+    from wan_spmd.params import GenerationParams
+
+    start = time.perf_counter()
+    two_experts = len(pipe.c.experts) == 2
+    for width, height, frames in shapes:
+        params = GenerationParams(
+            prompt="warm-up",
+            negative_prompt="",
+            image=_gray_png(width, height) if pipe.info.family.takes_image else None,
+            width=width,
+            height=height,
+            num_frames=frames,
+            fps=16,
+            num_inference_steps=2,
+            guidance_scale=5.0,  # CFG on: both branches (and the cfg-parallel exchange) run
+            guidance_scale_2=5.0,
+            # flow_shift 1 puts the 2 timesteps at 999 and 500: one on each side of 750
+            boundary_ratio=0.75 if two_experts else None,
+            flow_shift=1.0,
+            seed=0,
+        )
+        state = pipe.generate_latents(params)
+        for _ in pipe.timed_decode(state, decoder(pipe, state.latents)):
+            pass
+        log.info("warmed up %dx%dx%d", width, height, frames)
+    return time.perf_counter() - start
+
+
+def _gray_png(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (128, 128, 128)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def agree_all_ok(d: Dist, ok: bool) -> bool:
@@ -183,6 +251,7 @@ class _Engine:
         self.signal_name: str | None = None
 
     def run(self, watch: ShutdownWatch) -> int:
+        from wan_spmd.compiling import resolve_compile
         from wan_spmd.parallel.vae import single_rank_decoder
 
         d, ok, lost = self.d, True, False
@@ -204,15 +273,32 @@ class _Engine:
                 except Exception:
                     log.exception("rank %d could not load the model", d.rank)
                     ok = False
-            # 3. Wait for every rank however long loading takes, agree that all are ready, then loop
+            # 3. Wait for every rank however long loading takes and agree that all loaded
             wait_for_all(d, self.options.load_timeout_s)
             if not agree_all_ok(d, ok):
                 if d.is_main:
-                    log.error("not every rank is ready; stopping")
+                    log.error("not every rank loaded the model; stopping")
                 return 1
+            # 4. Warm up together (compiles are paid here, not by the first request), agree, loop
+            decoder = single_rank_decoder(d.is_main)
+            warm_s = 0.0
+            shapes = self.options.warmup_shapes
+            if shapes is None:
+                shapes = self.options.auto_warmup_shapes if resolve_compile(self.options.compile, d.device) else ()
+            if shapes:
+                try:
+                    warm_s = warm_up(pipe, decoder, shapes)
+                except Exception:
+                    log.exception("rank %d could not warm up", d.rank)
+                    ok = False
+                wait_for_all(d, self.options.load_timeout_s)
+                if not agree_all_ok(d, ok):
+                    if d.is_main:
+                        log.error("not every rank warmed up; stopping")
+                    return 1
             if self.front is not None:
-                self.front.ready(d.world_size)
-            runner = JobRunner(pipe, single_rank_decoder(d.is_main), d.rank, self.fault)
+                self.front.ready(d.world_size, warm_s)
+            runner = JobRunner(pipe, decoder, d.rank, self.fault)
             source = self.front.source if self.front is not None else None
             jobs = spmd_loop(d, runner, source, self.options.heartbeat_s)
             return self.front.exit_code(jobs, self.signal_name) if self.front is not None else 0
@@ -234,7 +320,7 @@ class _Engine:
             log.warning("%s: waiting for rank 0 to stop the loop", name)
             return
         log.info("%s: stopping at the running job's next step", name)
-        self.front.source.request_stop(f"stopped by {name}")
+        self.front.on_signal(name)
 
     def on_expire(self, signal_name: str | None) -> None:
         """The main thread has not stopped within --stop-grace of a signal (or of a lost peer,

@@ -75,8 +75,11 @@ class GenerateFront:
     def start(self) -> None:
         pass
 
-    def ready(self, world_size: int) -> None:
+    def ready(self, world_size: int, warmup_s: float) -> None:
         pass
+
+    def on_signal(self, name: str) -> None:
+        self.source.request_stop(f"stopped by {name}")
 
     def stopped(self, lost: bool) -> None:
         if self.source._bar is not None:

@@ -107,3 +107,41 @@ def resolve_model(model: str, load_format: str = "auto") -> ModelInfo:
             folder = ensure_tiny(TINY_NAMES[model])
         return inspect_model_folder(folder)
     return inspect_model_folder(model)
+
+
+VAE_DTYPES = ("fp32", "bf16")
+WarmupShape = tuple[int, int, int]
+"""(width, height, num_frames) of one warm-up request."""
+
+
+def parse_warmup_shapes(text: str, spatial_multiple: int, max_frames: int = 161) -> tuple[WarmupShape, ...]:
+    """`--warmup-shapes 1280x720x81,832x480x81` -> shapes; `none` -> (). Each must be a size the
+    model can take (multiples of its spatial multiple, 4k+1 frames), else one line naming it."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
+            raise ValueError(f"--warmup-shapes: {item.strip()!r} is not WIDTHxHEIGHTxFRAMES (e.g. 832x480x81)")
+        width, height, frames = (int(p) for p in parts)
+        for name, value in (("width", width), ("height", height)):
+            if value < spatial_multiple or value % spatial_multiple or value > 4096:
+                raise ValueError(
+                    f"--warmup-shapes: {name} {value} in {item.strip()!r} is not a multiple of {spatial_multiple} "
+                    "within 4096"
+                )
+        if frames % 4 != 1 or not 1 <= frames <= max_frames:
+            raise ValueError(f"--warmup-shapes: {frames} frames in {item.strip()!r} is not 4k+1 within {max_frames}")
+        shapes.append((width, height, frames))
+    return tuple(dict.fromkeys(shapes))
+
+
+def preset_warmup_shape(defaults: dict[str, Any]) -> WarmupShape | None:
+    """The shape a request with only a prompt (and a landscape image) gets from the defaults."""
+    size = defaults.get("size") or defaults.get("max_area")
+    frames = defaults.get("num_frames")
+    if not size or not frames:
+        return None
+    width, _, height = str(size).lower().partition("x")
+    return int(width), int(height), int(frames)

@@ -195,14 +195,20 @@ class ServeFront:
         address = self.http.start()
         log.info("listening on %s (503 on /health until %d rank(s) have loaded)", address, self.settings.world_size)
 
-    def ready(self, world_size: int) -> None:
+    def ready(self, world_size: int, warmup_s: float) -> None:
         self.ctx.mark_ready()
         log.info(
-            "ready: %s on %d rank(s), writing videos to %s",
+            "ready: %s on %d rank(s)%s, writing videos to %s",
             self.settings.served_model_name,
             world_size,
+            f" after {warmup_s:.1f} s of warm-up" if warmup_s else "",
             self.options.output_dir,
         )
+
+    def on_signal(self, name: str) -> None:
+        """Answer the queue 503 at once; the running job stops at its next step with the same words."""
+        self.ctx.mark_stopping()
+        self.source.request_stop(f"the server is shutting down ({name})")
 
     def stopped(self, lost: bool) -> None:
         """Answer everything still waiting, stop HTTP (removing the socket)."""

@@ -13,6 +13,7 @@ Modes:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -86,6 +87,25 @@ def mode_attn(d, out: Path) -> None:
     if d.is_main:
         result = {"max_abs": (ref - got).abs().max().item(), "ref_std": ref.std().item()}
         (out / "attn.json").write_text(json.dumps(result))
+
+
+def mode_compile(d, out: Path) -> None:
+    """The engine's compiled blocks (aot_eager, fullgraph: a graph break raises) against eager, at
+    three sizes: the third must compile nothing new (the dynamic graph of the second serves it)."""
+    from wan_spmd.compiling import compiled_graphs
+
+    info = resolve_model("tiny")
+    options = EngineOptions(layout=resolve_layout(d.world_size), device="cpu")
+    eager = build_pipeline(d, info, options)
+    compiled = build_pipeline(d, info, dataclasses.replace(options, compile=True, compile_backend="aot_eager"))
+    result = {"max_abs": 0.0, "graphs": []}
+    for size in ("64x64", "48x32", "80x48"):
+        params = params_for(info, size=size, num_frames=5)
+        ref, got = eager(params).latents, compiled(params).latents
+        result["max_abs"] = max(result["max_abs"], (ref - got).abs().max().item())
+        result["graphs"].append(compiled_graphs())
+    if d.is_main:
+        (out / f"compile-{d.world_size}.json").write_text(json.dumps(result))
 
 
 def mode_dummy(d, out: Path) -> None:
@@ -170,9 +190,15 @@ if __name__ == "__main__":
     setup_logging(rank)
     d = init_dist("cpu", control_timeout_s=2.0 if mode == "slow_decode" else 60.0)
     try:
-        {"tp": mode_tp, "attn": mode_attn, "fault": mode_fault, "dummy": mode_dummy, "slow_decode": mode_slow_decode}[
-            mode
-        ](d, out)
+        modes = {
+            "tp": mode_tp,
+            "attn": mode_attn,
+            "fault": mode_fault,
+            "dummy": mode_dummy,
+            "slow_decode": mode_slow_decode,
+            "compile": mode_compile,
+        }
+        modes[mode](d, out)
     finally:
         shutdown(d)
     finish_process(0)

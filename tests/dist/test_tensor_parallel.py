@@ -121,3 +121,21 @@ def test_generate_under_torchrun_writes_the_same_video(cache_home, tiny_i2v, tmp
         frames[nproc] = [Image.open(p).tobytes() for p in sorted((tmp_path / f"f{nproc}").glob("*.png"))]
     diffs = [max(abs(a - b) for a, b in zip(x, y, strict=True)) for x, y in zip(frames[0], frames[2], strict=True)]
     assert len(frames[2]) == 9 and max(diffs) <= 1  # 8-bit rounding of a 1e-6 difference at most
+
+
+@pytest.mark.parametrize("nproc", [0, 2])
+def test_compiled_blocks_trace_whole_and_match_eager(cache_home, tiny_i2v, tmp_path, nproc):
+    """The experts' blocks compiled with fullgraph=True (aot_eager: the graphs inductor would get)
+    alone and under TP=2 with its sequence regions and collectives. If this fails, a graph break
+    would have stopped a GPU server at start-up, the compiled blocks compute something else, or a
+    third request size pays a compile (the dynamic-shape policy of wan_spmd.compiling broke)."""
+    if nproc:
+        proc = run_torchrun_script(SCRIPT, ["compile", str(tmp_path)], nproc=nproc, timeout=300)
+    else:
+        cmd = [sys.executable, str(SCRIPT), "compile", str(tmp_path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / f"compile-{nproc or 1}.json").read_text())
+    assert result["max_abs"] <= TOLERANCE
+    first, second, third = result["graphs"]
+    assert first >= 1 and second > first and third == second

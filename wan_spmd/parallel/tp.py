@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
@@ -60,27 +61,6 @@ SP_GATHER = ("attn1", "attn2", "ffn")
 SP_SCATTER = ("attn1.to_out.0", "attn2.to_out.0", "ffn.net.2")
 
 
-def _maybe_compile(fn):
-    """Fuse small element-wise chains on GPUs (one pass instead of five); eager on the CPU, where
-    CI has no time for compilation."""
-    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
-
-    def run(*args):
-        return compiled(*args) if args[0].is_cuda else fn(*args)
-
-    return run
-
-
-@_maybe_compile
-def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
-    return x.float().pow(2).sum(dim=-1, keepdim=True)  # (B, S, 1)
-
-
-@_maybe_compile
-def _rms_scale(x: torch.Tensor, sum_sq: torch.Tensor, weight: torch.Tensor, inv_dim: float, eps: float):
-    return (x.float() * torch.rsqrt(sum_sq * inv_dim + eps)).to(x.dtype) * weight
-
-
 class AcrossHeadsRMSNorm(nn.Module):
     """RMSNorm over the full inner dimension when each rank holds only `1/tp` of it.
 
@@ -99,10 +79,11 @@ class AcrossHeadsRMSNorm(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, S, local_dim); statistics in fp32, as torch's RMSNorm computes them
-        sum_sq = _sum_of_squares(x)
-        dist.all_reduce(sum_sq, group=self.group)
-        return _rms_scale(x, sum_sq, self.weight, self.inv_dim, self.eps)
+        # x: (B, S, local_dim); statistics in fp32, as torch's RMSNorm computes them. Functional
+        # collectives, so a compiled block traces through them (fused into its neighbours)
+        sum_sq = x.float().pow(2).sum(dim=-1, keepdim=True)  # (B, S, 1)
+        sum_sq = funcol.all_reduce(sum_sq, "sum", self.group)
+        return (x.float() * torch.rsqrt(sum_sq * self.inv_dim + self.eps)).to(x.dtype) * self.weight
 
 
 @dataclass
@@ -122,19 +103,14 @@ class SequenceRegions:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S/tp, D) on each rank -> (B, S, D) everywhere."""
         local = x.transpose(0, 1).contiguous()  # (S/tp, B, D): a free view for B == 1
-        out = local.new_empty((self.tp_size * local.shape[0], *local.shape[1:]))
-        dist.all_gather_into_tensor(out, local, group=self.group)
-        return out.transpose(0, 1)
+        return funcol.all_gather_tensor(local, 0, self.group).transpose(0, 1)
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Partial sums (B, S, D) -> summed (B, S/tp, D) shard, or all of it when SP is off."""
         if not self.enabled:
-            dist.all_reduce(partial, group=self.group)
-            return partial
+            return funcol.all_reduce(partial, "sum", self.group)
         full = partial.transpose(0, 1).contiguous()  # (S, B, D)
-        out = full.new_empty((full.shape[0] // self.tp_size, *full.shape[1:]))
-        dist.reduce_scatter_tensor(out, full, group=self.group)
-        return out.transpose(0, 1)
+        return funcol.reduce_scatter_tensor(full, "sum", 0, self.group).transpose(0, 1)
 
 
 def _enter_blocks(shards: SequenceRegions, module, args, kwargs):
