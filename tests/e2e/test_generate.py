@@ -82,6 +82,11 @@ BAD = {
     "i2v without image": (["--image", ""], "send an input image"),
     "not a wan folder": (["--model", "configs"], "model_index.json is missing"),
     "unknown option": (["--colour", "red"], "No such option"),
+    "warm-up shape not WxHxF": (["--warmup-shapes", "832x480"], "is not WIDTHxHEIGHTxFRAMES"),
+    "warm-up frames not 4k+1": (["--warmup-shapes", "64x64x9,64x64x8"], "8 frames in '64x64x8' is not 4k+1"),
+    "warm-up size not a multiple": (["--warmup-shapes", "60x64x9"], "width 60 in '60x64x9' is not a multiple of 16"),
+    "bad vae dtype": (["--vae-dtype", "fp16"], "--vae-dtype must be one of fp32, bf16"),
+    "tp not the world": (["--tp", "2"], "cfg=1 x ulysses=1 x tp=2 = 2 ranks, but the world size is 1"),
 }
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from wan_spmd.config import REAL_MODELS
-from wan_spmd.launch import ParallelLayout, check_layout, resolve_layout
+from wan_spmd.launch import ParallelLayout, check_layout, parse_warmup_shapes, preset_warmup_shape, resolve_layout
 
 A14B = REAL_MODELS["wan2.2-i2v-a14b"].transformer_config
 
@@ -41,3 +43,23 @@ def test_heads_and_ffn_must_split():
         check_layout(ParallelLayout(tp=5), {**A14B, "num_attention_heads": 40 * 5})
     with pytest.raises(ValueError, match=r"5 attention heads per tp rank \(40 over tp=8\) do not split over ulysses=2"):
         check_layout(ParallelLayout(tp=8, ulysses=2), A14B)
+
+
+def test_warmup_shapes_parse_and_refuse_with_the_numbers():
+    """--warmup-shapes: what a server warms before /health says ready; bad items named, deduplicated."""
+    assert parse_warmup_shapes("1280x720x81, 832x480x81,1280x720x81", 16) == ((1280, 720, 81), (832, 480, 81))
+    assert parse_warmup_shapes("none", 16) == ()
+    for text, message in (
+        ("1280x720", "is not WIDTHxHEIGHTxFRAMES"),
+        ("²x720x81", "is not WIDTHxHEIGHTxFRAMES"),
+        ("1280x704x80", "80 frames in '1280x704x80' is not 4k+1 within 161"),
+        ("1280x720x81", "height 720 in '1280x720x81' is not a multiple of 32"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_warmup_shapes(text, 32)
+
+
+def test_preset_shape_is_what_a_bare_request_gets():
+    assert preset_warmup_shape({"max_area": "1280x720", "num_frames": 81}) == (1280, 720, 81)
+    assert preset_warmup_shape({"size": "832x480", "num_frames": 81}) == (832, 480, 81)
+    assert preset_warmup_shape({}) is None
