@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The TP benchmark in one device call on a 2-GPU machine: TP=1 on one GPU, then TP=2 with and
-# without sequence-parallel regions, then the relative L2 of each against TP=1.
+# The TP benchmark in one device call on a 2-GPU machine: TP=1 on one GPU, then TP=2 (with its
+# sequence regions), eager and compiled, then the relative L2 of each against TP=1.
 # Usage (on the device, from the repo root, wheels unpacked on PYTHONPATH): benchmarks/run_tp_bench.sh OUTDIR
 set -euo pipefail
 out=${1:-/tmp/tp_bench}
@@ -13,5 +13,5 @@ run() {
 }
 CUDA_VISIBLE_DEVICES=0 run 1 --variant tp1
 run 2 --variant tp2-sp --vae
-run 2 --variant tp2-plain --no-sp --sizes 720p
-python3 benchmarks/tp_bench.py --compare "$out" tp1 tp2-sp tp2-plain
+run 2 --variant tp2-compiled --compile --sizes 720p
+python3 benchmarks/tp_bench.py --compare "$out" tp1 tp2-sp tp2-compiled

@@ -1,10 +1,13 @@
 """A client that measures e2e against the server's PipelineWall (DESIGN.md's timing words).
 
   python benchmarks/serve_client.py URL --size 832x480 --num-frames 81 --steps 4 [--repeats 2]
+      [--endpoint sync|json] [--label NAME]
 
 Posts a multipart request with an input image (as vllm-omni's clients do), times from the first
 byte sent to the last byte of the answer, and prints one JSON line per request: e2e, the server's
-stage timings, and overhead = e2e - PipelineWall.
+stage timings (the JSON body's `timings`, or the raw endpoint's Server-Timing header), overhead =
+e2e - PipelineWall, and transfer = e2e - ServerTotal (the answer's bytes on the wire, the client's
+own parsing). The prompt's negative prompt is the model's default: Wan's official one.
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ def image_bytes(width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
+def server_timing(header: str) -> dict[str, float]:
+    """`Name;dur=12.3, ...` -> {Name: 12.3}."""
+    out = {}
+    for item in header.split(","):
+        name, _, dur = item.strip().partition(";dur=")
+        if dur:
+            out[name] = float(dur)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("url")
@@ -31,6 +44,8 @@ def main() -> None:
     parser.add_argument("--num-frames", type=int, default=81)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--endpoint", choices=("sync", "json"), default="json")
+    parser.add_argument("--label", default="")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     files = {"input_reference": ("in.png", image_bytes(width, height), "image/png")}
@@ -43,27 +58,41 @@ def main() -> None:
         "guidance_scale_2": "3.5",
         "seed": "1",
     }
+    path = "/v1/videos/sync" if args.endpoint == "sync" else "/v1/videos"
     with httpx.Client(timeout=1800) as client:
-        for _ in range(args.repeats):
+        for i in range(args.repeats):
             start = time.perf_counter()
-            response = client.post(f"{args.url}/v1/videos", data=form, files=files)
+            response = client.post(f"{args.url}{path}", data=form, files=files)
+            body = response.content  # the last byte is here
             e2e_ms = (time.perf_counter() - start) * 1000.0
             response.raise_for_status()
-            answer = response.json()
-            timings = answer["timings"]
+            if args.endpoint == "json":
+                answer = json.loads(body)
+                timings = answer["timings"]
+                mp4_bytes = len(answer["data"][0]["b64_json"]) * 3 // 4
+            else:
+                timings = server_timing(response.headers["server-timing"])
+                mp4_bytes = len(body)
             print(
                 json.dumps(
                     {
-                        "size": answer["size"],
-                        "num_frames": answer["num_frames"],
+                        "label": args.label,
+                        "request": i + 1,
+                        "endpoint": path,
+                        "size": args.size,
+                        "num_frames": args.num_frames,
                         "steps": args.steps,
                         "e2e_ms": round(e2e_ms, 1),
                         "pipeline_wall_ms": round(timings["PipelineWall"], 1),
+                        "e2e_over_wall": round(e2e_ms / timings["PipelineWall"], 4),
                         "overhead_ms": round(e2e_ms - timings["PipelineWall"], 1),
-                        "mp4_bytes": len(answer["data"][0]["b64_json"]) * 3 // 4,
+                        "transfer_ms": round(e2e_ms - timings["ServerTotal"], 1),
+                        "answer_bytes": len(body),
+                        "mp4_bytes": mp4_bytes,
                         "timings_ms": {k: round(v, 1) for k, v in timings.items()},
                     }
-                )
+                ),
+                flush=True,
             )
 
 

@@ -1,7 +1,7 @@
 """Tensor-parallel benchmark on GPUs: dummy weights, the real Wan2.2-I2V-A14B configuration.
 
 Run once per variant under torchrun (see benchmarks/run_tp_bench.sh):
-  torchrun --nproc-per-node N benchmarks/tp_bench.py --variant NAME [--no-sp] --out DIR
+  torchrun --nproc-per-node N benchmarks/tp_bench.py --variant NAME [--compile] --out DIR
 
 Each run loads both experts, the text encoder and the VAE with `--load-format dummy`, then times
 on rank 0 (all ranks synchronised): one transformer forward and one CFG step (two forwards and a
@@ -45,13 +45,15 @@ def timed(fn, d, repeats: int) -> list[float]:
 
 def main() -> None:
     from wan_spmd.config import REAL_MODELS
+    from wan_spmd.engine import EngineOptions, build_pipeline
     from wan_spmd.env import setup_logging, torchrun_env
+    from wan_spmd.launch import resolve_layout
     from wan_spmd.params import GenerationParams
-    from wan_spmd.runtime import init_dist, load_pipeline, shutdown
+    from wan_spmd.runtime import init_dist, shutdown
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--variant", required=True)
-    parser.add_argument("--no-sp", action="store_true", help="plain TP: all-reduce, no sequence-parallel regions")
+    parser.add_argument("--compile", action="store_true", help="compile the experts' blocks, as serve does on CUDA")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sizes", default="720p,480p")
@@ -61,14 +63,16 @@ def main() -> None:
     setup_logging(rank)
     d = init_dist("cuda")
     info = REAL_MODELS["wan2.2-i2v-a14b"]
-    pipe = load_pipeline(d, info, load_format="dummy", sequence_parallel=not args.no_sp)
+    options = EngineOptions(layout=resolve_layout(d.world_size), load_format="dummy", compile=args.compile)
+    pipe = build_pipeline(d, info, options)
     torch.cuda.synchronize()
     if d.world_size > 1:
         dist.barrier()
     result: dict = {
         "variant": args.variant,
         "world_size": d.world_size,
-        "sequence_parallel": d.world_size > 1 and not args.no_sp,
+        "sequence_regions": d.world_size > 1,
+        "compiled": args.compile,
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "launch_to_ready_s": time.time() - LAUNCH_T0,
