@@ -113,3 +113,20 @@ def test_only_parallel_and_runtime_call_torch_distributed():
                             continue
                     offenders.append(f"{name}: {ast.unparse(node)}")
     assert offenders == []
+
+
+def test_fronts_write_no_video():
+    """Issue 11: one delivery path. If this fails, a front (generate, batch, serve glue, HTTP app)
+    encodes video itself again, beside the engine's verified, streamed writer."""
+    writers = {"write_mp4", "Mp4Writer", "imageio_ffmpeg", "deliver"}
+    fronts = [PACKAGE / "generate.py", PACKAGE / "batch.py", PACKAGE / "serve.py", *(PACKAGE / "server").glob("*.py")]
+    found = []
+    for path in fronts:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(a.name for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[-1] in writers]
+    assert found == []
