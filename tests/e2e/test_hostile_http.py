@@ -544,8 +544,9 @@ def test_unexpected_exception_is_json_500_and_keeps_the_connection(server):
     """A request that makes the server fail unexpectedly (here a 401-digit guidance_scale, which
     float() overflows on) gets a JSON 500 in the error shape, naming a reference and no path; the
     traceback is logged once; the same keep-alive connection then serves the next request. A JSON
-    body nested 100,000 deep is a plain 400. If this fails, clients get text/plain 500s and reset
-    connections, and operators get no way to match an answer to its traceback."""
+    body nested 100,000 deep is a plain 400, and so are bytes that are not HTTP. If this fails,
+    clients get text/plain errors and reset connections, and operators cannot match an answer to
+    its traceback."""
     tracebacks_before = server.log_text().count("Traceback")
     sock = _connect(server)
     host = f"127.0.0.1:{_port(server)}"
@@ -561,6 +562,11 @@ def test_unexpected_exception_is_json_500_and_keeps_the_connection(server):
     assert status == 400 and _error(status, headers, body)["param"] == "body"
     sock.sendall(_request("GET", "/health", host))
     assert _read_answer(sock)[0] == 200  # the same connection
+    sock.close()
+    sock = _connect(server)
+    sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")  # even uvicorn's own 400 has the error shape
+    status, headers, body = _read_answer(sock)
+    assert status == 400 and _error(status, headers, body)
     sock.close()
     log = server.log_text()
     assert log.count("Traceback") == tracebacks_before + 1 and log.count(ref) == 1

@@ -113,8 +113,17 @@ class GuardedH11Protocol(H11Protocol):
         if self.dropped:
             return
         self._phase_bytes += len(data)
-        super().data_received(data)
+        try:
+            super().data_received(data)
+        except h11.LocalProtocolError:  # bad framing after our answer went out: uvicorn cannot say 400
+            self.transport.close()
+            return
         self._follow_client()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP, in the API's JSON error shape."""
+        self.transport.write(raw_error(400, "what was received is not a valid HTTP/1.1 request"))
+        self.transport.close()
 
     def on_response_complete(self) -> None:
         if self.conn.their_state is h11.SEND_BODY:  # answered before the whole body came
@@ -184,7 +193,7 @@ def raw_error(status: int, message: str) -> bytes:
     """A complete HTTP/1.1 error answer in the API's JSON shape, for the transport's own answers
     (no request was parsed, so there is no app to answer)."""
     body = json.dumps(error_body(status, message)).encode()
-    reason = {408: "Request Timeout", 503: "Service Unavailable"}.get(status, "Error")
+    reason = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}.get(status, "Error")
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
         "connection: close\r\n\r\n"
@@ -389,8 +398,9 @@ class HttpThread:
             port=port,
             uds=uds,
             http="h11",
+            ws="none",  # no upgrades: a connection stays this protocol's, so the guard's count holds
             lifespan="off",
-            log_level="warning",
+            log_level="error",  # not a warning line per malformed request: any client could fill the log
             access_log=False,
             timeout_keep_alive=KEEP_ALIVE_S,
             timeout_graceful_shutdown=5,
