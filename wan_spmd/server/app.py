@@ -81,6 +81,8 @@ class Front:
         # Origin; a DNS-rebinding page reaches us under its own host name (Host). Unix sockets are
         # out of a browser's reach, so only TCP has a Host to check.
         server = scope.get("server")
+        if server is not None and server[1] is None:  # uvicorn's (path, None) for a Unix socket
+            server = None
         host = headers.get(b"host")
         if host is not None and server is not None and not is_own_host(host.decode("latin-1"), server):
             return ApiError(
