@@ -214,7 +214,7 @@ def _multipart(parts: int, part_mib: int) -> Iterator[bytes]:
 def _urlencoded(fields: int) -> Iterator[bytes]:
     yield b"prompt=cat"
     for i in range(fields):
-        yield f"&field{i}=".encode() + b"a" * (1024 * 1024)
+        yield f"&field{i}=".encode() + b"a" * (1024 * 1024 - 64)  # under Starlette's 1 MiB per field
 
 
 CHUNKED_BODIES = {  # name: (Content-Type, body chunks, bytes in all)
@@ -251,10 +251,10 @@ def test_chunked_bodies_stop_at_the_byte_budget(server, case):
         pass  # closed on us after the answer: it is read below
     status, headers, body = _read_answer(sock)
     sock.close()
+    assert temp_peak <= BUDGET, f"rank 0 spooled {temp_peak} temp bytes"
+    assert sent <= BUDGET + (16 << 20) < total, f"sent {sent} bytes before the answer (budget {BUDGET})"
     assert status == 413, body[:300]
     assert _error(status, headers, body)["param"] in ("input_reference", "body")
-    assert sent <= BUDGET + (16 << 20) < total, f"sent {sent} bytes before the 413 (budget {BUDGET})"
-    assert temp_peak <= BUDGET, f"rank 0 spooled {temp_peak} temp bytes"
     _serves(server)
 
 
@@ -314,7 +314,8 @@ def test_idle_and_slow_connections_are_bounded_and_closed(server):
         reason: _metric(server.client, "wan_spmd_connections_closed_total", reason=reason) - before
         for reason, before in closed_before.items()
     }
-    assert closed["evicted"] >= 100 - MAX_CONNECTIONS and closed["header_timeout"] >= 1, closed
+    # each idle one was evicted to make room or timed out (which, depends on how fast they were accepted)
+    assert closed["evicted"] >= 1 and closed["evicted"] + closed["header_timeout"] >= 100, closed
     assert closed["body_timeout"] == 1, closed
     new_lines = _log_lines(server)[lines_before:]
     assert len(new_lines) < 20 and not any("Traceback" in line for line in new_lines), new_lines[:40]
