@@ -30,7 +30,8 @@ class Front:
     """Pure ASGI middleware around the whole app: stamps each request's arrival time, lets in only
     what may come in (the API key; without one, only this server's own Host and Origin), and turns
     any unexpected exception into the JSON 500 every other error has, logged once with its traceback.
-    Catching here, outside Starlette's error middleware, keeps the keep-alive connection open."""
+    Caught here, it never reaches Starlette's error middleware (text/plain, then re-raised, so uvicorn
+    logs it again and drops the keep-alive connection)."""
 
     def __init__(self, app: ASGIApp, ctx: ServerContext) -> None:
         self.app = app

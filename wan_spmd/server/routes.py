@@ -136,8 +136,8 @@ async def _answer_or_disconnect(request: Request, pending: PendingVideo) -> Vide
         gone.cancel()
     if answer.done():
         return answer.result()
+    _ctx(request).queue.withdraw(pending)  # cancelled first, so the loop cannot start it meanwhile
     answer.cancel()  # the loop's later answer then goes nowhere (PendingVideo.resolve allows that)
-    _ctx(request).queue.withdraw(pending)
     raise ApiError(499, f"the client closed the connection; video {pending.id} was cancelled")
 
 
