@@ -33,6 +33,7 @@ from wan_spmd.launch import (
     resolve_model,
 )
 from wan_spmd.params import FIELDS, Limits, RequestError, read_image_file, resolve_params
+from wan_spmd.server.options import HttpOptions
 
 if TYPE_CHECKING:
     from wan_spmd.engine import EngineOptions
@@ -389,7 +390,13 @@ def serve(
     output_dir: Annotated[Path, typer.Option(help="Every finished video is also kept here.")] = Path("outputs"),
     api_key: Annotated[
         str | None,
-        typer.Option(envvar="WAN_SPMD_API_KEY", help="Require Authorization: Bearer KEY (all but /health)."),
+        typer.Option(
+            envvar="WAN_SPMD_API_KEY",
+            help="Require Authorization: Bearer KEY (all but /health). Visible in ps: prefer --api-key-file.",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="Read the API key from this file (its first line), out of sight of ps.")
     ] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Name in /v1/models (default: --model).")] = None,
     load_format: LoadFormatOpt = "auto",
@@ -409,21 +416,33 @@ def serve(
     compile: CompileOpt = None,
     warmup_shapes: WarmupOpt = None,
     vae_dtype: VaeDtypeOpt = "fp32",
+    max_connections: Annotated[
+        int, typer.Option(help="HTTP connections held at once; when full, the one idle longest is closed.")
+    ] = HttpOptions.max_connections,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a connection may take to send a request's headers (then 408, closed).")
+    ] = HttpOptions.header_timeout_s,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may take to send its body after its headers (then 408, closed).")
+    ] = HttpOptions.body_timeout_s,
+    uds_mode: Annotated[
+        str, typer.Option(help="Octal permissions of the --uds socket file, e.g. 660 to let a group connect.")
+    ] = "600",
 ) -> None:
     """Serve the model over HTTP (rank 0 answers; every rank runs each job)."""
     rank, world_size, _ = torchrun_env()
     with user_errors():
         from wan_spmd.server.app import ServerSettings
 
+        api_key = _api_key(api_key, api_key_file)
+        http = _http_options(max_connections, header_timeout, body_timeout, uds_mode)
+        if uds is not None:
+            _check_uds_free(Path(uds).expanduser())
         info, layout = _model(model, load_format, tp)
         if max_queue < 1:
             raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
         if uds is None and not 0 <= port <= 65535:
             raise ValueError(f"--port must be within 0..65535, got {port}")
-        if uds is not None and not Path(uds).expanduser().parent.is_dir():
-            raise ValueError(f"--uds {uds}: folder {Path(uds).expanduser().parent} does not exist")
-        if uds is not None and Path(uds).expanduser().exists() and not Path(uds).expanduser().is_socket():
-            raise ValueError(f"--uds {uds} exists and is not a socket; refusing to replace it")
         if output_dir.exists() and not output_dir.is_dir():
             raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
         defaults = generation_defaults(info, config)
@@ -448,7 +467,7 @@ def serve(
             defaults=defaults,
             served_model_name=served_model_name or model,
             limits=limits,
-            api_key=api_key or None,
+            api_key=api_key,
             world_size=world_size,
         )
         # torch loads only once the arguments are known to be good
@@ -460,6 +479,7 @@ def serve(
             uds=str(Path(uds).expanduser()) if uds else None,
             max_queue=max_queue,
             output_dir=output_dir,
+            http=http,
         )
     _note_tiny(model)
     with user_errors():
@@ -467,6 +487,60 @@ def serve(
     # main() ends the rank with finish_process, skipping interpreter finalisation under torchrun
     if code:
         raise CliExit("", code=code)
+
+
+def _api_key(flag: str | None, key_file: Path | None) -> str | None:
+    """The one API key from --api-key, WAN_SPMD_API_KEY or --api-key-file; an empty one is refused,
+    never read as "no key" (that would serve everyone)."""
+    if flag is None and os.environ.get("WAN_SPMD_API_KEY") is not None:  # click reads an empty variable as unset
+        flag = os.environ["WAN_SPMD_API_KEY"]
+    if key_file is not None:
+        if flag is not None:
+            raise ValueError("give the API key once: --api-key (or WAN_SPMD_API_KEY) or --api-key-file")
+        try:
+            lines = key_file.expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or exc
+            raise ValueError(f"--api-key-file {key_file}: cannot read it ({reason})") from None
+        key, where = (lines[0] if lines else "").strip(), f"--api-key-file {key_file}"
+    elif flag is not None:
+        key, where = flag.strip(), "--api-key / WAN_SPMD_API_KEY"
+    else:
+        return None
+    if not key:
+        raise ValueError(f"{where} gives an empty API key; give a real key, or none to serve without one")
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise ValueError(f"{where}: the API key must be one word of printable characters (no spaces)")
+    return key
+
+
+def _http_options(max_connections: int, header_timeout: float, body_timeout: float, uds_mode: str) -> HttpOptions:
+    if max_connections < 1:
+        raise ValueError(f"--max-connections must be >= 1, got {max_connections}")
+    for flag, seconds in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout)):
+        if not seconds > 0:
+            raise ValueError(f"{flag} must be > 0 seconds, got {seconds}")
+    try:
+        mode = int(uds_mode, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777 or not mode & 0o600 == 0o600:
+        raise ValueError(
+            f"--uds-mode must be octal permissions that let the owner read and write (e.g. 600), got {uds_mode}"
+        )
+    return HttpOptions(max_connections, header_timeout, body_timeout, uds_mode=mode)
+
+
+def _check_uds_free(path: Path) -> None:
+    """Refuse a --uds path that is not a socket, or a socket another server answers on."""
+    from wan_spmd.server.http import socket_in_use
+
+    if not path.parent.is_dir():
+        raise ValueError(f"--uds {path}: folder {path.parent} does not exist")
+    if path.is_symlink() or (path.exists() and not path.is_socket()):
+        raise ValueError(f"--uds {path} exists and is not a socket; refusing to replace it")
+    if path.exists() and (live := socket_in_use(str(path))):
+        raise ValueError(f"--uds {path}: {live}; refusing to take it over")
 
 
 @app.command("make-tiny")

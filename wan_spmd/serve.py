@@ -17,9 +17,6 @@ after the last answers are sent.
 from __future__ import annotations
 
 import logging
-import os
-import stat
-import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wan_spmd.jobs import Job, Outcome, StopLoop
+from wan_spmd.server.http import HttpThread
+from wan_spmd.server.options import HttpOptions
 from wan_spmd.server.queue import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
 
 if TYPE_CHECKING:
-    from fastapi import FastAPI
-
     from wan_spmd.engine import EngineOptions
     from wan_spmd.server.app import ServerSettings
 
@@ -116,57 +113,6 @@ class QueueJobSource:
         self._running.clear()
 
 
-class HttpThread:
-    """uvicorn in a daemon thread of rank 0 (uvicorn leaves signals to the main thread there)."""
-
-    def __init__(self, app: FastAPI, host: str, port: int, uds: str | None) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(
-            app, host=host, port=port, uds=uds, log_level="warning", access_log=False, timeout_graceful_shutdown=5
-        )
-        self.server = uvicorn.Server(config)
-        self.uds = uds
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="http", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.server.run()
-        except BaseException as exc:  # uvicorn exits through SystemExit when it cannot bind
-            self.error = exc
-
-    def start(self, timeout: float = 30.0) -> str:
-        """Start serving; the address it listens on, or ValueError saying why it could not."""
-        if self.uds and os.path.lexists(self.uds):
-            if not stat.S_ISSOCK(os.lstat(self.uds).st_mode):
-                raise ValueError(f"--uds {self.uds} exists and is not a socket; refusing to replace it")
-            os.unlink(self.uds)  # a stale socket from an earlier run would make bind fail
-        self.thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                where = self.uds or f"{self.server.config.host}:{self.server.config.port}"
-                raise ValueError(f"the HTTP server could not listen on {where} (in use? see the log above)")
-            time.sleep(0.02)
-        if self.uds:
-            return f"unix:{self.uds}"
-        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
-        return f"http://{host}:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        if self.thread.is_alive():
-            self.thread.join(timeout=10)
-        self.remove_socket()
-
-    def remove_socket(self) -> None:
-        """Remove the socket we bound (never a file that was there when we could not bind)."""
-        if self.uds and self.server.started and os.path.lexists(self.uds):
-            if stat.S_ISSOCK(os.lstat(self.uds).st_mode):
-                os.unlink(self.uds)
-
-
 @dataclass(frozen=True)
 class ServeOptions:
     """The serve command's transport options (the request limits live in ServerSettings)."""
@@ -176,6 +122,8 @@ class ServeOptions:
     uds: str | None = None
     max_queue: int = 16
     output_dir: Path = Path("outputs")
+    http: HttpOptions = HttpOptions()
+    """Connection limit, read deadlines and the Unix socket's mode."""
 
 
 class ServeFront:
@@ -188,7 +136,7 @@ class ServeFront:
         self.options = options
         self.ctx = ServerContext(settings, JobQueue(options.max_queue))
         self.source = QueueJobSource(self.ctx.queue, options.output_dir)
-        self.http = HttpThread(create_app(self.ctx), options.host, options.port, options.uds)
+        self.http = HttpThread(create_app(self.ctx), options.host, options.port, options.uds, options.http)
 
     def start(self) -> None:
         """Listen at once, so /health answers 503 while the model loads."""

@@ -33,6 +33,8 @@ TORCH_FREE = (
     "wan_spmd.server.queue",
     "wan_spmd.server.errors",
     "wan_spmd.server.metrics",
+    "wan_spmd.server.http",
+    "wan_spmd.server.options",
 )
 
 

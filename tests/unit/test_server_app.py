@@ -137,3 +137,31 @@ def test_running_counts_taken_requests_until_answered():
     first.resolve(error=Unavailable("done"))
     second.resolve(error=Unavailable("done"))
     assert queue.running == 0
+
+
+@pytest.mark.parametrize(
+    "server, host, origin, refused",
+    [
+        (("127.0.0.1", 8000), b"127.0.0.1:8000", None, None),
+        (("127.0.0.1", 8000), b"localhost:8000", b"http://localhost:8000", None),
+        (("::1", 8000), b"[::1]:8000", None, None),
+        (("::ffff:10.0.0.5", 80), b"10.0.0.5", None, None),  # a dual-stack socket, the default port
+        (("10.0.0.5", 8000), b"localhost:8000", None, "Host"),  # localhost is not this address
+        (("127.0.0.1", 8000), b"evil.example:8000", None, "Host"),  # DNS rebinding
+        (("127.0.0.1", 8000), b"127.0.0.1:8001", None, "Host"),
+        (("127.0.0.1", 8000), b"127.0.0.1:8000", b"http://evil.example", "Origin"),
+        (("127.0.0.1", 8000), b"127.0.0.1:8000", b"null", "Origin"),
+        (("/run/wan.sock", None), b"anything", None, None),  # a Unix socket: no browser reaches it
+        (("/run/wan.sock", None), b"anything", b"http://evil.example", "Origin"),
+    ],
+)
+def test_without_key_only_own_host_and_origin_come_in(ctx, server, host, origin, refused):
+    """Without --api-key the Host must name the address the client reached and an Origin must be
+    that address too; a Unix socket has no Host to check. If this fails, web pages can drive a
+    keyless server (cross-site forms, DNS rebinding), or its own clients are refused."""
+    from wan_spmd.server.app import Front
+
+    headers = [(b"host", host)] + ([(b"origin", origin)] if origin else [])
+    error = Front(None, ctx).refusal({"type": "http", "path": "/v1/videos", "headers": headers, "server": server})
+    assert (error.param if error else None) == refused
+    assert error is None or error.status == 403

@@ -27,7 +27,8 @@ class ServerSettings:
     """The name /v1/models lists; a request naming another model gets 404."""
     limits: Limits = Limits()
     api_key: str | None = None
-    """When set, every endpoint but /health needs `Authorization: Bearer KEY`."""
+    """When set, every endpoint but /health needs `Authorization: Bearer KEY`; when not, requests must
+    be addressed to the server's own address (Host) and come from no other web origin (Origin)."""
     world_size: int = 1
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from fastapi.responses import JSONResponse
 
 # status -> (OpenAI-style type, the metrics outcome)
 KINDS = {
     400: ("invalid_request_error", "invalid"),
     401: ("authentication_error", "unauthorized"),
+    403: ("permission_error", "forbidden"),
     404: ("not_found_error", "unknown_model"),
+    408: ("request_timeout", "timeout"),
     413: ("request_too_large", "too_large"),
     415: ("unsupported_media_type", "unsupported_media_type"),
     429: ("rate_limit_error", "queue_full"),
@@ -16,6 +21,21 @@ KINDS = {
     500: ("server_error", "failed"),
     503: ("service_unavailable", "unavailable"),
 }
+
+# An absolute path inside a message (`'/srv/out/x.mp4'`, `/models/wan: ...`), but not a URL's
+# slashes or a ratio like 1/2: what comes right before the slash must not be a word, ':' or '/'.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[^\s'\"`,;:()\[\]{}<>]+")
+
+
+def scrub_paths(text: str) -> str:
+    """`text` with absolute paths replaced by <path>: answers never reveal the server's folders."""
+    return _ABSOLUTE_PATH.sub("<path>", text)
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """The JSON of an error answer (also written raw by the transport, which has no app to ask)."""
+    kind = KINDS.get(status, ("error", "error"))[0]
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
 class ApiError(Exception):
@@ -35,6 +55,4 @@ class ApiError(Exception):
         return KINDS.get(self.status, ("error", "error"))[1]
 
     def response(self) -> JSONResponse:
-        kind = KINDS.get(self.status, ("error", "error"))[0]
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return JSONResponse(error_body(self.status, self.message, self.param), self.status, headers=self.headers)

@@ -28,8 +28,21 @@ class ServerMetrics:
         self.requests = Counter(
             "wan_spmd_requests",
             "Video requests by endpoint and outcome (ok, invalid, too_large, unsupported_media_type, "
-            "unknown_model, unauthorized, queue_full, disconnected, unavailable, failed).",
+            "unknown_model, unauthorized, forbidden, queue_full, disconnected, unavailable, failed).",
             ["endpoint", "outcome"],
+            registry=self.registry,
+        )
+        self.connections_open = 0
+        """HTTP connections held now; the transport (server/http.py) keeps it current."""
+        held = Gauge(
+            "wan_spmd_connections", "HTTP connections open now (at most --max-connections).", registry=self.registry
+        )
+        held.set_function(lambda: self.connections_open)
+        self.connections_closed = Counter(
+            "wan_spmd_connections_closed",
+            "HTTP connections the server closed on its own, by reason (header_timeout, body_timeout, "
+            "evicted: idle, closed to make room; refused: over --max-connections with none idle).",
+            ["reason"],
             registry=self.registry,
         )
         self.stage_seconds = Histogram(
@@ -42,6 +55,9 @@ class ServerMetrics:
 
     def count(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(endpoint=endpoint, outcome=outcome).inc()
+
+    def connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason=reason).inc()
 
     def observe(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():

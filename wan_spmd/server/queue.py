@@ -81,6 +81,8 @@ class JobQueue:
         self._closed_reason: str | None = None
         self._taken: set[str] = set()
         """Ids taken by the loop whose answer is not out yet."""
+        self._reserved = 0
+        """Places held by requests still being read and validated (see `reserve`)."""
 
     @property
     def depth(self) -> int:
@@ -98,14 +100,52 @@ class JobQueue:
     def submit(self, pending: PendingVideo) -> PendingVideo:
         """Admit a request, or raise QueueFull / Unavailable at once (never block the HTTP thread)."""
         with self._cond:
+            self._check_room(0)
+            self._append(pending)
+        return pending
+
+    def reserve(self) -> Reservation:
+        """Hold a place before the request's body is read, so a full queue answers 429 without
+        reading (or spooling) anything; QueueFull / Unavailable at once otherwise."""
+        with self._cond:
+            self._check_room(self._reserved)
+            self._reserved += 1
+        return Reservation(self)
+
+    def withdraw(self, pending: PendingVideo) -> None:
+        """Its client is gone: mark it cancelled and, if it still waits, give its place back now
+        (not when the loop would have reached it)."""
+        pending.cancelled = True
+        with self._cond:
+            try:
+                self._items.remove(pending)
+            except ValueError:
+                return  # taken by the loop already (it stops at the next step) or never queued
+        pending.resolve(error=Unavailable("cancelled before it started: the client went away"))
+
+    def _check_room(self, reserved: int) -> None:
+        if self._closed_reason is not None:
+            raise Unavailable(self._closed_reason)
+        if len(self._items) + reserved >= self.max_size:
+            raise QueueFull(
+                f"{len(self._items)} requests are waiting and {reserved} more are being received "
+                f"(--max-queue {self.max_size})"
+            )
+
+    def _append(self, pending: PendingVideo) -> None:
+        pending.enqueued_at = time.perf_counter()
+        self._items.append(pending)
+        self._cond.notify()
+
+    def _settle(self, pending: PendingVideo | None) -> None:
+        """A reservation ends: its place becomes `pending` in the queue, or free again (None)."""
+        with self._cond:
+            self._reserved -= 1
+            if pending is None:
+                return
             if self._closed_reason is not None:
                 raise Unavailable(self._closed_reason)
-            if len(self._items) >= self.max_size:
-                raise QueueFull(f"{len(self._items)} requests are already waiting (--max-queue {self.max_size})")
-            pending.enqueued_at = time.perf_counter()
-            self._items.append(pending)
-            self._cond.notify()
-        return pending
+            self._append(pending)
 
     def take(self, timeout: float) -> PendingVideo | None | type[Closed]:
         """The oldest waiting request; None after `timeout` idle; Closed once closed.
@@ -141,3 +181,29 @@ class JobQueue:
         for pending in dropped:
             pending.resolve(error=Unavailable(reason))
         return len(dropped)
+
+
+class Reservation:
+    """A place in the queue held while a request is read and validated: `submit` turns it into the
+    request's place; leaving the `with` block without submitting gives it back."""
+
+    def __init__(self, queue: JobQueue) -> None:
+        self._queue: JobQueue | None = queue
+
+    def submit(self, pending: PendingVideo) -> PendingVideo:
+        queue, self._queue = self._queue, None
+        if queue is None:
+            raise RuntimeError("this reservation was already used")
+        queue._settle(pending)
+        return pending
+
+    def release(self) -> None:
+        queue, self._queue = self._queue, None
+        if queue is not None:
+            queue._settle(None)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from wan_spmd.params import GenerationParams, RequestError, resolve_params
 from wan_spmd.server.body import read_video_request
 from wan_spmd.server.context import ARRIVED, ServerContext
-from wan_spmd.server.errors import ApiError
+from wan_spmd.server.errors import ApiError, scrub_paths
 from wan_spmd.server.queue import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
 from wan_spmd.server.wire import ErrorResponse, Health, ModelCard, ModelList, VideoData, VideoForm, VideoResponse
 
@@ -43,12 +43,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in (
         (400, "A field is invalid (error.param names it)."),
         (401, "Missing or wrong API key."),
+        (403, "Without --api-key: the Host is not this server's address, or the Origin is another site."),
         (404, "The request names a model this server does not serve."),
-        (413, "The image upload is over --max-upload-bytes."),
+        (408, "The request's headers or body did not arrive within --header-timeout / --body-timeout."),
+        (413, "The image upload is over --max-upload-bytes, or the body over its byte budget."),
         (415, "The body is neither multipart/form-data nor JSON."),
         (429, "--max-queue requests are already waiting; retry after Retry-After seconds."),
         (499, "Never seen by a client: it closed the connection, and the job was cancelled (counted in /metrics)."),
-        (500, "The generation failed on some rank."),
+        (500, "The generation failed on some rank, or the server failed (the log has a traceback)."),
         (503, "The model is still loading, or the server is stopping or lost a rank; retry after Retry-After."),
     )
 }
@@ -66,52 +68,66 @@ def _ms(since: float) -> float:
 
 
 async def _generate(request: Request) -> tuple[PendingVideo, VideoAnswer, dict[str, float]]:
-    """Parse, validate, admit and await one request; the timings so far, in ms."""
+    """Admit, parse, validate and await one request; the timings so far, in ms.
+
+    Admission comes first: a place in the queue is reserved before the body is read, so a full
+    queue answers 429 at once, and a request that fails to parse or validate gives its place back.
+    """
     ctx = _ctx(request)
     settings = ctx.settings
     if not ctx.ready.is_set():
         raise ApiError(503, f"the server is {ctx.status}; try again shortly", headers={"Retry-After": RETRY_AFTER_S})
     arrived = request.scope.get(ARRIVED, time.perf_counter())
-    fields, image = await read_video_request(request, settings.limits)
-    received = time.perf_counter()
-    model = fields.get("model")
-    if model not in (None, "") and model != settings.served_model_name:
-        raise ApiError(
-            404, f"model {model!r} is not served here; this server serves {settings.served_model_name!r}", "model"
-        )
     try:
-        params: GenerationParams = resolve_params(
-            fields, info=settings.info, defaults=settings.defaults, limits=settings.limits, image=image
-        )
-    except RequestError as exc:
-        raise ApiError(400, str(exc), exc.field) from None
-    timings = {"Receive": (received - arrived) * 1000.0, "Validation": _ms(received)}
-    pending = PendingVideo(id=f"video_{uuid.uuid4().hex[:24]}", params=params, created=int(time.time()))
-    try:
-        ctx.queue.submit(pending)
+        reservation = ctx.queue.reserve()
     except QueueFull as exc:
         raise ApiError(429, f"the server is busy: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
     except Unavailable as exc:
         raise ApiError(
             503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
         ) from None
+    with reservation:
+        fields, image = await read_video_request(request, settings.limits)
+        received = time.perf_counter()
+        model = fields.get("model")
+        if model not in (None, "") and model != settings.served_model_name:
+            raise ApiError(
+                404, f"model {model!r} is not served here; this server serves {settings.served_model_name!r}", "model"
+            )
+        try:
+            params: GenerationParams = resolve_params(
+                fields, info=settings.info, defaults=settings.defaults, limits=settings.limits, image=image
+            )
+        except RequestError as exc:
+            raise ApiError(400, str(exc), exc.field) from None
+        timings = {"Receive": (received - arrived) * 1000.0, "Validation": _ms(received)}
+        pending = PendingVideo(id=f"video_{uuid.uuid4().hex[:24]}", params=params, created=int(time.time()))
+        try:
+            reservation.submit(pending)
+        except Unavailable as exc:
+            raise ApiError(
+                503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
+            ) from None
     try:
         answer = await _answer_or_disconnect(request, pending)
     except asyncio.CancelledError:
-        pending.cancelled = True  # nobody waits any more: the loop drops or stops the job
+        ctx.queue.withdraw(pending)  # nobody waits any more: the loop drops or stops the job
         raise
     except Unavailable as exc:
-        raise ApiError(503, f"video {pending.id} was not made: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
+        raise ApiError(
+            503, f"video {pending.id} was not made: {scrub_paths(str(exc))}", headers={"Retry-After": RETRY_AFTER_S}
+        ) from None
     except JobFailed as exc:
-        raise ApiError(500, f"video {pending.id} failed: {exc}") from None
+        raise ApiError(500, f"video {pending.id} failed: {scrub_paths(str(exc))}") from None
     for warning in params.warnings:
         log.info("video %s: %s", pending.id, warning)
     return pending, answer, {**answer.timings_ms, **timings}
 
 
 async def _answer_or_disconnect(request: Request, pending: PendingVideo) -> VideoAnswer:
-    """The job's answer; if the client hangs up first, the job is cancelled (dropped while queued,
-    stopped at its next denoising step while running, nothing kept) and the request ends as 499."""
+    """The job's answer; if the client hangs up first, the job is cancelled (its queue place given
+    back at once, or stopped at its next denoising step while running, nothing kept) and the request
+    ends as 499."""
     answer = asyncio.wrap_future(pending.future)
     gone = asyncio.ensure_future(_client_gone(request))
     try:
@@ -120,7 +136,7 @@ async def _answer_or_disconnect(request: Request, pending: PendingVideo) -> Vide
         gone.cancel()
     if answer.done():
         return answer.result()
-    pending.cancelled = True
+    _ctx(request).queue.withdraw(pending)  # cancelled first, so the loop cannot start it meanwhile
     answer.cancel()  # the loop's later answer then goes nowhere (PendingVideo.resolve allows that)
     raise ApiError(499, f"the client closed the connection; video {pending.id} was cancelled")
 
@@ -230,7 +246,7 @@ async def models(request: Request) -> ModelList:
     card = ModelCard(
         id=settings.served_model_name,
         created=int(time.time()),
-        root=str(settings.info.path) if settings.info.path else None,
+        root=settings.info.path.name if settings.info.path else None,  # the folder's name, never where it is
         pipeline=settings.info.family.pipeline_class,
     )
     return ModelList(data=[card])

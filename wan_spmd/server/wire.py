@@ -83,7 +83,7 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int
     owned_by: str = "wan_spmd"
-    root: str | None = None
+    root: str | None = Field(None, description="The model folder's name (never where it lies).")
     pipeline: str | None = None
 
 
