@@ -30,7 +30,7 @@ SLURM = ROOT / "deploy" / "slurm"
 # schemas kubernetes-validate ships.
 OLDEST_KUBERNETES = "1.30"
 # Flags the manifests pass that other work is adding to wan_spmd; allowed until they exist.
-PENDING_FLAGS = {"--api-key-file", "--cfg-parallel"}
+PENDING_FLAGS = {"--api-key-file"}
 # The fields of leaderworkerset.x-k8s.io/v1 (LeaderWorkerSetSpec, LeaderWorkerTemplate) and the
 # values the example picks from, as the LWS API defines them.
 LWS_SPEC_FIELDS = {"replicas", "leaderWorkerTemplate", "rolloutStrategy", "startupPolicy", "networkConfig"}
