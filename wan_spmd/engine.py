@@ -142,10 +142,17 @@ class JobRunner:
             for _ in chunks:
                 pass
             return JobReport(timings_ms=state.timer.ms)
-        if fault is not None:
-            fault("deliver", job, rank)
-        frames_dir = job.meta.get("frames_dir")
-        path, writer_ms = deliver(chunks, output, job.params, Path(frames_dir) if frames_dir else None)
+        try:
+            if fault is not None:
+                fault("deliver", job, rank)
+            frames_dir = job.meta.get("frames_dir")
+            path, writer_ms = deliver(chunks, output, job.params, Path(frames_dir) if frames_dir else None)
+        except Exception:
+            # a parallel decoder's other ranks are inside its collectives until the last chunk:
+            # finish the decode with them, then report the failure
+            for _ in chunks:
+                pass
+            raise
         return JobReport(path, {**state.timer.ms, **writer_ms})
 
 

@@ -31,7 +31,7 @@ from wan_spmd.env import finish_process, setup_logging, torchrun_env
 from wan_spmd.jobs import Job, Outcome, StopLoop
 from wan_spmd.launch import resolve_layout, resolve_model
 from wan_spmd.params import resolve_params
-from wan_spmd.parallel.vae import single_rank_decoder
+from wan_spmd.parallel.vae import decoder_for
 from wan_spmd.runtime import init_dist, shutdown, spmd_loop
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "example.png"
@@ -228,7 +228,10 @@ class ListSource:
 
 def run_with_faults(d, out: Path, ids: tuple[str, ...], fault) -> int:
     info = resolve_model("tiny-t2v")
-    runner = JobRunner(load_pipeline(d, info), single_rank_decoder(d.is_main), d.rank, fault)
+    pipe = load_pipeline(d, info)
+    # the engine's decoder (row-split over the ranks): a delivery failure on rank 0 must not leave
+    # the other ranks inside its collectives
+    runner = JobRunner(pipe, decoder_for(pipe.c.vae, d.is_main), d.rank, fault)
     jobs = [Job(i, params_for(info, size="32x32", num_frames=5)) for i in ids]
     source = ListSource(jobs, out) if d.is_main else None
     return spmd_loop(d, runner, source, heartbeat_s=0.5)
