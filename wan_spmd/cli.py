@@ -82,7 +82,18 @@ LoadFormatOpt = Annotated[
 ]
 
 TpOpt = Annotated[
-    int | None, typer.Option(help="Tensor-parallel degree (default: every rank of the world, one replica).")
+    int | None,
+    typer.Option(help="Tensor-parallel degree (default: what --ulysses and --cfg-parallel leave of the world size)."),
+]
+UlyssesOpt = Annotated[
+    int, typer.Option(help="Ulysses sequence-parallel degree: tokens split, all-to-all to heads around self-attention.")
+]
+CfgParallelOpt = Annotated[
+    bool,
+    typer.Option(
+        "--cfg-parallel/--no-cfg-parallel",
+        help="Run the two guidance branches on two rank groups (world = tp x ulysses x 2).",
+    ),
 ]
 CollectiveTimeoutOpt = Annotated[
     float, typer.Option(help="Seconds a rank waits in a collective inside a job (idle ranks never do).")
@@ -160,12 +171,14 @@ def _limits(
     )
 
 
-def _model(model: str, load_format: str = "auto", tp: int | None = None) -> tuple[ModelInfo, ParallelLayout]:
+def _model(
+    model: str, load_format: str = "auto", tp: int | None = None, ulysses: int = 1, cfg_parallel: bool = False
+) -> tuple[ModelInfo, ParallelLayout]:
     """The model's facts and the parallel layout, refused before torch loads if the world's ranks
     cannot split it."""
     _, world_size, _ = torchrun_env()
     info = resolve_model(model, load_format)
-    layout = resolve_layout(world_size, tp=tp)
+    layout = resolve_layout(world_size, tp=tp, ulysses=ulysses, cfg_parallel=cfg_parallel)
     check_layout(layout, info.transformer_config)
     return info, layout
 
@@ -243,6 +256,8 @@ def generate(
     device: DeviceOpt = "auto",
     load_format: LoadFormatOpt = "auto",
     tp: TpOpt = None,
+    ulysses: UlyssesOpt = 1,
+    cfg_parallel: CfgParallelOpt = False,
     max_width: MaxWidthOpt = Limits.max_width,
     max_height: MaxHeightOpt = Limits.max_height,
     max_frames: MaxFramesOpt = Limits.max_frames,
@@ -258,7 +273,7 @@ def generate(
 ) -> None:
     """Generate one video and write it as an mp4."""
     with user_errors():
-        info, layout = _model(model, load_format, tp)
+        info, layout = _model(model, load_format, tp, ulysses, cfg_parallel)
         image_bytes = read_image_file(image) if image is not None else None
         params = resolve_params(
             request,
@@ -327,6 +342,8 @@ def batch(
     max_fps: MaxFpsOpt = Limits.max_fps,
     load_format: LoadFormatOpt = "auto",
     tp: TpOpt = None,
+    ulysses: UlyssesOpt = 1,
+    cfg_parallel: CfgParallelOpt = False,
     collective_timeout: CollectiveTimeoutOpt = 600.0,
     heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
     stop_grace: StopGraceOpt = 15.0,
@@ -341,7 +358,7 @@ def batch(
 
     with user_errors():
         shard = check_args(requests, output_dir, shard_index, num_shards)
-        info, layout = _model(model, load_format, tp)
+        info, layout = _model(model, load_format, tp, ulysses, cfg_parallel)
         defaults = generation_defaults(info, config)
         limits = _limits(max_width, max_height, max_frames, max_steps, max_fps)
         from wan_spmd.batch import first_shapes
@@ -403,6 +420,8 @@ def serve(
     config: ConfigOpt = None,
     device: DeviceOpt = "auto",
     tp: TpOpt = None,
+    ulysses: UlyssesOpt = 1,
+    cfg_parallel: CfgParallelOpt = False,
     max_upload_bytes: Annotated[int, typer.Option(help="Largest image upload; 413 beyond.")] = Limits.max_upload_bytes,
     max_width: MaxWidthOpt = Limits.max_width,
     max_height: MaxHeightOpt = Limits.max_height,
@@ -438,7 +457,7 @@ def serve(
         http = _http_options(max_connections, header_timeout, body_timeout, uds_mode)
         if uds is not None:
             _check_uds_free(Path(uds).expanduser())
-        info, layout = _model(model, load_format, tp)
+        info, layout = _model(model, load_format, tp, ulysses, cfg_parallel)
         if max_queue < 1:
             raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
         if uds is None and not 0 <= port <= 65535:

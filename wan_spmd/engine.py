@@ -66,6 +66,9 @@ class EngineOptions:
     auto_warmup_shapes: tuple[WarmupShape, ...] = ()
     """The command's own choice: serve the preset's shape, generate its job's, batch its file's first two."""
     vae_dtype: str = "fp32"
+    parallel_vae: bool = True
+    """Split the VAE's encode and decode over every rank (rows of each frame, exact); False: rank 0
+    decodes alone."""
 
     @property
     def heartbeat_s(self) -> float:
@@ -139,10 +142,17 @@ class JobRunner:
             for _ in chunks:
                 pass
             return JobReport(timings_ms=state.timer.ms)
-        if fault is not None:
-            fault("deliver", job, rank)
-        frames_dir = job.meta.get("frames_dir")
-        path, writer_ms = deliver(chunks, output, job.params, Path(frames_dir) if frames_dir else None)
+        try:
+            if fault is not None:
+                fault("deliver", job, rank)
+            frames_dir = job.meta.get("frames_dir")
+            path, writer_ms = deliver(chunks, output, job.params, Path(frames_dir) if frames_dir else None)
+        except Exception:
+            # a parallel decoder's other ranks are inside its collectives until the last chunk:
+            # finish the decode with them, then report the failure
+            for _ in chunks:
+                pass
+            raise
         return JobReport(path, {**state.timer.ms, **writer_ms})
 
 
@@ -150,8 +160,9 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
     """Load this rank's part of the model and parallelize it as the layout says."""
     from wan_spmd.compiling import compile_blocks, resolve_compile
     from wan_spmd.models import Dtypes, load_components
-    from wan_spmd.parallel import build_mesh, parallelize, tp_submesh
-    from wan_spmd.pipeline import WanVideoPipeline
+    from wan_spmd.parallel import CfgParallel, build_mesh, cfg_branch, parallelize, tp_submesh
+    from wan_spmd.parallel.vae import split_vae
+    from wan_spmd.pipeline import WanVideoPipeline, serial_cfg
     from wan_spmd.tiny import quiet_hub_logging
 
     quiet_hub_logging()
@@ -173,7 +184,16 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
         ", blocks compiled" if compiled else "",
         time.perf_counter() - start,
     )
-    return WanVideoPipeline(components, info, d.device)
+    # the VAE is whole on every rank: encode and decode split its rows over the world
+    vae_split = split_vae(components.vae, d.world_size, d.rank) if options.parallel_vae else None
+    return WanVideoPipeline(
+        components,
+        info,
+        d.device,
+        predict_noise=CfgParallel(mesh) if layout.cfg > 1 else serial_cfg,
+        cfg_branch=cfg_branch(mesh, layout),
+        encode_video=vae_split.encode if vae_split is not None else None,
+    )
 
 
 def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape, ...]) -> float:
@@ -252,7 +272,7 @@ class _Engine:
 
     def run(self, watch: ShutdownWatch) -> int:
         from wan_spmd.compiling import resolve_compile
-        from wan_spmd.parallel.vae import single_rank_decoder
+        from wan_spmd.parallel.vae import decoder_for
 
         d, ok, lost = self.d, True, False
         try:
@@ -280,7 +300,7 @@ class _Engine:
                     log.error("not every rank loaded the model; stopping")
                 return 1
             # 4. Warm up together (compiles are paid here, not by the first request), agree, loop
-            decoder = single_rank_decoder(d.is_main)
+            decoder = decoder_for(pipe.c.vae, d.is_main)
             warm_s = 0.0
             shapes = self.options.warmup_shapes
             if shapes is None:

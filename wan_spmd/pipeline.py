@@ -13,10 +13,12 @@ numbers match on the same weights and seed, quirks included:
 - I2V conditions on the VAE's latent mode of [image, zeros...] and a first-frame mask.
 
 The pipeline is single-device code: it never calls torch.distributed. Under tensor parallelism the
-experts it is handed are already sharded (their collectives live inside them); two seams let the
+experts it is handed are already sharded (their collectives live inside them); three seams let the
 `parallel` package change the rest without the pipeline knowing: `NoisePredictor` (one guided
-noise prediction per step: serial CFG here, CFG-parallel there) and `decode_chunks` (the VAE's
-causal decode, latent frame by latent frame, as uint8 chunks). The runtime passes a per-step
+noise prediction per step: serial CFG here, CFG-parallel there, with `cfg_branch` saying which
+prompt a rank's group needs), `decode_chunks` (the VAE's causal decode, latent frame by latent
+frame, as uint8 chunks: a parallel decoder hands it a band of rows) and `encode_video` (the I2V
+condition's VAE encode). The runtime passes a per-step
 `StepControl` that agrees across ranks whether to go on.
 """
 
@@ -66,7 +68,7 @@ class NoisePredictor(Protocol):
         model: torch.nn.Module,
         model_input: torch.Tensor,
         timestep: torch.Tensor,
-        prompt_embeds: torch.Tensor,
+        prompt_embeds: torch.Tensor | None,
         negative_embeds: torch.Tensor | None,
         guidance: float | None,
     ) -> torch.Tensor: ...
@@ -90,6 +92,15 @@ def serial_cfg(
         hidden_states=model_input, timestep=timestep, encoder_hidden_states=negative_embeds, return_dict=False
     )[0]
     return noise_uncond + guidance * (noise_pred - noise_uncond)
+
+
+VideoEncoder = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+"""(vae, video (1, 3, F, H, W)) -> the latent mode (1, z, T_lat, H/8, W/8), not normalised."""
+
+
+def vae_encode_mode(vae: torch.nn.Module, video: torch.Tensor) -> torch.Tensor:
+    """This rank's VAE encodes the whole video (diffusers' `encode(...).latent_dist.mode()`)."""
+    return vae.encode(video).latent_dist.mode()
 
 
 def prompt_clean(text: str) -> str:
@@ -119,6 +130,8 @@ class WanVideoPipeline:
         device: torch.device,
         predict_noise: NoisePredictor = serial_cfg,
         decode_latent_frames: int = 4,
+        cfg_branch: str | None = None,
+        encode_video: VideoEncoder | None = None,
     ) -> None:
         if info.family.conditioning == "first_frame":
             raise ValueError(f"{info.family.name} (first-frame conditioning) is not supported by this pipeline yet")
@@ -128,6 +141,11 @@ class WanVideoPipeline:
         self.info = info
         self.device = device
         self.predict_noise = predict_noise
+        self.cfg_branch = cfg_branch
+        """Under CFG-parallel, the one guidance branch ("cond"/"uncond") this rank's group runs: the
+        text encoder skips the other prompt. None: this rank runs both."""
+        self.encode_video = encode_video or vae_encode_mode
+        """The VAE encode seam (the I2V condition): this rank's VAE alone, or split over the ranks."""
         self.decode_latent_frames = decode_latent_frames
         """Latent frames per decoded chunk (each is 4 video frames, the first 1)."""
         self.vae_scale_temporal = int(components.vae.config.scale_factor_temporal)
@@ -186,7 +204,7 @@ class WanVideoPipeline:
         video_condition = torch.cat(
             [image.unsqueeze(2), image.new_zeros(1, 3, params.num_frames - 1, params.height, params.width)], dim=2
         ).to(vae.dtype)
-        latent = vae.encode(video_condition).latent_dist.mode().to(torch.float32)
+        latent = self.encode_video(vae, video_condition).to(torch.float32)
         latent = (latent - self.latents_mean.to(latent)) * self.inv_latents_std.to(latent)
 
         t_scale = self.vae_scale_temporal
@@ -208,7 +226,7 @@ class WanVideoPipeline:
         params: GenerationParams,
         latents: torch.Tensor,
         condition: torch.Tensor | None,
-        prompt_embeds: torch.Tensor,
+        prompt_embeds: torch.Tensor | None,
         negative_embeds: torch.Tensor | None,
         control: StepControl | None = None,
         on_step: Callable[[int, int], None] | None = None,
@@ -302,10 +320,13 @@ class WanVideoPipeline:
         timer = _StageTimer(self.device)
         timer.start("PipelineWall")
         do_cfg = params.guidance_scale > 1.0
-        # 1. Encode prompts (the negative one only when CFG will run)
+        # 1. Encode prompts: the negative one only when CFG will run, and under CFG-parallel only
+        #    the one this rank's branch needs (None for the other)
         with timer("TextEncoding"):
-            prompt_embeds = self.encode_prompt(params.prompt)
-            negative_embeds = self.encode_prompt(params.negative_prompt) if do_cfg else None
+            wants_cond = not do_cfg or self.cfg_branch != "uncond"
+            wants_uncond = do_cfg and self.cfg_branch != "cond"
+            prompt_embeds = self.encode_prompt(params.prompt) if wants_cond else None
+            negative_embeds = self.encode_prompt(params.negative_prompt) if wants_uncond else None
         # 2. Initial noise and, for channel-concat conditioning, the image condition
         with timer("LatentPreparation"):
             latents = self.initial_noise(params)

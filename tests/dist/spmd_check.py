@@ -6,6 +6,11 @@ Modes:
   attn OUT    one attention module sharded by the TP plan vs the same module whole
   dummy OUT   a dummy-weight expert (tiny architecture) made already sharded
   slow_decode OUT  rank 0 delivers for longer than the control timeout; the loop goes on
+  layouts OUT L1,L2  each named parallel layout (LAYOUTS) on this world: the tiny I2V and T2V
+              models with CFG on, guidance 1.0 and an odd token count (48x48: 27 tokens), decoded
+              through the engine's decoder (the row-split VAE on more than one rank); rank 0 saves
+              latents and frames, every rank its weight counts; with more than one rank also the
+              row-split VAE against the same VAE whole (encode and decode, float)
   fault OUT   the SPMD loop over five jobs through the engine's real JobRunner, its fault seam making
               rank 1 fail in two of them (before the first step, and between steps) and rank 0 in
               its delivery of a third; rank 0 writes every outcome
@@ -26,7 +31,7 @@ from wan_spmd.env import finish_process, setup_logging, torchrun_env
 from wan_spmd.jobs import Job, Outcome, StopLoop
 from wan_spmd.launch import resolve_layout, resolve_model
 from wan_spmd.params import resolve_params
-from wan_spmd.parallel.vae import single_rank_decoder
+from wan_spmd.parallel.vae import decoder_for
 from wan_spmd.runtime import init_dist, shutdown, spmd_loop
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "example.png"
@@ -87,6 +92,75 @@ def mode_attn(d, out: Path) -> None:
     if d.is_main:
         result = {"max_abs": (ref - got).abs().max().item(), "ref_std": ref.std().item()}
         (out / "attn.json").write_text(json.dumps(result))
+
+
+LAYOUTS = {
+    "tp1": {},
+    "tp2": {"tp": 2},
+    "u2": {"ulysses": 2},
+    "cfg": {"cfg_parallel": True},
+    "cfg-tp2": {"cfg_parallel": True, "tp": 2},
+    "tp2-u2": {"tp": 2, "ulysses": 2},
+}
+REQUESTS = {"cfg": {}, "g1": {"guidance_scale": 1.0, "guidance_scale_2": 1.0}, "odd": {"size": "48x48"}}
+
+
+def mode_layouts(d, out: Path, names: str) -> None:
+    from wan_spmd.parallel.ulysses import can_widen
+    from wan_spmd.parallel.vae import decoder_for
+
+    for name in names.split(","):
+        layout = resolve_layout(d.world_size, **LAYOUTS[name])
+        counts = {}
+        for model in ("tiny", "tiny-t2v"):
+            info = resolve_model(model)
+            pipe = build_pipeline(d, info, EngineOptions(layout=layout, device="cpu"))
+            decoder = decoder_for(pipe.c.vae, d.is_main)
+            for request, extra in REQUESTS.items():
+                state = pipe.generate_latents(params_for(info, **extra))
+                frames = list(pipe.timed_decode(state, decoder(pipe, state.latents)))
+                if d.is_main:
+                    result = {"latents": state.latents, "frames": torch.cat([f.cpu() for f in frames])}
+                    torch.save(result, out / f"{name}-{model}-{request}.pt")
+            for expert, weights in zip(("transformer", "transformer_2"), pipe.c.experts, strict=True):
+                counts[f"{model}/{expert}"] = {
+                    "all": sum(local_numel(p) for p in weights.parameters()),
+                    "sharded": sum(
+                        local_numel(p) for n, p in weights.blocks.named_parameters() if any(s in n for s in SHARDED)
+                    ),
+                    "widens": can_widen(weights),
+                }
+        (out / f"counts-{name}-{d.rank}.json").write_text(json.dumps(counts))
+    if d.world_size > 1:
+        vae_split_error(d, pipe, out)
+
+
+def vae_split_error(d, pipe, out: Path) -> None:
+    """The row-split VAE against the same VAE whole (its wrappers pass through outside a split),
+    on random inputs whose rows split evenly (8) and unevenly (6 latent rows over 4 ranks)."""
+    from wan_spmd.parallel.vae import _SPLITS
+
+    vae, split = pipe.c.vae, _SPLITS[pipe.c.vae]
+    gen = torch.Generator().manual_seed(3)
+    result = {}
+    with torch.inference_mode():
+        for rows in (8, 6):
+            latents = torch.randn(1, 16, 3, rows, 5, generator=gen)
+            video = torch.rand(1, 3, 9, rows * 8, 40, generator=gen) * 2 - 1
+            whole_dec = vae.decode(latents).sample
+            whole_enc = vae.encode(video).latent_dist.mode()
+            with split.split(rows) as (start, stop):
+                band = vae.decode(latents[..., start:stop, :]).sample
+                got_dec = split.all_rows(band)
+            got_enc = split.encode(vae, video)
+            result[f"rows{rows}"] = {
+                "decode_max_abs": (whole_dec - got_dec).abs().max().item(),
+                "decode_std": whole_dec.std().item(),
+                "encode_max_abs": (whole_enc - got_enc).abs().max().item(),
+                "encode_std": whole_enc.std().item(),
+            }
+    if d.is_main:
+        (out / f"vae-{d.world_size}.json").write_text(json.dumps(result))
 
 
 def mode_compile(d, out: Path) -> None:
@@ -154,7 +228,10 @@ class ListSource:
 
 def run_with_faults(d, out: Path, ids: tuple[str, ...], fault) -> int:
     info = resolve_model("tiny-t2v")
-    runner = JobRunner(load_pipeline(d, info), single_rank_decoder(d.is_main), d.rank, fault)
+    pipe = load_pipeline(d, info)
+    # the engine's decoder (row-split over the ranks): a delivery failure on rank 0 must not leave
+    # the other ranks inside its collectives
+    runner = JobRunner(pipe, decoder_for(pipe.c.vae, d.is_main), d.rank, fault)
     jobs = [Job(i, params_for(info, size="32x32", num_frames=5)) for i in ids]
     source = ListSource(jobs, out) if d.is_main else None
     return spmd_loop(d, runner, source, heartbeat_s=0.5)
@@ -185,7 +262,7 @@ def mode_fault(d, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    mode, out = sys.argv[1], Path(sys.argv[2])
+    mode, out, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     rank, _, _ = torchrun_env()
     setup_logging(rank)
     d = init_dist("cpu", control_timeout_s=2.0 if mode == "slow_decode" else 60.0)
@@ -197,8 +274,9 @@ if __name__ == "__main__":
             "dummy": mode_dummy,
             "slow_decode": mode_slow_decode,
             "compile": mode_compile,
+            "layouts": mode_layouts,
         }
-        modes[mode](d, out)
+        modes[mode](d, out, *extra)
     finally:
         shutdown(d)
     finish_process(0)

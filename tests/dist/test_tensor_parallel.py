@@ -92,6 +92,8 @@ def test_rank0_decoding_longer_than_the_control_timeout(cache_home, tiny_t2v, tm
     [
         (2, ["--num-frames", "8"], "num_frames 8 must be 4k+1"),
         (3, [], "4 attention heads do not split over tp=3"),
+        (3, ["--ulysses", "3"], "4 attention heads per tp rank (4 over tp=1) do not split over ulysses=3"),
+        (2, ["--tp", "2", "--cfg-parallel"], "cfg=2 x ulysses=1 x tp=2 = 4 ranks, but the world size is 2"),
     ],
 )
 def test_bad_arguments_under_torchrun(cache_home, tiny_i2v, nproc, extra, message):

@@ -30,7 +30,7 @@ SLURM = ROOT / "deploy" / "slurm"
 # schemas kubernetes-validate ships.
 OLDEST_KUBERNETES = "1.30"
 # Flags the manifests pass that other work is adding to wan_spmd; allowed until they exist.
-PENDING_FLAGS = {"--cfg-parallel"}
+PENDING_FLAGS: set[str] = set()
 # The fields of leaderworkerset.x-k8s.io/v1 (LeaderWorkerSetSpec, LeaderWorkerTemplate) and the
 # values the example picks from, as the LWS API defines them.
 LWS_SPEC_FIELDS = {"replicas", "leaderWorkerTemplate", "rolloutStrategy", "startupPolicy", "networkConfig"}
@@ -428,7 +428,7 @@ def test_shard_index_auto_without_a_scheduler_is_one_line(tmp_path: Path):
 # ---------------------------------------------------------------------------------------------
 # One replica over two hosts: where rank 0 lands
 
-# Stands in for `-m wan_spmd serve ...` (which needs --cfg-parallel, not there yet): each rank
+# Stands in for `-m wan_spmd serve ...` (a model load would only slow the test down): each rank
 # writes down which agent it runs under and its global rank.
 RANK_PROBE = """import json, os, sys
 out = os.path.join(os.environ["PROBE_OUT"], os.environ["AGENT"] + "-" + os.environ["LOCAL_RANK"] + ".json")
