@@ -48,7 +48,7 @@ def main() -> None:
     from wan_spmd.engine import EngineOptions, build_pipeline
     from wan_spmd.env import setup_logging, torchrun_env
     from wan_spmd.launch import resolve_layout
-    from wan_spmd.params import GenerationParams
+    from wan_spmd.params import GenerationParams, decode_image
     from wan_spmd.runtime import init_dist, shutdown
 
     parser = argparse.ArgumentParser()
@@ -120,7 +120,7 @@ def main() -> None:
         result[f"peak_{size}_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
     if args.vae and d.is_main:
-        vae_p = GenerationParams("x", "", _png(1280, 720), 1280, 720, 81, 16, 1, 3.5, 3.5, 0.9, 5.0, 0)
+        vae_p = GenerationParams("x", "", decode_image(_png(1280, 720)), 1280, 720, 81, 16, 1, 3.5, 3.5, 0.9, 5.0, 0)
         result["vae_encode_720p_s"] = statistics.median(timed(lambda: pipe.image_condition(vae_p), _Solo(), 1))
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     peaks = [None] * d.world_size

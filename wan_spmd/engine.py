@@ -200,6 +200,7 @@ def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape,
     """One throwaway request per shape on every rank (text encode, VAE encode, a step of each
     expert with CFG, decode), so compiles, autotuning and allocator growth are paid before the
     ranks agree they are ready. Returns the seconds it took."""
+    from wan_spmd.images import Pixels
     from wan_spmd.params import GenerationParams
 
     start = time.perf_counter()
@@ -208,7 +209,7 @@ def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape,
         params = GenerationParams(
             prompt="warm-up",
             negative_prompt="",
-            image=_gray_png(width, height) if pipe.info.family.takes_image else None,
+            image=Pixels(width, height, bytes([128]) * (width * height * 3)) if pipe.info.family.takes_image else None,
             width=width,
             height=height,
             num_frames=frames,
@@ -226,16 +227,6 @@ def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape,
             pass
         log.info("warmed up %dx%dx%d", width, height, frames)
     return time.perf_counter() - start
-
-
-def _gray_png(width: int, height: int) -> bytes:
-    import io
-
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (width, height), (128, 128, 128)).save(out, format="PNG")
-    return out.getvalue()
 
 
 def agree_all_ok(d: Dist, ok: bool) -> bool:

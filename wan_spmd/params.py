@@ -7,17 +7,17 @@ plus the layered defaults and the model's facts, into a frozen `GenerationParams
 
 from __future__ import annotations
 
-import io
 import math
 import random
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from wan_spmd import images
 from wan_spmd.config import ModelInfo
+from wan_spmd.images import Pixels
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,20 @@ FIELDS: tuple[RequestField, ...] = (
 PARAM_KEYS = tuple(f.name for f in FIELDS)
 FRONT_KEYS = frozenset({"model", "image", "input_reference", "id", "output"})
 MAX_SEED = 2**63 - 1
+MAX_NUMBER_CHARS = 32  # longer than any number a field takes (a seed has at most 19 digits)
+MAX_SHOWN_KEYS = 10  # unknown keys named in the warning; the rest are counted
+MAX_SHOWN_KEY_CHARS = 40
+# Every float field's range, checked before any arithmetic (1e308 seconds would overflow x fps).
+FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "seconds": (0.0, 3600.0),
+    "guidance_scale": (0.0, 100.0),
+    "guidance_scale_2": (0.0, 100.0),
+    "boundary_ratio": (0.0, 1.0),
+    "flow_shift": (0.0, 100.0),
+}
+# ASCII only: Python's int() and float() also take other scripts' digits ('²', '١') and underscores.
+_INT_TEXT = re.compile(r"[+-]?[0-9]+")
+_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 class RequestError(ValueError):
@@ -78,7 +92,21 @@ class Limits:
     max_fps: int = 60
     """Highest frame rate."""
     max_upload_bytes: int = 20 * 1024 * 1024
-    """Largest image upload."""
+    """Largest image upload (or image file)."""
+    max_image_pixels: int = 25_000_000
+    """Most pixels (width x height, read from the header before decoding) of an input image."""
+    max_prompt_chars: int = 10_000
+    """Longest prompt or negative prompt; the text encoder keeps 512 tokens, roughly 2-4k characters."""
+    max_work: int = 4_000_000
+    """Most transformer tokens x denoising steps per job. 4M admits the presets' largest request,
+    1280x720x81 at 40 steps (21 x 45 x 80 = 75,600 tokens x 40 = 3.02M), and the same at 52 steps."""
+    deadline_s_at_max_work: float = 3600.0
+    """A job of `max_work` must finish within this many seconds; smaller jobs get a share (`deadline_s`)."""
+
+    def deadline_s(self, work: int) -> float:
+        """A job's deadline, counted from when the SPMD loop starts it: in proportion to its work,
+        and never under a tenth of the full one (text encoding and decoding cost a floor)."""
+        return self.deadline_s_at_max_work * max(work / self.max_work, 0.1)
 
 
 @dataclass(frozen=True)
@@ -87,8 +115,8 @@ class GenerationParams:
 
     prompt: str
     negative_prompt: str
-    image: bytes | None
-    """The encoded input image (PNG, JPEG, ...) for I2V; None for T2V."""
+    image: Pixels | None
+    """The input image decoded once on rank 0 (8-bit RGB), for I2V; None for T2V."""
     width: int
     height: int
     num_frames: int
@@ -104,6 +132,10 @@ class GenerationParams:
     seed: int
     warnings: tuple[str, ...] = ()
     """What was ignored or derived (unknown keys, rounded frame counts), reported back."""
+    work: int = 0
+    """Transformer tokens x denoising steps: what `Limits.max_work` bounds."""
+    deadline_s: float | None = None
+    """Seconds the job may run once started (Limits.deadline_s of its work); None: no deadline."""
 
     @property
     def size(self) -> str:
@@ -116,7 +148,7 @@ class GenerationParams:
     def summary(self) -> dict[str, Any]:
         """The parameters as JSON-friendly values (no image bytes), for answers and logs."""
         out = asdict(self)
-        out["image"] = None if self.image is None else f"<{len(self.image)} bytes>"
+        out["image"] = None if self.image is None else f"<{self.image.width}x{self.image.height} image>"
         out["warnings"] = list(self.warnings)
         return out
 
@@ -132,53 +164,81 @@ def _as_int(name: str, value: Any) -> int:
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise RequestError(f"{name} must be an integer, got {value!r}", name) from None
+    text = value.strip() if isinstance(value, str) else ""
+    if len(text) > MAX_NUMBER_CHARS or not _INT_TEXT.fullmatch(text):
+        raise RequestError(f"{name} must be an integer (ASCII digits), got {_shown(value)}", name)
+    return int(text)
 
 
 def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise RequestError(f"{name} must be a number, got {value!r}", name)
+    """A number within FLOAT_RANGES[name] (checked here, before the caller computes with it)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise RequestError(f"{name} must be a number, got {_shown(value)}", name)
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) > MAX_NUMBER_CHARS or not _FLOAT_TEXT.fullmatch(text):
+            raise RequestError(f"{name} must be a number (ASCII digits), got {_shown(value)}", name)
+        value = text
     try:
-        number = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        raise RequestError(f"{name} must be a number, got {value!r}", name) from None
+        number = float(value)
+    except (OverflowError, ValueError):  # a 401-digit JSON integer does not fit a float
+        number = math.inf
     if not math.isfinite(number):
-        raise RequestError(f"{name} must be a finite number, got {value!r}", name)
+        raise RequestError(f"{name} must be a finite number, got {_shown(value)}", name)
+    low, high = FLOAT_RANGES.get(name, (-math.inf, math.inf))
+    if not low <= number <= high:
+        raise RequestError(f"{name} must be within [{low:g}, {high:g}], got {_shown(value)}", name)
     return number
 
 
+def _shown(value: Any, limit: int = MAX_SHOWN_KEY_CHARS) -> str:
+    """A client's value for an error or warning: repr'd (so a lone surrogate is escaped, not
+    unencodable), cut short, never megabytes."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**limit else f"<{value.bit_length()}-bit int>"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shown_key(key: str) -> str:
+    """An unknown key as written (escaped only where it cannot be encoded), cut short."""
+    text = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= MAX_SHOWN_KEY_CHARS else text[: MAX_SHOWN_KEY_CHARS - 3] + "..."
+
+
 def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
-    """'1280x720' -> (1280, 720)."""
-    text = str(value).strip().lower()
+    """'1280x720' -> (1280, 720); ASCII digits only."""
+    text = value.strip().lower() if isinstance(value, str) else ""
     parts = text.split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise RequestError(f"{name} must look like WIDTHxHEIGHT (e.g. 1280x720), got {value!r}", name)
+    if (
+        len(text) > MAX_NUMBER_CHARS
+        or len(parts) != 2
+        or not all(_INT_TEXT.fullmatch(p.strip()) and p.strip()[0] != "+" and p.strip()[0] != "-" for p in parts)
+    ):
+        raise RequestError(f"{name} must look like WIDTHxHEIGHT (e.g. 1280x720), got {_shown(value)}", name)
     return int(parts[0]), int(parts[1])
 
 
-def decode_image(data: bytes, name: str = "image") -> Image.Image:
-    """Decode and fully load an image, so truncated files fail here and not inside the pipeline."""
-    if not data:
-        raise RequestError(f"{name} is empty; send a PNG or JPEG image", name)
+def decode_image(data: bytes, name: str = "image", max_pixels: int = Limits.max_image_pixels) -> Pixels:
+    """Decode an input image once (images.decode: PNG/JPEG/WebP, pixels checked before decoding)."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise RequestError(
-            f"{name} is not a readable image ({exc.__class__.__name__}); send a PNG or JPEG", name
-        ) from None
+        return images.decode(data, max_pixels)
+    except images.ImageError as exc:
+        raise RequestError(f"{name} {exc}", name) from None
 
 
-def read_image_file(path: str | Path, field: str = "image") -> bytes:
-    """An image path from the CLI or a JSONL line, as bytes (decoding is validation's job)."""
+def read_image_file(path: str | Path, field: str = "image", max_bytes: int = Limits.max_upload_bytes) -> bytes:
+    """An image path from the CLI or a JSONL line, as bytes: a regular file, size-checked first."""
     try:
-        return Path(path).expanduser().read_bytes()
-    except OSError as exc:
-        raise RequestError(f"cannot read {field} {path}: {exc.strerror or exc}", field) from None
+        return images.read_file(path, max_bytes)
+    except images.ImageError as exc:
+        raise RequestError(f"{field} {exc}", field) from None
+
+
+def token_count(info: ModelInfo, width: int, height: int, num_frames: int) -> int:
+    """Transformer tokens of one video: latent frames x latent rows x latent columns, after the patch."""
+    family = info.family
+    latent_frames = (num_frames - 1) // family.vae_stride_temporal + 1
+    return latent_frames * (height // family.spatial_multiple) * (width // family.spatial_multiple)
 
 
 def size_from_area(image_width: int, image_height: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
@@ -211,9 +271,12 @@ def resolve_params(
     front calls the image in its errors (`input_reference` over HTTP, `image` in the CLI and JSONL).
     """
     warnings: list[str] = []
-    unknown = sorted(k for k in request if k not in PARAM_KEYS and k not in FRONT_KEYS)
+    unknown = [k for k in request if k not in PARAM_KEYS and k not in FRONT_KEYS]
     if unknown:
-        warnings.append(f"ignored unknown keys: {', '.join(unknown)}")
+        # bounded: a body may carry a million keys, and the warning goes into the answer and the log
+        shown = ", ".join(_shown_key(k) for k in unknown[:MAX_SHOWN_KEYS])
+        more = f" and {len(unknown) - MAX_SHOWN_KEYS} more" if len(unknown) > MAX_SHOWN_KEYS else ""
+        warnings.append(f"ignored unknown keys: {shown}{more}")
     req = {k: v for k, v in request.items() if k in PARAM_KEYS and not _is_blank(v)}
 
     def pick(name: str) -> Any:
@@ -226,9 +289,18 @@ def resolve_params(
     negative_prompt = pick("negative_prompt") or ""
     if not isinstance(negative_prompt, str):
         raise RequestError("negative_prompt must be a string", "negative_prompt")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        if len(text) > limits.max_prompt_chars:
+            raise RequestError(
+                f"{name} is {len(text)} characters, over the limit {limits.max_prompt_chars} (--max-prompt-chars)", name
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, from a JSON "\ud800" escape
+            raise RequestError(f"{name} is not valid Unicode ({exc.reason} at character {exc.start})", name) from None
 
     # 2. Image: required, optional or refused, as the model's family says
-    pil_image = None
+    pixels = None
     policy = info.family.image
     if image is None and policy == "required":
         raise RequestError(f"this is an image-to-video model: send an input image ({image_field})", image_field)
@@ -239,7 +311,7 @@ def resolve_params(
             raise RequestError(
                 f"{image_field} is {len(image)} bytes, over the {limits.max_upload_bytes}-byte limit", image_field
             )
-        pil_image = decode_image(image, image_field)
+        pixels = decode_image(image, image_field, limits.max_image_pixels)
 
     # 3. Size: size wins over width/height; else the image's aspect (I2V) or the default size
     multiple = info.spatial_multiple
@@ -252,9 +324,9 @@ def resolve_params(
             raise RequestError(f"give both width and height (or size), {missing} is missing", missing)
         width, height = _as_int("width", req["width"]), _as_int("height", req["height"])
         size_field = "width"
-    elif pil_image is not None and defaults.get("max_area"):
+    elif pixels is not None and defaults.get("max_area"):
         area_w, area_h = parse_size(defaults["max_area"], "max_area")
-        width, height = size_from_area(pil_image.width, pil_image.height, area_w * area_h, multiple)
+        width, height = size_from_area(pixels.width, pixels.height, area_w * area_h, multiple)
         size_field = "size"
         warnings.append(f"size {width}x{height} follows the image's aspect ratio within {area_w}x{area_h}")
     elif defaults.get("size"):
@@ -310,6 +382,14 @@ def resolve_params(
     flow_shift = _as_float("flow_shift", pick("flow_shift"))
     if flow_shift <= 0:
         raise RequestError(f"flow_shift must be > 0, got {flow_shift:g}", "flow_shift")
+    work = token_count(info, width, height, num_frames) * steps
+    if work > limits.max_work:
+        raise RequestError(
+            f"{width}x{height}x{num_frames} frames at {steps} steps is {work} token-steps "
+            f"({token_count(info, width, height, num_frames)} tokens x {steps}), over the limit {limits.max_work} "
+            "(--max-work)",
+            "num_inference_steps",
+        )
     seed_value = pick("seed")
     seed = random.randrange(2**32) if seed_value is None else _as_int("seed", seed_value)
     if not 0 <= seed <= MAX_SEED:
@@ -318,7 +398,7 @@ def resolve_params(
     return GenerationParams(
         prompt=prompt,
         negative_prompt=negative_prompt,
-        image=image,
+        image=pixels,
         width=width,
         height=height,
         num_frames=num_frames,
@@ -330,4 +410,6 @@ def resolve_params(
         flow_shift=flow_shift,
         seed=seed,
         warnings=tuple(warnings),
+        work=work,
+        deadline_s=limits.deadline_s(work),
     )

@@ -39,7 +39,7 @@ from diffusers.video_processor import VideoProcessor
 
 from wan_spmd.config import ModelInfo
 from wan_spmd.models import Components
-from wan_spmd.params import GenerationParams, decode_image
+from wan_spmd.params import GenerationParams
 
 log = logging.getLogger("wan_spmd")
 
@@ -198,7 +198,8 @@ class WanVideoPipeline:
     def image_condition(self, params: GenerationParams) -> torch.Tensor:
         """I2V condition (1, 4 + 16, T_lat, h, w): first-frame mask then the image's latent mode."""
         vae = self.c.vae
-        image = self.video_processor.preprocess(decode_image(params.image), height=params.height, width=params.width)
+        # decoded once on rank 0 by validation; here only made into a PIL image
+        image = self.video_processor.preprocess(params.image.to_pil(), height=params.height, width=params.width)
         image = image.to(self.device, dtype=torch.float32)  # (1, 3, H, W) in [-1, 1]
         # (1, 3, F, H, W): the image, then black frames
         video_condition = torch.cat(
