@@ -203,7 +203,8 @@ def fingerprint(request: Mapping[str, Any]) -> str:
     written, not its content: moving the JSONL file with its images keeps every id."""
     picked = {k: request[k] for k in FINGERPRINT_KEYS if k in request and not _is_blank(request[k])}
     canonical = json.dumps(picked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    # surrogatepass: a lone surrogate (JSON "\ud800") still hashes; validation refuses it later
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def derive_id(params_hash: str) -> str:
@@ -216,8 +217,10 @@ def safe_output_name(value: Any) -> PurePosixPath:
     characters, or not an .mp4. Subfolders (`shots/a.mp4`) are fine."""
     if not isinstance(value, str) or not value.strip():
         raise RequestError("output must be a non-empty file name such as clip.mp4", "output")
-    if "\\" in value or any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise RequestError(f"output {value!r} has a backslash or a control character", "output")
+    if "\\" in value or any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise RequestError(
+            f"output {_escaped(value)} has a backslash, a control character or a lone surrogate", "output"
+        )
     if value.startswith("/"):
         raise RequestError(f"output {value!r} is absolute; give a name relative to --output-dir", "output")
     parts = value.split("/")
@@ -272,11 +275,25 @@ def shard_of(entry: Entry, count: int) -> int:
         return 0
     if entry.id is None:
         return (entry.line - 1) % count
-    return int(hashlib.sha256(entry.id.encode()).hexdigest()[:16], 16) % count
+    return int(hashlib.sha256(entry.id.encode("utf-8", "surrogatepass")).hexdigest()[:16], 16) % count
+
+
+def _escaped(value: Any, limit: int = 80) -> str:
+    """A line's value in a message: repr'd (lone surrogates escaped), at most `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def scan_line(line_no: int, raw: bytes) -> Entry | None:
-    """Parse one line (None if blank): JSON, id, output name. No files are touched."""
+    """Parse one line (None if blank): JSON, id, output name. No files are touched, and nothing a
+    line holds can raise out of here: whatever is wrong with it becomes the entry's error."""
+    try:
+        return _scan_line(line_no, raw)
+    except Exception as exc:  # a line must never stop the batch (nor its up-front count)
+        return Entry(line_no, error=f"cannot be parsed ({type(exc).__name__}: {_escaped(str(exc))})")
+
+
+def _scan_line(line_no: int, raw: bytes) -> Entry | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -288,16 +305,26 @@ def scan_line(line_no: int, raw: bytes) -> Entry | None:
         request = json.loads(text)
     except json.JSONDecodeError as exc:
         return Entry(line_no, error=f"not JSON: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return Entry(line_no, error="not JSON we read: nested too deeply")
+    except ValueError as exc:  # an integer of more than 4300 digits
+        return Entry(line_no, error=f"not JSON we read: {_escaped(str(exc))}")
     if not isinstance(request, dict):
         return Entry(line_no, error=f"not a JSON object but a {type(request).__name__}")
     params_hash = fingerprint(request)
     raw_id = request.get("id")
     if raw_id is None:
         job_id = derive_id(params_hash)
-    elif isinstance(raw_id, str | int) and not isinstance(raw_id, bool) and str(raw_id).strip():
+    elif (isinstance(raw_id, str) and raw_id.strip() and len(raw_id) <= MAX_NAME_CHARS) or (
+        isinstance(raw_id, int) and not isinstance(raw_id, bool) and abs(raw_id) < 10**MAX_NAME_CHARS
+    ):
         job_id = str(raw_id).strip()
     else:
-        return Entry(line_no, request=request, error=f"id must be a non-empty string, got {raw_id!r}")
+        return Entry(
+            line_no,
+            request=request,
+            error=f"id must be a non-empty string of at most {MAX_NAME_CHARS} characters, got {_escaped(raw_id)}",
+        )
     entry = Entry(line_no, job_id, params_hash, request)
     try:
         output = safe_output_name(request["output"]) if "output" in request else default_output_name(job_id)
@@ -373,7 +400,11 @@ class ResultsLog:
                     self._file.write(b"\n")
 
     def append(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
+        try:
+            data = json.dumps(record, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate from the line (its id): JSON's \u escape keeps it
+            data = json.dumps(record, ensure_ascii=True).encode()
+        self._file.write(data + b"\n")
         self._file.flush()
         os.fsync(self._file.fileno())
 
@@ -481,7 +512,7 @@ class BatchSource:
             job_or_reason = self._prepare(entry)
             if isinstance(job_or_reason, Job):
                 self._current, self._job_started = entry, time.perf_counter()
-                return job_or_reason
+                return job_or_reason.start()
             if time.monotonic() > deadline:
                 return None
         self.close()
@@ -491,7 +522,7 @@ class BatchSource:
         return self.out_dir / job.meta["output"]
 
     def is_cancelled(self, job: Job) -> bool:
-        return self.stop_reason is not None
+        return self.stop_reason is not None or job.overdue()
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason
@@ -505,6 +536,9 @@ class BatchSource:
         job = outcome.job
         entry = self._current
         assert entry is not None, "finish without a job from next_job"
+        if outcome.cancelled and self.stop_reason is None and job.overdue():
+            self._record(entry, "failed", error=job.deadline_error())
+            return
         if outcome.cancelled:
             self._record(entry, "interrupted", error=f"{self.stop_reason or 'cancelled'}: {outcome.error}")
             return
@@ -578,6 +612,9 @@ class BatchSource:
             params = self._validate(entry.request)
         except RequestError as exc:
             return self._record(entry, "failed", error=str(exc))
+        except Exception as exc:  # never expected; still this line's failure, not the batch's
+            log.error("line %d: validation failed unexpectedly", entry.line, exc_info=True)
+            return self._record(entry, "failed", error=f"cannot be validated ({type(exc).__name__}: {exc})")
         remove_stale_parts(path)  # a run killed mid-write left these; this job's rerun replaces them
         return Job(entry.id, params, meta={"line": entry.line, "output": str(entry.output)})
 
@@ -628,10 +665,13 @@ def validate_line(
         )
     image = None
     if not _is_blank(request.get("image")):
-        if not isinstance(request["image"], str):
-            raise RequestError(f"image must be a file path, got {request['image']!r}", "image")
-        image_path = Path(request["image"]).expanduser()
-        image = read_image_file(image_path if image_path.is_absolute() else base_dir / image_path)
+        raw = request["image"]
+        if not isinstance(raw, str):
+            raise RequestError(f"image must be a file path, got {_escaped(raw)}", "image")
+        # `~...` and absolute paths as written; others relative to the JSONL file (read_file checks
+        # the rest: NUL, unknown home folders, non-regular files, size before reading)
+        path = raw if raw.startswith(("~", "/")) else str(base_dir / raw)
+        image = read_image_file(path, max_bytes=limits.max_upload_bytes)
     params = resolve_params(request, info=info, defaults=defaults, limits=limits, image=image)
     if "model" in request:
         note = "ignored model: a batch runs the --model it was started with"
@@ -658,7 +698,7 @@ def first_shapes(
             continue
         try:
             params = validate_line(entry.request, base_dir, info, defaults, limits)
-        except RequestError:
+        except Exception:  # RequestError or worse: the run records it, in its turn
             continue
         shapes[(params.width, params.height, params.num_frames)] = None
     return tuple(shapes)

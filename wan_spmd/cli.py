@@ -77,6 +77,21 @@ MaxHeightOpt = Annotated[int, typer.Option(help="Tallest frame accepted.")]
 MaxFramesOpt = Annotated[int, typer.Option(help="Most frames accepted.")]
 MaxStepsOpt = Annotated[int, typer.Option(help="Most denoising steps accepted.")]
 MaxFpsOpt = Annotated[int, typer.Option(help="Highest frame rate accepted.")]
+MaxPromptCharsOpt = Annotated[int, typer.Option(help="Longest prompt (and negative prompt) in characters.")]
+MaxWorkOpt = Annotated[
+    int,
+    typer.Option(
+        help="Most transformer tokens x denoising steps per job (the default admits 1280x720x81 at 52 steps)."
+    ),
+]
+MaxImagePixelsOpt = Annotated[int, typer.Option(help="Most pixels of an input image, checked before decoding.")]
+JobDeadlineOpt = Annotated[
+    float,
+    typer.Option(
+        help="Seconds a job of --max-work may run; a job of work W gets this x max(W / max-work, 0.1), "
+        "then it is stopped at its next step and fails."
+    ),
+]
 LoadFormatOpt = Annotated[
     str, typer.Option(help="auto (the folder's weights) or dummy (random weights, e.g. --model wan2.2-i2v-a14b).")
 ]
@@ -158,9 +173,22 @@ def _limits(
     max_steps: int,
     max_fps: int,
     max_upload_bytes: int = Limits.max_upload_bytes,
+    *,
+    max_prompt_chars: int = Limits.max_prompt_chars,
+    max_work: int = Limits.max_work,
+    max_image_pixels: int = Limits.max_image_pixels,
+    job_deadline: float = Limits.deadline_s_at_max_work,
 ) -> Limits:
-    if max_upload_bytes < 1:
-        raise ValueError(f"--max-upload-bytes must be >= 1, got {max_upload_bytes}")
+    for flag, value in (
+        ("--max-upload-bytes", max_upload_bytes),
+        ("--max-prompt-chars", max_prompt_chars),
+        ("--max-work", max_work),
+        ("--max-image-pixels", max_image_pixels),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 0 < job_deadline < float("inf"):
+        raise ValueError(f"--job-deadline must be > 0 seconds, got {job_deadline}")
     return Limits(
         max_width=max_width,
         max_height=max_height,
@@ -168,6 +196,10 @@ def _limits(
         max_steps=max_steps,
         max_fps=max_fps,
         max_upload_bytes=max_upload_bytes,
+        max_image_pixels=max_image_pixels,
+        max_prompt_chars=max_prompt_chars,
+        max_work=max_work,
+        deadline_s_at_max_work=job_deadline,
     )
 
 
@@ -263,6 +295,10 @@ def generate(
     max_frames: MaxFramesOpt = Limits.max_frames,
     max_steps: MaxStepsOpt = Limits.max_steps,
     max_fps: MaxFpsOpt = Limits.max_fps,
+    max_prompt_chars: MaxPromptCharsOpt = Limits.max_prompt_chars,
+    max_work: MaxWorkOpt = Limits.max_work,
+    max_image_pixels: MaxImagePixelsOpt = Limits.max_image_pixels,
+    job_deadline: JobDeadlineOpt = Limits.deadline_s_at_max_work,
     collective_timeout: CollectiveTimeoutOpt = 600.0,
     heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
     stop_grace: StopGraceOpt = 15.0,
@@ -274,12 +310,23 @@ def generate(
     """Generate one video and write it as an mp4."""
     with user_errors():
         info, layout = _model(model, load_format, tp, ulysses, cfg_parallel)
-        image_bytes = read_image_file(image) if image is not None else None
+        limits = _limits(
+            max_width,
+            max_height,
+            max_frames,
+            max_steps,
+            max_fps,
+            max_prompt_chars=max_prompt_chars,
+            max_work=max_work,
+            max_image_pixels=max_image_pixels,
+            job_deadline=job_deadline,
+        )
+        image_bytes = read_image_file(image, max_bytes=limits.max_upload_bytes) if image is not None else None
         params = resolve_params(
             request,
             info=info,
             defaults=generation_defaults(info, config),
-            limits=_limits(max_width, max_height, max_frames, max_steps, max_fps),
+            limits=limits,
             image=image_bytes,
             image_field="image",
         )
@@ -340,6 +387,10 @@ def batch(
     max_frames: MaxFramesOpt = Limits.max_frames,
     max_steps: MaxStepsOpt = Limits.max_steps,
     max_fps: MaxFpsOpt = Limits.max_fps,
+    max_prompt_chars: MaxPromptCharsOpt = Limits.max_prompt_chars,
+    max_work: MaxWorkOpt = Limits.max_work,
+    max_image_pixels: MaxImagePixelsOpt = Limits.max_image_pixels,
+    job_deadline: JobDeadlineOpt = Limits.deadline_s_at_max_work,
     load_format: LoadFormatOpt = "auto",
     tp: TpOpt = None,
     ulysses: UlyssesOpt = 1,
@@ -360,7 +411,17 @@ def batch(
         shard = check_args(requests, output_dir, shard_index, num_shards)
         info, layout = _model(model, load_format, tp, ulysses, cfg_parallel)
         defaults = generation_defaults(info, config)
-        limits = _limits(max_width, max_height, max_frames, max_steps, max_fps)
+        limits = _limits(
+            max_width,
+            max_height,
+            max_frames,
+            max_steps,
+            max_fps,
+            max_prompt_chars=max_prompt_chars,
+            max_work=max_work,
+            max_image_pixels=max_image_pixels,
+            job_deadline=job_deadline,
+        )
         from wan_spmd.batch import first_shapes
 
         engine = _engine_options(
@@ -428,6 +489,10 @@ def serve(
     max_frames: MaxFramesOpt = Limits.max_frames,
     max_steps: MaxStepsOpt = Limits.max_steps,
     max_fps: MaxFpsOpt = Limits.max_fps,
+    max_prompt_chars: MaxPromptCharsOpt = Limits.max_prompt_chars,
+    max_work: MaxWorkOpt = Limits.max_work,
+    max_image_pixels: MaxImagePixelsOpt = Limits.max_image_pixels,
+    job_deadline: JobDeadlineOpt = Limits.deadline_s_at_max_work,
     collective_timeout: CollectiveTimeoutOpt = 600.0,
     heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
     stop_grace: StopGraceOpt = 15.0,
@@ -480,7 +545,18 @@ def serve(
             auto_warmup=(preset_warmup_shape(defaults),),
             max_frames=max_frames,
         )
-        limits = _limits(max_width, max_height, max_frames, max_steps, max_fps, max_upload_bytes)
+        limits = _limits(
+            max_width,
+            max_height,
+            max_frames,
+            max_steps,
+            max_fps,
+            max_upload_bytes,
+            max_prompt_chars=max_prompt_chars,
+            max_work=max_work,
+            max_image_pixels=max_image_pixels,
+            job_deadline=job_deadline,
+        )
         settings = ServerSettings(
             info=info,
             defaults=defaults,

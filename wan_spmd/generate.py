@@ -29,13 +29,13 @@ class OneJobSource:
         if self._given or self.stop_reason is not None:
             return StopLoop
         self._given = True
-        return self.job
+        return self.job.start()
 
     def output_path(self, job: Job) -> Path:
         return self.output
 
     def is_cancelled(self, job: Job) -> bool:
-        return self.stop_reason is not None
+        return self.stop_reason is not None or job.overdue()
 
     def request_stop(self, reason: str) -> None:
         self.stop_reason = reason
@@ -49,6 +49,9 @@ class OneJobSource:
         if self._bar is not None:
             self._bar.close()
         self.outcome = outcome
+        if outcome.cancelled and self.stop_reason is None and outcome.job.overdue():
+            print(f"error: generation failed: {outcome.job.deadline_error()}", file=sys.stderr)
+            return
         if outcome.cancelled:
             print(f"error: generation {self.stop_reason or 'cancelled'}: {outcome.error}", file=sys.stderr)
             return

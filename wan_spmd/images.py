@@ -86,7 +86,9 @@ def decode(data: bytes, max_pixels: int) -> Pixels:
                     img.load()
                     rgb = to_rgb8(ImageOps.exif_transpose(img))
                 except Exception as exc:  # truncated or corrupt data: decoders raise many kinds
-                    raise ImageError(f"is not a readable image (a corrupt or truncated {img.format}: {type(exc).__name__})") from None
+                    raise ImageError(
+                        f"is not a readable image (a corrupt or truncated {img.format}: {type(exc).__name__})"
+                    ) from None
     return Pixels(rgb.width, rgb.height, rgb.tobytes())
 
 
@@ -104,29 +106,32 @@ def to_rgb8(img: Image.Image) -> Image.Image:
 
 def read_file(path: str | Path, max_bytes: int) -> bytes:
     """An image path from the CLI or a JSONL line as bytes: a regular file only (never a FIFO, a
-    device or a folder), its size checked before reading and read no further than `max_bytes`."""
+    device or a folder), its size checked before reading and read no further than `max_bytes`.
+    ImageError says why not, without the path (the caller names it)."""
     text = str(path)
     if "\0" in text:
-        raise ImageError("path has a NUL character")
+        raise ImageError("the path has a NUL character")
     try:
         resolved = Path(text).expanduser()
-    except RuntimeError:  # `~nosuchuser/x.png`: no such home folder
-        raise ImageError(f"path {text!r} names a home folder that does not exist") from None
+    except RuntimeError:  # `~nosuchuser/x.png`
+        raise ImageError("the path names a home folder that does not exist") from None
     try:
         # O_NONBLOCK: opening a FIFO with no writer would otherwise wait forever
         fd = os.open(resolved, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise ImageError(f"cannot read {text}: {exc.strerror or exc}") from None
+        raise ImageError(exc.strerror or str(exc)) from None
+    except (UnicodeError, ValueError) as exc:  # a name the filesystem cannot encode
+        raise ImageError(f"the path cannot be a file name ({type(exc).__name__})") from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ImageError(f"{text} is not a regular file")
+            raise ImageError("not a regular file")
         if info.st_size > max_bytes:
-            raise ImageError(f"{text} is {info.st_size} bytes, over the {max_bytes}-byte limit")
+            raise ImageError(f"it is {info.st_size} bytes, over the {max_bytes}-byte limit")
         try:
             data = f.read(max_bytes + 1)
         except OSError as exc:
-            raise ImageError(f"cannot read {text}: {exc.strerror or exc}") from None
+            raise ImageError(exc.strerror or str(exc)) from None
     if len(data) > max_bytes:  # it grew while we read it
-        raise ImageError(f"{text} is over the {max_bytes}-byte limit")
+        raise ImageError(f"it is over the {max_bytes}-byte limit")
     return data

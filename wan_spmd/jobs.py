@@ -7,6 +7,7 @@ error), never a tensor.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,25 @@ class Job:
     params: GenerationParams
     meta: dict[str, Any] = field(default_factory=dict)
     """Front-specific data (output path, line number); only rank 0 reads it."""
+    started: float | None = None
+    """Rank 0's time.monotonic() when its source handed it to the loop (`start`); the deadline counts from here."""
+
+    def start(self) -> Job:
+        """Start the job's deadline clock (a source calls this as it hands the job out)."""
+        self.started = time.monotonic()
+        return self
+
+    def overdue(self) -> bool:
+        """Past its deadline (params.deadline_s, from its work): a source's `is_cancelled` says stop,
+        and the job fails with `deadline_error` at its next denoising step on every rank."""
+        limit = self.params.deadline_s
+        return limit is not None and self.started is not None and time.monotonic() - self.started > limit
+
+    def deadline_error(self) -> str:
+        return (
+            f"ran past its deadline of {self.params.deadline_s:.0f} s for {self.params.work} token-steps "
+            "(--job-deadline x max(work / --max-work, 0.1)) and was stopped"
+        )
 
 
 @dataclass

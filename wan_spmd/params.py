@@ -231,7 +231,7 @@ def read_image_file(path: str | Path, field: str = "image", max_bytes: int = Lim
     try:
         return images.read_file(path, max_bytes)
     except images.ImageError as exc:
-        raise RequestError(f"{field} {exc}", field) from None
+        raise RequestError(f"cannot read {field} {_shown(str(path), 120)}: {exc}", field) from None
 
 
 def token_count(info: ModelInfo, width: int, height: int, num_frames: int) -> int:

@@ -65,14 +65,14 @@ class QueueJobSource:
             return None
         # The Job is broadcast (pickled) to every rank; its future stays here, on rank 0.
         self._running[item.id] = item
-        return Job(item.id, item.params)
+        return Job(item.id, item.params).start()
 
     def output_path(self, job: Job) -> Path:
         stamp = datetime.fromtimestamp(self._running[job.id].created).strftime("%Y%m%d-%H%M%S")
         return self.output_dir / f"{stamp}_{job.id}.mp4"
 
     def is_cancelled(self, job: Job) -> bool:
-        return self.stop_reason is not None or self._running[job.id].cancelled
+        return self.stop_reason is not None or self._running[job.id].cancelled or job.overdue()
 
     def on_step(self, job: Job, step: int, total: int) -> None:
         pass
@@ -80,6 +80,9 @@ class QueueJobSource:
     def finish(self, outcome: Outcome) -> None:
         """The mp4 is complete and in place (the engine streamed it while decoding): answer."""
         pending = self._running.pop(outcome.job.id)
+        if outcome.cancelled and self.stop_reason is None and outcome.job.overdue():
+            pending.resolve(error=JobFailed(outcome.job.deadline_error()))
+            return
         if outcome.cancelled:
             reason = self.stop_reason or "the client went away"
             log.info("video %s %s: %s", pending.id, outcome.error, reason)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -24,6 +25,9 @@ log = logging.getLogger("wan_spmd")
 PIPELINE_STAGES = ("TextEncoding", "LatentPreparation", "Denoising", "Decoding", "PipelineWall")
 SERVER_STAGES = ("Receive", "Validation", "Queue", "Dispatch", "Mp4Encoding", "Base64")
 RETRY_AFTER_S = "5"
+# Debugging and tests only (README, "Tests"): a request whose prompt equals this variable's value
+# fails with an unexpected exception, the one path no client input reaches any more (issue 20).
+FAULT_ENV = "WAN_SPMD_FAULT_PROMPT"
 
 # The request body is read by hand (so every field error comes from the one schema), so the OpenAPI
 # page is told what it looks like.
@@ -94,9 +98,18 @@ async def _generate(request: Request) -> tuple[PendingVideo, VideoAnswer, dict[s
             raise ApiError(
                 404, f"model {model!r} is not served here; this server serves {settings.served_model_name!r}", "model"
             )
+        if os.environ.get(FAULT_ENV) and fields.get("prompt") == os.environ[FAULT_ENV]:
+            raise RuntimeError(f"fault injected by {FAULT_ENV} (a test of the unexpected-error path)")
         try:
-            params: GenerationParams = resolve_params(
-                fields, info=settings.info, defaults=settings.defaults, limits=settings.limits, image=image
+            # in a worker thread: decoding an image takes up to seconds, and the event loop serves
+            # /health and every other connection meanwhile (images.DECODE_SLOTS bounds the decodes)
+            params: GenerationParams = await asyncio.to_thread(
+                resolve_params,
+                fields,
+                info=settings.info,
+                defaults=settings.defaults,
+                limits=settings.limits,
+                image=image,
             )
         except RequestError as exc:
             raise ApiError(400, str(exc), exc.field) from None
