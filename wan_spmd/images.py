@@ -122,16 +122,21 @@ def read_file(path: str | Path, max_bytes: int) -> bytes:
         raise ImageError(exc.strerror or str(exc)) from None
     except (UnicodeError, ValueError) as exc:  # a name the filesystem cannot encode
         raise ImageError(f"the path cannot be a file name ({type(exc).__name__})") from None
-    with os.fdopen(fd, "rb") as f:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ImageError("not a regular file")
         if info.st_size > max_bytes:
             raise ImageError(f"it is {info.st_size} bytes, over the {max_bytes}-byte limit")
-        try:
-            data = f.read(max_bytes + 1)
-        except OSError as exc:
-            raise ImageError(exc.strerror or str(exc)) from None
+        chunks, size = [], 0
+        while size <= max_bytes and (chunk := os.read(fd, min(1 << 20, max_bytes + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+    except OSError as exc:
+        raise ImageError(exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
     if len(data) > max_bytes:  # it grew while we read it
         raise ImageError(f"it is over the {max_bytes}-byte limit")
     return data
