@@ -30,22 +30,29 @@ from tests.conftest import ROOT, cli_env
 from tests.e2e.test_serve import UPLOAD_LIMIT, Server, _form, _metric, _png, _start, _stop
 from wan_spmd.params import Limits
 from wan_spmd.server.body import body_cap
+from wan_spmd.server.routes import FAULT_ENV
 
 MAX_CONNECTIONS = 16
 HEADER_TIMEOUT_S = 2
 BODY_TIMEOUT_S = 4
 BUDGET = body_cap(Limits(max_upload_bytes=UPLOAD_LIMIT))  # every body's byte budget on these servers
 KEY = "k3y-from-a-file"
+FAULT_PROMPT = "fail unexpectedly (test)"
 ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[\w.-]+/")  # "/tmp/", "/work/..." in an answer's text
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
-    s = _start(
-        tmp_path_factory.mktemp("hostile"),
-        *("--max-connections", str(MAX_CONNECTIONS), "--max-queue", "2"),
-        *("--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S)),
-    )
+    # the one unexpected exception left to provoke is injected (no client value reaches one any more)
+    os.environ[FAULT_ENV] = FAULT_PROMPT
+    try:
+        s = _start(
+            tmp_path_factory.mktemp("hostile"),
+            *("--max-connections", str(MAX_CONNECTIONS), "--max-queue", "2"),
+            *("--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S)),
+        )
+    finally:
+        del os.environ[FAULT_ENV]
     yield s
     s.client.close()
     _stop(s.proc)
@@ -542,8 +549,8 @@ def test_full_queue_answers_429_before_the_body(server):
 
 
 def test_unexpected_exception_is_json_500_and_keeps_the_connection(server):
-    """A request that makes the server fail unexpectedly (here a 401-digit guidance_scale, which
-    float() overflows on) gets a JSON 500 in the error shape, naming a reference and no path; the
+    """A request that makes the server fail unexpectedly (injected through WAN_SPMD_FAULT_PROMPT: since
+    issue 20 no client value reaches an unexpected exception) gets a JSON 500 in the error shape, naming a reference and no path; the
     traceback is logged once; the same keep-alive connection then serves the next request. A JSON
     body nested 100,000 deep is a plain 400, and so are bytes that are not HTTP. If this fails,
     clients get text/plain errors and reset connections, and operators cannot match an answer to
@@ -552,7 +559,7 @@ def test_unexpected_exception_is_json_500_and_keeps_the_connection(server):
     sock = _connect(server)
     host = f"127.0.0.1:{_port(server)}"
     sock.sendall(
-        _request("POST", "/v1/videos", host, _video_json(guidance_scale=10**400), Content_Type="application/json")
+        _request("POST", "/v1/videos", host, _video_json(prompt=FAULT_PROMPT), Content_Type="application/json")
     )
     status, headers, body = _read_answer(sock)
     error = _error(status, headers, body)
@@ -571,7 +578,7 @@ def test_unexpected_exception_is_json_500_and_keeps_the_connection(server):
     sock.close()
     log = server.log_text()
     assert log.count("Traceback") == tracebacks_before + 1 and log.count(ref) == 1
-    assert "OverflowError" in log.split(ref, 1)[1]
+    assert "RuntimeError: fault injected by WAN_SPMD_FAULT_PROMPT" in log.split(ref, 1)[1]
     _serves(server)
 
 
