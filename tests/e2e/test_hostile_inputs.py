@@ -192,13 +192,14 @@ HTTP_BAD = [
 def test_http_hostile_values_are_400(server):
     """Each value that answered a text/plain 500 on main is a JSON 400 naming its field; a lone
     surrogate in an unknown key is only a warning (escaped), not a 500 after the video was made."""
+    image = base64.b64encode(EXAMPLE_IMAGE.read_bytes()).decode()
     for change, field in HTTP_BAD:
-        body = json.dumps({"prompt": "x", **change}).encode()
+        body = json.dumps({"prompt": "x", "input_reference": image, **change}).encode()
         r = server.client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
         assert r.status_code == 400 and _error(r)["param"] == field, (change, r.text[:300])
     body = json.dumps(
         {"prompt": "x", "\ud800key": 1, "size": "32x32", "num_frames": 5, "num_inference_steps": 1,
-         "input_reference": base64.b64encode(EXAMPLE_IMAGE.read_bytes()).decode()}
+         "input_reference": image}
     ).encode()  # fmt: skip
     r = server.client.post("/v1/videos", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 200 and r.json()["warnings"][0] == "ignored unknown keys: \\ud800key", r.text[:300]
