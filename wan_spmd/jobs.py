@@ -1,6 +1,6 @@
 """What the SPMD loop passes between fronts and ranks, without torch: `Job`, `Outcome`, `JobSource`.
 
-A job is broadcast to every rank as primitives (the validated parameters and image bytes); its
+A job is broadcast to every rank as primitives (the validated parameters, the image as decoded pixels); its
 outcome, on rank 0, carries what a front needs to answer (the finished mp4's path, timings, the
 error), never a tensor.
 """
@@ -17,7 +17,7 @@ from wan_spmd.params import GenerationParams
 
 @dataclass
 class Job:
-    """One validated request, as broadcast to every rank (primitives and image bytes only)."""
+    """One validated request, as broadcast to every rank (primitives and the image's pixels only)."""
 
     id: str
     params: GenerationParams

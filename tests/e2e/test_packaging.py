@@ -19,6 +19,7 @@ TORCH_FREE = (
     "wan_spmd.families",
     "wan_spmd.launch",
     "wan_spmd.params",
+    "wan_spmd.images",
     "wan_spmd.jobs",
     "wan_spmd.env",
     "wan_spmd.video",
