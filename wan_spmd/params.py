@@ -179,6 +179,8 @@ def _as_float(name: str, value: Any) -> float:
         raise RequestError(f"{name} must be a number, got {_shown(value)}", name)
     if isinstance(value, str):
         text = value.strip()
+        if text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+            raise RequestError(f"{name} must be a finite number, got {_shown(value)}", name)
         if len(text) > MAX_NUMBER_CHARS or not _FLOAT_TEXT.fullmatch(text):
             raise RequestError(f"{name} must be a number (ASCII digits), got {_shown(value)}", name)
         value = text
