@@ -163,23 +163,29 @@ def vae_split_error(d, pipe, out: Path) -> None:
         (out / f"vae-{d.world_size}.json").write_text(json.dumps(result))
 
 
-def mode_compile(d, out: Path) -> None:
-    """The engine's compiled blocks (aot_eager, fullgraph: a graph break raises) against eager, at
-    three sizes: the third must compile nothing new (the dynamic graph of the second serves it)."""
+def mode_compile(d, out: Path, names: str = "") -> None:
+    """The engine's compiled blocks (aot_eager, fullgraph: a graph break raises) against eager, per
+    layout (LAYOUTS names; default: this world's default), at three sizes: the third must compile
+    nothing new (the dynamic graph of the second serves it)."""
     from wan_spmd.compiling import compiled_graphs
 
     info = resolve_model("tiny")
-    options = EngineOptions(layout=resolve_layout(d.world_size), device="cpu")
-    eager = build_pipeline(d, info, options)
-    compiled = build_pipeline(d, info, dataclasses.replace(options, compile=True, compile_backend="aot_eager"))
-    result = {"max_abs": 0.0, "graphs": []}
-    for size in ("64x64", "48x32", "80x48"):
-        params = params_for(info, size=size, num_frames=5)
-        ref, got = eager(params).latents, compiled(params).latents
-        result["max_abs"] = max(result["max_abs"], (ref - got).abs().max().item())
-        result["graphs"].append(compiled_graphs())
+    results = {}
+    for name in names.split(",") if names else ["default"]:
+        layout = resolve_layout(d.world_size, **LAYOUTS.get(name, {}))
+        options = EngineOptions(layout=layout, device="cpu")
+        eager = build_pipeline(d, info, options)
+        compiled = build_pipeline(d, info, dataclasses.replace(options, compile=True, compile_backend="aot_eager"))
+        result = {"max_abs": 0.0, "graphs": []}
+        before = compiled_graphs()
+        for size in ("64x64", "48x32", "80x48"):
+            params = params_for(info, size=size, num_frames=5)
+            ref, got = eager(params).latents, compiled(params).latents
+            result["max_abs"] = max(result["max_abs"], (ref - got).abs().max().item())
+            result["graphs"].append(compiled_graphs() - before)
+        results[name] = result
     if d.is_main:
-        (out / f"compile-{d.world_size}.json").write_text(json.dumps(result))
+        (out / f"compile-{d.world_size}.json").write_text(json.dumps(results))
 
 
 def mode_dummy(d, out: Path) -> None:

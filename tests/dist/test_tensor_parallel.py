@@ -125,19 +125,23 @@ def test_generate_under_torchrun_writes_the_same_video(cache_home, tiny_i2v, tmp
     assert len(frames[2]) == 9 and max(diffs) <= 1  # 8-bit rounding of a 1e-6 difference at most
 
 
-@pytest.mark.parametrize("nproc", [0, 2])
-def test_compiled_blocks_trace_whole_and_match_eager(cache_home, tiny_i2v, tmp_path, nproc):
+@pytest.mark.parametrize("nproc, layouts", [(0, "default"), (2, "tp2,u2,cfg")])
+def test_compiled_blocks_trace_whole_and_match_eager(cache_home, tiny_i2v, tmp_path, nproc, layouts):
     """The experts' blocks compiled with fullgraph=True (aot_eager: the graphs inductor would get)
-    alone and under TP=2 with its sequence regions and collectives. If this fails, a graph break
-    would have stopped a GPU server at start-up, the compiled blocks compute something else, or a
-    third request size pays a compile (the dynamic-shape policy of wan_spmd.compiling broke)."""
+    alone and under every 2-rank layout (TP with its sequence regions, Ulysses' all-to-alls,
+    CFG-parallel). If this fails, a graph break would have stopped a GPU server at start-up, the
+    compiled blocks compute something else, or a third request size pays a compile (the
+    dynamic-shape policy of wan_spmd.compiling broke)."""
+    args = ["compile", str(tmp_path)] + ([] if layouts == "default" else [layouts])
     if nproc:
-        proc = run_torchrun_script(SCRIPT, ["compile", str(tmp_path)], nproc=nproc, timeout=300)
+        proc = run_torchrun_script(SCRIPT, args, nproc=nproc, timeout=600)
     else:
-        cmd = [sys.executable, str(SCRIPT), "compile", str(tmp_path)]
+        cmd = [sys.executable, str(SCRIPT), *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / f"compile-{nproc or 1}.json").read_text())
-    assert result["max_abs"] <= TOLERANCE
-    first, second, third = result["graphs"]
-    assert first >= 1 and second > first and third == second
+    results = json.loads((tmp_path / f"compile-{nproc or 1}.json").read_text())
+    assert sorted(results) == sorted(layouts.split(","))
+    for name, result in results.items():
+        assert result["max_abs"] <= TOLERANCE, name
+        first, second, third = result["graphs"]
+        assert first >= 1 and second > first and third == second, (name, result["graphs"])
