@@ -26,6 +26,7 @@ from wan_spmd.launch import (
     VAE_DTYPES,
     ParallelLayout,
     WarmupShape,
+    check_hosts,
     check_layout,
     parse_warmup_shapes,
     preset_warmup_shape,
@@ -180,6 +181,7 @@ def _model(
     info = resolve_model(model, load_format)
     layout = resolve_layout(world_size, tp=tp, ulysses=ulysses, cfg_parallel=cfg_parallel)
     check_layout(layout, info.transformer_config)
+    check_hosts(layout, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     return info, layout
 
 

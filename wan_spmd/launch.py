@@ -89,6 +89,19 @@ def check_layout(layout: ParallelLayout, transformer_config: dict[str, Any]) -> 
         )
 
 
+def check_hosts(layout: ParallelLayout, ranks_per_host: int) -> None:
+    """Only the cfg dimension may cross hosts: a tp x ulysses group (neighbouring ranks, tp
+    innermost) must fit inside one host, whose `ranks_per_host` ranks torchrun numbers together
+    (LOCAL_WORLD_SIZE). Its collectives run every layer; cfg's once per step."""
+    group = layout.tp * layout.ulysses
+    if ranks_per_host < layout.world_size and ranks_per_host % group:
+        raise ValueError(
+            f"tp={layout.tp} x ulysses={layout.ulysses} = {group} ranks per group would span hosts of "
+            f"{ranks_per_host} rank(s) each: only the cfg dimension may cross hosts "
+            "(use --cfg-parallel, or --nproc-per-node a multiple of the group)"
+        )
+
+
 def resolve_model(model: str, load_format: str = "auto") -> ModelInfo:
     """`tiny` / `tiny-t2v` (built on first use into the cache) or a local diffusers folder; with
     `load_format="dummy"` also a named real architecture (`wan2.2-i2v-a14b`) with no folder.
