@@ -472,7 +472,7 @@ def serve(
 @app.command("make-tiny")
 def make_tiny_cmd(
     dest: Annotated[Path, typer.Argument(help="Folder to write.")],
-    variant: Annotated[str, typer.Option(help="i2v or t2v.")] = "i2v",
+    variant: Annotated[str, typer.Option(help="i2v, t2v or ti2v.")] = "i2v",
 ) -> None:
     """Write a tiny random Wan2.2 checkpoint in the real diffusers layout (noise, not art)."""
     from wan_spmd.tiny import VARIANTS, make_tiny
