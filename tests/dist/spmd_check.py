@@ -3,6 +3,9 @@
 Modes:
   tp OUT      run the tiny I2V and T2V models; rank 0 saves latents and float video, every rank
               writes its parameter counts for the sharded layers
+  tp_ti2v OUT the tiny TI2V model without an image (12 tokens: the sequence regions split them, and
+              the per-token modulation with them) and with one (9 tokens: uneven, all-reduce); rank 0
+              saves latents and float video
   attn OUT    one attention module sharded by the TP plan vs the same module whole
   dummy OUT   a dummy-weight expert (tiny architecture) made already sharded
   slow_decode OUT  rank 0 delivers for longer than the control timeout; the loop goes on
@@ -65,6 +68,22 @@ def mode_tp(d, out: Path) -> None:
                 local_numel(p) for n, p in model.blocks.named_parameters() if any(s in n for s in SHARDED)
             )
     (out / f"counts-{d.world_size}-{d.rank}.json").write_text(json.dumps(counts))
+
+
+def mode_tp_ti2v(d, out: Path) -> None:
+    info = resolve_model("tiny-ti2v")
+    pipe = load_pipeline(d, info)
+    image = EXAMPLE.read_bytes()
+    cases = {
+        "text": resolve_params({"prompt": "a kite", "seed": 5}, info=info, defaults=generation_defaults(info)),
+        "image": resolve_params(
+            {"prompt": "a kite", "seed": 6, "size": "32x96"}, info=info, defaults=generation_defaults(info), image=image
+        ),
+    }
+    for case, params in cases.items():
+        result = pipe(params)
+        if d.is_main:
+            torch.save({"latents": result.latents, "frames": result.frames}, out / f"ti2v-{case}-{d.world_size}.pt")
 
 
 def mode_attn(d, out: Path) -> None:
@@ -192,6 +211,7 @@ if __name__ == "__main__":
     try:
         modes = {
             "tp": mode_tp,
+            "tp_ti2v": mode_tp_ti2v,
             "attn": mode_attn,
             "fault": mode_fault,
             "dummy": mode_dummy,
