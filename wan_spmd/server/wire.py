@@ -85,6 +85,7 @@ class ModelCard(BaseModel):
     owned_by: str = "wan_spmd"
     root: str | None = None
     pipeline: str | None = None
+    family: str | None = None
 
 
 class ModelList(BaseModel):
