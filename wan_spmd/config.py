@@ -215,6 +215,8 @@ _TI2V_5B_TRANSFORMER = {
     "in_channels": 48,
     "out_channels": 48,
 }
+# The 48 latent statistics 12 a line, not one a line.
+# fmt: off
 WAN22_VAE = {
     "base_dim": 160,
     "decoder_base_dim": 256,
@@ -225,7 +227,6 @@ WAN22_VAE = {
     "patch_size": 2,
     "scale_factor_temporal": 4,
     "scale_factor_spatial": 16,
-    # fmt: off
     "latents_mean": [
         -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
         0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
@@ -238,8 +239,8 @@ WAN22_VAE = {
         0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
         0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
     ],
-    # fmt: on
 }
+# fmt: on
 REAL_MODELS = {
     "wan2.2-i2v-a14b": ModelInfo(
         None, FAMILIES["wan2.2-i2v-a14b"], 0.9, {**_A14B_TRANSFORMER, "in_channels": 36}, {"z_dim": 16}

@@ -37,9 +37,7 @@ class RequestField:
 FIELDS: tuple[RequestField, ...] = (
     RequestField("prompt", str, "What the video shows (required)."),
     RequestField("negative_prompt", str, "What to steer away from."),
-    RequestField(
-        "size", str, "WIDTHxHEIGHT, multiples of the model's spatial multiple (16 for A14B, 32 for TI2V), e.g. 1280x720."
-    ),
+    RequestField("size", str, "WIDTHxHEIGHT in multiples of the model's (16 A14B, 32 TI2V), e.g. 1280x720."),
     RequestField("width", int, "Frame width in pixels, given with height; size wins."),
     RequestField("height", int, "Frame height in pixels, given with width; size wins."),
     RequestField("seconds", float, "Duration; num_frames = seconds x fps rounded down to 4k+1."),
