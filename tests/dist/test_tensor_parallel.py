@@ -164,3 +164,12 @@ def test_compiled_blocks_trace_whole_and_match_eager(cache_home, tiny_i2v, tmp_p
     assert result["max_abs"] <= TOLERANCE
     first, second, third = result["graphs"]
     assert first >= 1 and second > first and third == second
+
+
+def test_compiled_ti2v_blocks_under_tp2_match_eager(cache_home, tiny_ti2v, tmp_path):
+    """Compiled blocks are the CUDA default: if this fails, TI2V's per-token modulation (narrowed to
+    each rank's tokens by a pre-hook inside the compiled block) breaks the fullgraph trace, which
+    would stop a GPU server at start-up, or computes something else than eager."""
+    proc = run_torchrun_script(SCRIPT, ["compile_ti2v", str(tmp_path)], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "compile-ti2v-2.json").read_text())["max_abs"] <= TOLERANCE
