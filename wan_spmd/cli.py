@@ -26,6 +26,7 @@ from wan_spmd.launch import (
     VAE_DTYPES,
     ParallelLayout,
     WarmupShape,
+    check_family,
     check_hosts,
     check_layout,
     parse_warmup_shapes,
@@ -181,6 +182,7 @@ def _model(
     info = resolve_model(model, load_format)
     layout = resolve_layout(world_size, tp=tp, ulysses=ulysses, cfg_parallel=cfg_parallel)
     check_layout(layout, info.transformer_config)
+    check_family(layout, info.family)
     check_hosts(layout, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     return info, layout
 
@@ -567,7 +569,7 @@ def _check_uds_free(path: Path) -> None:
 @app.command("make-tiny")
 def make_tiny_cmd(
     dest: Annotated[Path, typer.Argument(help="Folder to write.")],
-    variant: Annotated[str, typer.Option(help="i2v or t2v.")] = "i2v",
+    variant: Annotated[str, typer.Option(help="i2v, t2v or ti2v.")] = "i2v",
 ) -> None:
     """Write a tiny random Wan2.2 checkpoint in the real diffusers layout (noise, not art)."""
     from wan_spmd.tiny import VARIANTS, make_tiny

@@ -173,7 +173,7 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
     components = load_components(info, d.device, dtypes, mesh=tp_submesh(mesh, layout), load_format=options.load_format)
     compiled = resolve_compile(options.compile, d.device)
     for expert in components.experts:
-        parallelize(expert, mesh, layout)
+        parallelize(expert, mesh, layout, per_token_timesteps=info.family.expand_timesteps)
         if compiled:
             compile_blocks(expert, options.compile_backend)
     log.info(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from wan_spmd.config import REAL_MODELS, TINY_NAMES, ModelFolderError, ModelInfo, inspect_model_folder, tiny_cache_dir
+from wan_spmd.families import Family
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,15 @@ def check_layout(layout: ParallelLayout, transformer_config: dict[str, Any]) -> 
         raise ValueError(
             f"{heads // layout.tp} attention heads per tp rank ({heads} over tp={layout.tp}) "
             f"do not split over ulysses={layout.ulysses}"
+        )
+
+
+def check_family(layout: ParallelLayout, family: Family) -> None:
+    """Layouts a family cannot run yet: Ulysses does not cut TI2V's per-token timestep table."""
+    if layout.ulysses > 1 and family.expand_timesteps:
+        raise ValueError(
+            f"--ulysses {layout.ulysses} is not supported for {family.name} (per-token timesteps) yet; "
+            "use --tp or --cfg-parallel"
         )
 
 

@@ -91,7 +91,7 @@ def load_components(
     names = info.family.expert_names
     dtypes = dtypes or Dtypes.for_device(device)
     if load_format == "dummy":
-        tokenizer, text_encoder, vae, scheduler = _dummy_text_and_vae(device, dtypes)
+        tokenizer, text_encoder, vae, scheduler = _dummy_text_and_vae(device, dtypes, info.vae_config)
         experts = [
             dummy_expert_sharded(info.transformer_config, mesh, device, dtypes.transformer, seed=i)
             for i, _ in enumerate(names, start=1)
@@ -103,8 +103,9 @@ def load_components(
     return Components(tokenizer, text_encoder, vae, scheduler, experts)
 
 
-def _dummy_text_and_vae(device: torch.device, dtypes: Dtypes):
-    """Real-size text encoder and VAE with random weights, made on the device (benchmarks).
+def _dummy_text_and_vae(device: torch.device, dtypes: Dtypes, vae_config: dict):
+    """Real-size text encoder and VAE (the family's: `vae_config` holds the arguments that differ from
+    the Wan2.1 VAE's defaults) with random weights, made on the device (benchmarks).
 
     The tokenizer is the tiny one: the encoder always runs all 512 positions, so the cost is real.
     """
@@ -117,7 +118,7 @@ def _dummy_text_and_vae(device: torch.device, dtypes: Dtypes):
         value = random_weight(name, meta.shape, device, dtypes.text_encoder, seed=3)
         setattr(text_encoder.get_submodule(owner), attr, torch.nn.Parameter(value, requires_grad=False))
     torch.manual_seed(4)
-    vae = AutoencoderKLWan().to(device=device, dtype=dtypes.vae)  # the Wan2.1 VAE's default arguments
+    vae = AutoencoderKLWan(**vae_config).to(device=device, dtype=dtypes.vae)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0
     )

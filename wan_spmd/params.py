@@ -37,7 +37,7 @@ class RequestField:
 FIELDS: tuple[RequestField, ...] = (
     RequestField("prompt", str, "What the video shows (required)."),
     RequestField("negative_prompt", str, "What to steer away from."),
-    RequestField("size", str, "WIDTHxHEIGHT, multiples of the model's spatial multiple (16 for A14B), e.g. 1280x720."),
+    RequestField("size", str, "WIDTHxHEIGHT in multiples of the model's (16 A14B, 32 TI2V), e.g. 1280x720."),
     RequestField("width", int, "Frame width in pixels, given with height; size wins."),
     RequestField("height", int, "Frame height in pixels, given with width; size wins."),
     RequestField("seconds", float, "Duration; num_frames = seconds x fps rounded down to 4k+1."),
@@ -190,6 +190,24 @@ def size_from_area(image_width: int, image_height: int, max_area: int, multiple:
     return max(width, multiple), max(height, multiple)
 
 
+def best_fit_size(image_width: int, image_height: int, max_area: int, multiple: int = 32) -> tuple[int, int]:
+    """Official Wan2.2 TI2V sizing (`best_output_size` in wan/utils/utils.py): round the width down to
+    the multiple and fit the height in the area, or the other way round; keep the pair whose aspect
+    ratio is closer to the image's."""
+    ratio = image_width / image_height
+    width = math.sqrt(max_area * ratio)
+    height = max_area / width
+    w1 = max(int(width // multiple * multiple), multiple)
+    h1 = max(int(max_area / w1 // multiple * multiple), multiple)
+    h2 = max(int(height // multiple * multiple), multiple)
+    w2 = max(int(max_area / h2 // multiple * multiple), multiple)
+
+    def off(w: int, h: int) -> float:
+        return max(ratio / (w / h), (w / h) / ratio)
+
+    return (w1, h1) if off(w1, h1) < off(w2, h2) else (w2, h2)
+
+
 def derive_num_frames(seconds: float, fps: int) -> int:
     """Frames from a duration, rounded as diffusers rounds (`n // 4 * 4 + 1`): 5 s x 16 fps -> 81."""
     return int(seconds * fps) // 4 * 4 + 1
@@ -254,7 +272,8 @@ def resolve_params(
         size_field = "width"
     elif pil_image is not None and defaults.get("max_area"):
         area_w, area_h = parse_size(defaults["max_area"], "max_area")
-        width, height = size_from_area(pil_image.width, pil_image.height, area_w * area_h, multiple)
+        from_image = best_fit_size if info.family.image_sizing == "best_fit" else size_from_area
+        width, height = from_image(pil_image.width, pil_image.height, area_w * area_h, multiple)
         size_field = "size"
         warnings.append(f"size {width}x{height} follows the image's aspect ratio within {area_w}x{area_h}")
     elif defaults.get("size"):

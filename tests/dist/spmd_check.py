@@ -3,7 +3,11 @@
 Modes:
   tp OUT      run the tiny I2V and T2V models; rank 0 saves latents and float video, every rank
               writes its parameter counts for the sharded layers
+  tp_ti2v OUT the tiny TI2V model without an image (12 tokens: the sequence regions split them, and
+              the per-token modulation with them) and with one (9 tokens: uneven, all-reduce); rank 0
+              saves latents and float video
   attn OUT    one attention module sharded by the TP plan vs the same module whole
+  compile_ti2v OUT  the tiny TI2V model's compiled blocks against eager, text and image
   dummy OUT   a dummy-weight expert (tiny architecture) made already sharded
   slow_decode OUT  rank 0 delivers for longer than the control timeout; the loop goes on
   layouts OUT L1,L2  each named parallel layout (LAYOUTS) on this world: the tiny I2V and T2V
@@ -70,6 +74,22 @@ def mode_tp(d, out: Path) -> None:
                 local_numel(p) for n, p in model.blocks.named_parameters() if any(s in n for s in SHARDED)
             )
     (out / f"counts-{d.world_size}-{d.rank}.json").write_text(json.dumps(counts))
+
+
+def mode_tp_ti2v(d, out: Path) -> None:
+    info = resolve_model("tiny-ti2v")
+    pipe = load_pipeline(d, info)
+    image = EXAMPLE.read_bytes()
+    cases = {
+        "text": resolve_params({"prompt": "a kite", "seed": 5}, info=info, defaults=generation_defaults(info)),
+        "image": resolve_params(
+            {"prompt": "a kite", "seed": 6, "size": "32x96"}, info=info, defaults=generation_defaults(info), image=image
+        ),
+    }
+    for case, params in cases.items():
+        result = pipe(params)
+        if d.is_main:
+            torch.save({"latents": result.latents, "frames": result.frames}, out / f"ti2v-{case}-{d.world_size}.pt")
 
 
 def mode_attn(d, out: Path) -> None:
@@ -188,6 +208,22 @@ def mode_compile(d, out: Path, names: str = "") -> None:
         (out / f"compile-{d.world_size}.json").write_text(json.dumps(results))
 
 
+def mode_compile_ti2v(d, out: Path) -> None:
+    """TI2V's per-token modulation through compiled blocks (aot_eager, fullgraph) against eager: text
+    at 64x64 (tokens split over 2 ranks), image at 32x96 (uneven: all-reduce) and 96x64."""
+    info = resolve_model("tiny-ti2v")
+    options = EngineOptions(layout=resolve_layout(d.world_size), device="cpu")
+    eager = build_pipeline(d, info, options)
+    compiled = build_pipeline(d, info, dataclasses.replace(options, compile=True, compile_backend="aot_eager"))
+    max_abs = 0.0
+    for size, image in (("64x64", None), ("32x96", EXAMPLE.read_bytes()), ("96x64", EXAMPLE.read_bytes())):
+        request = {"prompt": "a kite", "seed": 1, "size": size, "num_frames": 5}
+        params = resolve_params(request, info=info, defaults=generation_defaults(info), image=image)
+        max_abs = max(max_abs, (eager(params).latents - compiled(params).latents).abs().max().item())
+    if d.is_main:
+        (out / f"compile-ti2v-{d.world_size}.json").write_text(json.dumps({"max_abs": max_abs}))
+
+
 def mode_dummy(d, out: Path) -> None:
     """Dummy weights made already sharded: the same model at every TP size (tiny architecture)."""
     from wan_spmd.loading import dummy_expert_sharded
@@ -275,12 +311,14 @@ if __name__ == "__main__":
     try:
         modes = {
             "tp": mode_tp,
+            "tp_ti2v": mode_tp_ti2v,
             "attn": mode_attn,
             "fault": mode_fault,
             "dummy": mode_dummy,
             "slow_decode": mode_slow_decode,
             "compile": mode_compile,
             "layouts": mode_layouts,
+            "compile_ti2v": mode_compile_ti2v,
         }
         modes[mode](d, out, *extra)
     finally:

@@ -41,6 +41,31 @@ def test_tp2_video_matches_tp1(tp_runs, model):
     assert one["frames"].float().std() > 2
 
 
+@pytest.fixture(scope="module")
+def ti2v_runs(cache_home, tiny_ti2v, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tp-ti2v")
+    alone = subprocess.run(
+        [sys.executable, str(SCRIPT), "tp_ti2v", str(out)], capture_output=True, text=True, env=cli_env(), cwd=ROOT
+    )
+    assert alone.returncode == 0, alone.stderr
+    both = run_torchrun_script(SCRIPT, ["tp_ti2v", str(out)], nproc=2)
+    assert both.returncode == 0, both.stderr
+    return out
+
+
+@pytest.mark.parametrize("case", ["text", "image"])
+def test_tp2_ti2v_matches_tp1(ti2v_runs, case):
+    """TI2V's timestep is per token: if this fails, the per-token modulation was not split with the
+    tokens in the sequence regions (text: 12 tokens, split), or the uneven fallback (image: 9 tokens,
+    all-reduce) or the first-frame conditioning differs between TP=2 and TP=1."""
+    one = torch.load(ti2v_runs / f"ti2v-{case}-1.pt")
+    two = torch.load(ti2v_runs / f"ti2v-{case}-2.pt")
+    assert one["latents"].shape == two["latents"].shape
+    assert (one["latents"] - two["latents"]).abs().max().item() <= TOLERANCE
+    assert (one["frames"].int() - two["frames"].int()).abs().max().item() <= 1  # 8-bit rounding at most
+    assert one["frames"].float().std() > 2
+
+
 def test_each_rank_holds_half_of_the_sharded_weights(tp_runs):
     """Each of 2 ranks holds 1/2 of every expert's attention and FFN weights (biases of row-parallel
     layers stay whole: 48 of them per attention output and FFN output)."""
@@ -145,3 +170,12 @@ def test_compiled_blocks_trace_whole_and_match_eager(cache_home, tiny_i2v, tmp_p
         assert result["max_abs"] <= TOLERANCE, name
         first, second, third = result["graphs"]
         assert first >= 1 and second > first and third == second, (name, result["graphs"])
+
+
+def test_compiled_ti2v_blocks_under_tp2_match_eager(cache_home, tiny_ti2v, tmp_path):
+    """Compiled blocks are the CUDA default: if this fails, TI2V's per-token modulation (narrowed to
+    each rank's tokens by a pre-hook inside the compiled block) breaks the fullgraph trace, which
+    would stop a GPU server at start-up, or computes something else than eager."""
+    proc = run_torchrun_script(SCRIPT, ["compile_ti2v", str(tmp_path)], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "compile-ti2v-2.json").read_text())["max_abs"] <= TOLERANCE

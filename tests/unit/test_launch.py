@@ -82,3 +82,15 @@ def test_only_the_cfg_dimension_crosses_hosts():
         check_hosts(ParallelLayout(tp=2), ranks_per_host=1)
     with pytest.raises(ValueError, match="only the cfg dimension may cross hosts"):
         check_hosts(ParallelLayout(tp=4, ulysses=2, cfg=2), ranks_per_host=4)
+
+
+def test_ulysses_is_refused_for_per_token_timesteps():
+    """TI2V's per-token modulation is not cut by the Ulysses split yet: refused before loading, not
+    run wrong."""
+    from wan_spmd.families import FAMILIES
+    from wan_spmd.launch import check_family
+
+    check_family(ParallelLayout(tp=2, cfg=2), FAMILIES["wan2.2-ti2v-5b"])
+    check_family(ParallelLayout(ulysses=2), FAMILIES["wan2.2-i2v-a14b"])
+    with pytest.raises(ValueError, match="--ulysses 2 is not supported for wan2.2-ti2v-5b"):
+        check_family(ParallelLayout(ulysses=2), FAMILIES["wan2.2-ti2v-5b"])

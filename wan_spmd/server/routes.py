@@ -248,6 +248,7 @@ async def models(request: Request) -> ModelList:
         created=int(time.time()),
         root=settings.info.path.name if settings.info.path else None,  # the folder's name, never where it is
         pipeline=settings.info.family.pipeline_class,
+        family=settings.info.family.name,
     )
     return ModelList(data=[card])
 

@@ -85,6 +85,7 @@ class ModelCard(BaseModel):
     owned_by: str = "wan_spmd"
     root: str | None = Field(None, description="The model folder's name (never where it lies).")
     pipeline: str | None = None
+    family: str | None = None
 
 
 class ModelList(BaseModel):
