@@ -27,9 +27,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--size", default="1280x720")
     parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of the code path at a small size")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     info = REAL_MODELS["wan2.2-i2v-a14b"]
     torch.manual_seed(4)
     weights = AutoencoderKLWan().state_dict()  # the Wan2.1 VAE's default arguments, as dummy loading makes it
@@ -39,24 +41,27 @@ def main() -> None:
         1, 16, (args.frames - 1) // 4 + 1, height // 8, width // 8, generator=torch.Generator().manual_seed(0)
     )
     latents = latents.to(device)
-    result: dict = {"size": args.size, "frames": args.frames, "device": torch.cuda.get_device_name()}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result: dict = {"size": args.size, "frames": args.frames, "device": name}
     frames = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         vae = AutoencoderKLWan().to(device=device, dtype=dtype)
         vae.load_state_dict(weights)
         comps.vae = vae
         pipe = WanVideoPipeline(comps, info, device)
-        torch.cuda.reset_peak_memory_stats()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(3):
-            torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             out = torch.cat([c for c in pipe.decode_chunks(latents)])
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - start)
         frames[name] = out.double()
         result[f"decode_{name}_s"] = statistics.median(times[1:])
-        result[f"peak_{name}_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if device.type == "cuda":
+            result[f"peak_{name}_gib"] = torch.cuda.max_memory_allocated() / 2**30
         del vae
     mse = ((frames["fp32"] - frames["bf16"]) ** 2).mean().item()
     result["psnr_bf16_vs_fp32_db"] = 10 * torch.log10(torch.tensor(255.0**2 / mse)).item()
