@@ -29,6 +29,8 @@ class ServerSettings:
     api_key: str | None = None
     """When set, every endpoint but /health needs `Authorization: Bearer KEY`."""
     world_size: int = 1
+    loras: tuple[dict[str, Any], ...] = ()
+    """What was fused at launch (`LoraSpec.card`: file name, scale, experts, content hash; no path)."""
 
 
 @dataclass

@@ -232,6 +232,7 @@ async def models(request: Request) -> ModelList:
         created=int(time.time()),
         root=str(settings.info.path) if settings.info.path else None,
         pipeline=settings.info.family.pipeline_class,
+        loras=list(settings.loras),
     )
     return ModelList(data=[card])
 

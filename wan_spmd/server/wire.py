@@ -85,6 +85,9 @@ class ModelCard(BaseModel):
     owned_by: str = "wan_spmd"
     root: str | None = None
     pipeline: str | None = None
+    loras: list[dict[str, Any]] = Field(
+        default_factory=list, description="LoRAs fused at launch: file name, scale, experts, sha256 (12 hex digits)."
+    )
 
 
 class ModelList(BaseModel):
