@@ -40,7 +40,9 @@ def write_peft(path: Path, seed: int, rank: int = 4, bias: bool = True, alpha: f
     tensors["transformer.proj_out.lora_B.weight"] = _rand(gen, 64, rank)
     metadata = None
     if alpha is not None:
-        config = {"r": rank, "lora_alpha": alpha, "lora_bias": bias}
+        # what diffusers' save_lora_weights writes: the LoraConfig it is rebuilt from
+        modules = sorted({k.removeprefix("transformer.").rsplit(".lora_", 1)[0] for k in tensors})
+        config = {"r": rank, "lora_alpha": alpha, "lora_bias": bias, "target_modules": modules}
         metadata = {"lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in config.items()})}
     save_file(tensors, path, metadata=metadata)
     return path
@@ -51,15 +53,18 @@ def write_wan(
     seed: int,
     rank: int = 4,
     alpha: float = 2.0,
+    head_alpha: bool = False,
     diffs: bool = False,
     image_branch: bool = False,
     extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Original Wan / ComfyUI / lightx2v keys: `diffusion_model.blocks.N.self_attn.q.lora_down.weight`,
-    `lora_up`, `.alpha`, `.diff_b` on the linears; with `diffs` also the keys diffusers drops (norm
+    `lora_up`, `.alpha`, `.diff_b` on the linears, pairs on head.head and time_projection (their
+    `.alpha` only with `head_alpha`, which diffusers refuses); with `diffs` also the keys diffusers drops (norm
     `.diff`/`.diff_b`, `.diff_m`, a full `.diff` of a linear weight); with `image_branch` Wan2.1
     I2V's `k_img`/`v_img`/`norm_k_img`/`img_emb` keys."""
     gen = torch.Generator().manual_seed(seed)
+    img = torch.Generator().manual_seed(seed + 1000)  # its own draws: the other keys stay the same
     t: dict[str, torch.Tensor] = {}
     for i in range(BLOCKS):
         for wan, (_, (out, inp)) in WAN_LINEARS.items():
@@ -79,22 +84,23 @@ def write_wan(
         if image_branch:
             b = f"diffusion_model.blocks.{i}.cross_attn"
             for o in ("k_img", "v_img"):
-                t[f"{b}.{o}.lora_down.weight"] = _rand(gen, rank, DIM)
-                t[f"{b}.{o}.lora_up.weight"] = _rand(gen, DIM, rank)
+                t[f"{b}.{o}.lora_down.weight"] = _rand(img, rank, DIM)
+                t[f"{b}.{o}.lora_up.weight"] = _rand(img, DIM, rank)
                 t[f"{b}.{o}.alpha"] = torch.tensor(alpha)
-            t[f"{b}.norm_k_img.diff"] = _rand(gen, DIM)
+            t[f"{b}.norm_k_img.diff"] = _rand(img, DIM)
     # outside the blocks: the head (proj_out) and the time projection
     t["diffusion_model.head.head.lora_down.weight"] = _rand(gen, rank, DIM)
     t["diffusion_model.head.head.lora_up.weight"] = _rand(gen, 64, rank)
-    t["diffusion_model.head.head.alpha"] = torch.tensor(alpha)
     t["diffusion_model.time_projection.1.lora_down.weight"] = _rand(gen, rank, DIM)
     t["diffusion_model.time_projection.1.lora_up.weight"] = _rand(gen, 6 * DIM, rank)
-    t["diffusion_model.time_projection.1.alpha"] = torch.tensor(alpha)
+    if head_alpha:  # diffusers' converter refuses these two
+        t["diffusion_model.head.head.alpha"] = torch.tensor(alpha)
+        t["diffusion_model.time_projection.1.alpha"] = torch.tensor(alpha)
     if diffs:
         t["diffusion_model.head.diff_m"] = _rand(gen, 1, 2, DIM, std=0.02)
     if image_branch:
-        t["diffusion_model.img_emb.proj.1.lora_down.weight"] = _rand(gen, rank, DIM)
-        t["diffusion_model.img_emb.proj.1.lora_up.weight"] = _rand(gen, DIM, rank)
+        t["diffusion_model.img_emb.proj.1.lora_down.weight"] = _rand(img, rank, DIM)
+        t["diffusion_model.img_emb.proj.1.lora_up.weight"] = _rand(img, DIM, rank)
     t.update(extra or {})
     save_file({k: v.contiguous() for k, v in t.items()}, path)
     return path
@@ -122,7 +128,7 @@ def hand_merge(state: dict[str, torch.Tensor], path: Path, scale: float) -> dict
         if key.endswith(".lora_down.weight"):
             module = key.removesuffix(".lora_down.weight")
             up = lora[f"diffusion_model.{module}.lora_up.weight"]
-            alpha = float(lora[f"diffusion_model.{module}.alpha"])
+            alpha = float(lora.get(f"diffusion_model.{module}.alpha", value.shape[0]))
             out[f"{target(module)}.weight"] += scale * alpha / value.shape[0] * (up @ value)
         elif key.endswith(".diff_b"):
             out[f"{target(key.removesuffix('.diff_b'))}.bias"] += scale * value

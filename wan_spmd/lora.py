@@ -12,11 +12,13 @@ Formats, and what happens to every key:
 - diffusers / PEFT (`blocks.N.attn1.to_q.lora_A.weight`, `lora_B.weight`, `lora_B.bias`, with an
   optional `transformer.` prefix and alpha/rank in the file's `lora_adapter_metadata`).
 - original Wan / ComfyUI / lightx2v (`diffusion_model.blocks.N.self_attn.q.lora_down.weight`,
-  `lora_up`, `.alpha`): the low-rank pairs go through diffusers' own converter
+  `lora_up`, `.alpha`): the blocks' low-rank pairs go through diffusers' own converter
   (`_convert_non_diffusers_wan_lora_to_diffusers`), and every pair that went in must come out under
-  the name we expect. Full-shape deltas are ours to apply, since diffusers 0.42 drops norm `.diff`
-  and `.diff_b` keys (with a debug line) and every other `.diff`/`.diff_m` (with an info line):
-  `.diff` -> weight, `.diff_b` -> bias, `.diff_m` -> the block's (or head's) modulation table.
+  the name we expect. The few pairs outside the blocks (head.head, time_projection, the text and
+  time embeddings) are ours: that converter refuses their `.alpha` keys. Full-shape deltas are
+  ours to apply too, since diffusers 0.42 drops norm `.diff` and `.diff_b` keys (with a debug
+  line) and every other `.diff`/`.diff_m` (with an info line): `.diff` -> weight, `.diff_b` ->
+  bias, `.diff_m` -> the block's (or head's) modulation table.
 - keys of Wan2.1 I2V's image branch (`k_img`, `v_img`, `norm_k_img`, `img_emb.*`, and their
   diffusers names), which Wan2.2 does not have: skipped and counted.
 - anything else, a module the model lacks (a LoRA for more blocks), or a shape that does not fit (a
@@ -213,6 +215,7 @@ def _read_wan(source: _Source, shapes, deltas: ExpertDeltas, report: LoraReport)
     if strays:
         raise _error(spec, f"keys without the diffusion_model. prefix the rest has: {_name_keys(strays)}")
     to_convert: dict[str, torch.Tensor] = {}
+    outside: dict[str, dict[str, torch.Tensor]] = {}
     expected: set[str] = set()
     unknown: list[str] = []
     for key in source.keys:
@@ -243,12 +246,24 @@ def _read_wan(source: _Source, shapes, deltas: ExpertDeltas, report: LoraReport)
         if target is None or "norm" in target or target == "patch_embedding":
             unknown.append(key)
             continue
+        if not name.startswith("blocks."):
+            # diffusers' converter refuses an alpha outside the blocks (head.head, time_projection):
+            # these few pairs are ours, with the same rule W += scale * alpha / rank * up @ down
+            outside.setdefault(target, {})[m["kind"].split(".")[0]] = source.get(key)
+            continue
         to_convert[key] = source.get(key)
         if m["kind"] != "alpha":
             side = "A" if m["kind"] in ("lora_down.weight", "lora_A.weight") else "B"
             expected.add(f"transformer.{target}.lora_{side}.weight")
     if unknown:
         raise _error(spec, f"keys that match no module of a Wan2.2 expert: {_name_keys(unknown)}")
+    for module, parts in outside.items():
+        down, up = parts.get("lora_down", parts.get("lora_A")), parts.get("lora_up", parts.get("lora_B"))
+        if down is None or up is None:
+            raise _error(spec, f"{module} has {' and '.join(sorted(parts))} but not both halves of a pair")
+        alpha = float(parts["alpha"]) if "alpha" in parts else down.shape[0]
+        _add_pair(spec, module, down, up, spec.scale * alpha / down.shape[0], shapes, deltas)
+        report.pairs += 1
     if not to_convert:
         return
     try:
