@@ -49,7 +49,7 @@ def test_served_model_names_its_loras_without_paths(cache_home, tiny_i2v, tmp_pa
         assert str(tmp_path) not in str(card)
         ready = next(line for line in server.log_text().splitlines() if "ready:" in line)
         assert f"LoRA style.safetensors x0.6 (all, sha256 {entry['sha256']})" in ready
-        assert str(tmp_path) not in ready
+        assert str(lora) not in server.log_text()  # the LoRA's path appears nowhere
     finally:
         server.client.close()
         _stop(server.proc)
