@@ -122,7 +122,7 @@ class ExpertDeltas:
             # (out_slice, r) @ (r, in_slice): only this rank's rows of B and columns of A
             up = pair.up[index[0]].to(device=device, dtype=torch.float32)
             down = pair.down[:, index[1]].to(device=device, dtype=torch.float32)
-            local.add_(up @ down, alpha=pair.factor)
+            local.addmm_(up, down, alpha=pair.factor)  # no (out, in) temporary beside the slice
         for delta, factor in self.full.get(name, ()):
             local.add_(delta[index].to(device=device, dtype=torch.float32), alpha=factor)
 
