@@ -241,11 +241,19 @@ def _check_loras(info: ModelInfo, engine: EngineOptions) -> None:
     """Every key and shape of every LoRA against the architecture, on meta tensors (torch loads
     here, after the other arguments passed), so a bad file stops every rank with one line and exit
     2 before anything loads or listens."""
-    if engine.loras:
+    if not engine.loras:
+        return
+    # Every rank checks the same files and fails alike, but not at the same moment (the check
+    # imports torch and diffusers): torchrun SIGTERMs a slower rank as soon as the first exits,
+    # which must still end as this check's exit 2, not a signal.
+    previous = signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+    try:
         from wan_spmd.lora import check_loras
 
         with user_errors():
             check_loras(engine.loras, info.transformer_config, info.family.expert_names, warn=torchrun_env()[0] == 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(model: str, info: ModelInfo, engine: EngineOptions, make_front: Callable[[], Any]) -> int:
@@ -532,10 +540,12 @@ def make_tiny_cmd(
 
 def _exit_together(rank: int, code: int) -> None:
     """Every rank sees the same bad argument, and torchrun stops the others as soon as one exits.
-    Rank 0 (which prints the line) waits a moment so its peers get this far; a peer stopped by
-    torchrun while waiting still exits with the same code."""
+    Rank 0 (which prints the line) waits 3 s so its peers get this far; a peer stopped by
+    torchrun while waiting still exits with the same code. Peers wait for rank 0 to exit first
+    (bounded): a check that imports torch (the LoRA files') can reach rank 0 seconds later on a
+    busy host, and torchrun would otherwise stop rank 0 before it printed the line."""
     signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
-    time.sleep(1.0 if rank == 0 else 3.0)
+    time.sleep(3.0 if rank == 0 else 30.0)
 
 
 def main(argv: list[str] | None = None) -> None:
