@@ -31,6 +31,7 @@ DEFAULT_KEYS = frozenset(
         "size",
         "max_area",
         "seed",
+        "scheduler",
     }
 )
 

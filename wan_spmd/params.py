@@ -48,9 +48,19 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("guidance_scale_2", float, "CFG scale of the low-noise expert (defaults to guidance_scale)."),
     RequestField("boundary_ratio", float, "Where the two experts switch, in [0, 1] (the model's own by default)."),
     RequestField("flow_shift", float, "Shift of the flow-matching noise schedule."),
+    RequestField(
+        "scheduler",
+        str,
+        "default (the model folder's, UniPC) or euler (flow-matching Euler over evenly spaced steps, "
+        "as the 4-step distillation LoRAs are sampled).",
+    ),
     RequestField("seed", int, "Random seed; a random one (reported) when absent."),
 )
 PARAM_KEYS = tuple(f.name for f in FIELDS)
+SCHEDULERS = ("default", "euler")
+"""default: the model folder's scheduler (UniPC for Wan2.2); euler: flow-matching Euler whose sigmas,
+before the shift, are 1, 1 - 1/n, ..., 1/n (lightx2v's Wan22StepDistillScheduler; ComfyUI's
+euler sampler with the simple schedule)."""
 FRONT_KEYS = frozenset({"model", "image", "input_reference", "id", "output"})
 MAX_SEED = 2**63 - 1
 
@@ -102,6 +112,8 @@ class GenerationParams:
     """None for a one-expert family."""
     flow_shift: float
     seed: int
+    scheduler: str = "default"
+    """One of SCHEDULERS: a generation setting (presets may set it), not a model fact."""
     warnings: tuple[str, ...] = ()
     """What was ignored or derived (unknown keys, rounded frame counts), reported back."""
 
@@ -329,6 +341,9 @@ def resolve_params(
     flow_shift = _as_float("flow_shift", pick("flow_shift"))
     if flow_shift <= 0:
         raise RequestError(f"flow_shift must be > 0, got {flow_shift:g}", "flow_shift")
+    scheduler = str(pick("scheduler") or "default").strip().lower()
+    if scheduler not in SCHEDULERS:
+        raise RequestError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {pick('scheduler')!r}", "scheduler")
     seed_value = pick("seed")
     seed = random.randrange(2**32) if seed_value is None else _as_int("seed", seed_value)
     if not 0 <= seed <= MAX_SEED:
@@ -348,5 +363,6 @@ def resolve_params(
         boundary_ratio=boundary,
         flow_shift=flow_shift,
         seed=seed,
+        scheduler=scheduler,
         warnings=tuple(warnings),
     )

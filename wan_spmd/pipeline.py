@@ -242,8 +242,13 @@ class WanVideoPipeline:
         per_token = (mask[0, 0, :, ::p, ::p] * t).flatten()  # (T_lat * h/p * w/p,)
         return per_token.unsqueeze(0).expand(batch, -1)
 
-    def make_scheduler(self, flow_shift: float):
-        """A fresh scheduler per job (schedulers keep state), with the request's flow_shift."""
+    def make_scheduler(self, flow_shift: float, kind: str = "default"):
+        """A fresh scheduler per job (schedulers keep state), with the request's flow_shift: the
+        folder's (UniPC), or flow-matching Euler for `scheduler = "euler"` (params.SCHEDULERS)."""
+        if kind == "euler":
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
         return type(self.c.scheduler).from_config(self.c.scheduler.config, flow_shift=flow_shift)
 
     @torch.inference_mode()
@@ -260,8 +265,8 @@ class WanVideoPipeline:
     ) -> torch.Tensor:
         """The two-expert loop with CFG; returns float32 latents. `first_frame` is TI2V's image latent
         (per-token timesteps are used whenever the family expands timesteps, with or without it)."""
-        scheduler = self.make_scheduler(params.flow_shift)
-        scheduler.set_timesteps(params.num_inference_steps, device=self.device)
+        scheduler = self.make_scheduler(params.flow_shift, params.scheduler)
+        set_schedule(scheduler, params, self.device)
         timesteps = scheduler.timesteps
         boundary_timestep = (
             None if params.boundary_ratio is None else params.boundary_ratio * scheduler.config.num_train_timesteps
@@ -430,3 +435,14 @@ class _StageTimer:
     def stop(self, name: str) -> None:
         self._sync()
         self.ms[name] = (time.perf_counter() - self._started.pop(name)) * 1000.0
+
+
+def set_schedule(scheduler, params: GenerationParams, device: torch.device) -> None:
+    """The job's timesteps. Euler's sigmas before the shift are 1, 1 - 1/n, ..., 1/n: for 4 steps
+    at shift 5 the timesteps 1000, 937.5, 833.3, 625 of lightx2v's 4-step distillation (its
+    denoising_step_list [1000, 750, 500, 250] shifted), not diffusers' default spacing."""
+    steps = params.num_inference_steps
+    if params.scheduler == "euler":
+        scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device)

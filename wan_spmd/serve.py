@@ -145,12 +145,14 @@ class ServeFront:
 
     def ready(self, world_size: int, warmup_s: float) -> None:
         self.ctx.mark_ready()
+        loras = self.settings.loras  # named by file, scale and content hash, never by path
         log.info(
-            "ready: %s on %d rank(s)%s, writing videos to %s",
+            "ready: %s on %d rank(s)%s, writing videos to %s%s",
             self.settings.served_model_name,
             world_size,
             f" after {warmup_s:.1f} s of warm-up" if warmup_s else "",
             self.options.output_dir,
+            "".join(f"; LoRA {c['name']} x{c['scale']:g} ({c['experts']}, sha256 {c['sha256']})" for c in loras),
         )
 
     def on_signal(self, name: str) -> None:

@@ -9,6 +9,8 @@ Modes:
   attn OUT    one attention module sharded by the TP plan vs the same module whole
   compile_ti2v OUT  the tiny TI2V model's compiled blocks against eager, text and image
   dummy OUT   a dummy-weight expert (tiny architecture) made already sharded
+  lora OUT    the tiny I2V model and a dummy expert with the LoRA files the test left in OUT fused at
+              load (OUT/high.safetensors on the high-noise expert at 0.7, OUT/all.safetensors on both)
   slow_decode OUT  rank 0 delivers for longer than the control timeout; the loop goes on
   layouts OUT L1,L2  each named parallel layout (LAYOUTS) on this world: the tiny I2V and T2V
               models with CFG on, guidance 1.0 and an odd token count (48x48: 27 tokens), decoded
@@ -242,6 +244,35 @@ def mode_dummy(d, out: Path) -> None:
         torch.save(result, out / f"dummy-{d.world_size}.pt")
 
 
+def mode_lora(d, out: Path) -> None:
+    """LoRAs fused per slice: the same model at every TP size, from a folder and as dummy weights."""
+    from wan_spmd.launch import parse_lora_spec
+    from wan_spmd.lora import read_deltas
+    from wan_spmd.loading import dummy_expert_sharded
+    from wan_spmd.parallel import shard_expert, tp_mesh
+    from wan_spmd.tiny import tiny_transformer_config
+
+    loras = (
+        parse_lora_spec(f"{out / 'high.safetensors'}:0.7", "--lora-high"),
+        parse_lora_spec(f"{out / 'all.safetensors'}:1.2", "--lora"),
+    )
+    info = resolve_model("tiny")
+    options = EngineOptions(layout=resolve_layout(d.world_size), device="cpu", loras=loras)
+    result = build_pipeline(d, info, options)(params_for(info))
+    config = tiny_transformer_config(36)
+    deltas, _ = read_deltas(loras, ("transformer",), config)
+    mesh = tp_mesh(d.device, d.world_size) if d.world_size > 1 else None
+    model = dummy_expert_sharded(config, mesh, d.device, torch.float32, 1, deltas["transformer"])
+    if mesh is not None:
+        shard_expert(model, mesh)
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 36, 3, 8, 8, generator=gen), torch.randn(1, 512, 32, generator=gen)
+    with torch.inference_mode():
+        dummy = model(hidden_states=x, timestep=torch.tensor([999.0]), encoder_hidden_states=context)[0]
+    if d.is_main:
+        torch.save({"latents": result.latents, "dummy": dummy}, out / f"lora-{d.world_size}.pt")
+
+
 class ListSource:
     """A fixed list of jobs; records outcomes."""
 
@@ -315,6 +346,7 @@ if __name__ == "__main__":
             "attn": mode_attn,
             "fault": mode_fault,
             "dummy": mode_dummy,
+            "lora": mode_lora,
             "slow_decode": mode_slow_decode,
             "compile": mode_compile,
             "layouts": mode_layouts,

@@ -30,6 +30,8 @@ class ServerSettings:
     """When set, every endpoint but /health needs `Authorization: Bearer KEY`; when not, requests must
     be addressed to the server's own address (Host) and come from no other web origin (Origin)."""
     world_size: int = 1
+    loras: tuple[dict[str, Any], ...] = ()
+    """What was fused at launch (`LoraSpec.card`: file name, scale, experts, content hash; no path)."""
 
 
 @dataclass

@@ -249,6 +249,7 @@ async def models(request: Request) -> ModelList:
         root=settings.info.path.name if settings.info.path else None,  # the folder's name, never where it is
         pipeline=settings.info.family.pipeline_class,
         family=settings.info.family.name,
+        loras=list(settings.loras),
     )
     return ModelList(data=[card])
 

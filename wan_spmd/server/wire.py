@@ -86,6 +86,9 @@ class ModelCard(BaseModel):
     root: str | None = Field(None, description="The model folder's name (never where it lies).")
     pipeline: str | None = None
     family: str | None = None
+    loras: list[dict[str, Any]] = Field(
+        default_factory=list, description="LoRAs fused at launch: file name, scale, experts, sha256 (12 hex digits)."
+    )
 
 
 class ModelList(BaseModel):
