@@ -168,8 +168,11 @@ def test_compiled_blocks_trace_whole_and_match_eager(cache_home, tiny_i2v, tmp_p
     assert sorted(results) == sorted(layouts.split(","))
     for name, result in results.items():
         assert result["max_abs"] <= TOLERANCE, name
+        # graphs compiled (since this layout's start) after each size: some for the first, the
+        # dynamic one for the second unless an earlier layout in this process already made the
+        # sizes dynamic, and none for the third
         first, second, third = result["graphs"]
-        assert first >= 1 and second > first and third == second, (name, result["graphs"])
+        assert first >= 1 and second >= first and third == second, (name, result["graphs"])
 
 
 def test_compiled_ti2v_blocks_under_tp2_match_eager(cache_home, tiny_ti2v, tmp_path):
