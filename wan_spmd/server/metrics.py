@@ -40,8 +40,9 @@ class ServerMetrics:
                 videos.labels(status=status).set_function(lambda status=status: video_counts().get(status, 0))
         self.requests = Counter(
             "wan_spmd_requests",
-            "Video requests by endpoint and outcome (ok, invalid, too_large, unsupported_media_type, "
-            "unknown_model, unauthorized, forbidden, queue_full, disconnected, unavailable, failed).",
+            "Video requests by endpoint and outcome (ok, accepted: queued asynchronously, invalid, too_large, "
+            "unsupported_media_type, unknown_model, unauthorized, forbidden, queue_full, disconnected, unavailable, "
+            "failed).",
             ["endpoint", "outcome"],
             registry=self.registry,
         )

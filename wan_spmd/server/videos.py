@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_spmd.params import GenerationParams
-from wan_spmd.video import first_frame_jpeg
+from wan_spmd.video import VideoWriteError, first_frame_jpeg
 
 log = logging.getLogger("wan_spmd")
 
@@ -238,7 +238,14 @@ class VideoStore:
             return None
         jpg = self.records_dir / f"{video_id}.jpg"
         if not jpg.exists():
-            first_frame_jpeg(mp4, jpg)
+            try:
+                first_frame_jpeg(mp4, jpg)
+            except VideoWriteError:
+                if self.get(video_id) is not None:
+                    raise
+        if self.get(video_id) is None:  # deleted or expired while ffmpeg ran: leave nothing behind
+            jpg.unlink(missing_ok=True)
+            return None
         return jpg
 
     def counts(self) -> dict[str, int]:
