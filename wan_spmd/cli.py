@@ -502,11 +502,32 @@ def serve(
     lora: LoraOpt = None,
     lora_high: LoraHighOpt = None,
     lora_low: LoraLowOpt = None,
+    async_videos: Annotated[
+        bool,
+        typer.Option(
+            help="POST /v1/videos answers a queued job at once for every client (without it: for `Prefer: "
+            "respond-async` and the OpenAI SDK; others wait for the video)."
+        ),
+    ] = False,
+    keep_jobs: Annotated[
+        int, typer.Option(help="Finished video jobs kept (records and files); the oldest finished goes first.")
+    ] = 1000,
+    job_ttl: Annotated[
+        float | None,
+        typer.Option(help="Seconds a finished job's records and files are kept (its expires_at); default: no limit."),
+    ] = None,
+    replica_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Put in every job id (video_NAME_...) so a balancer can route polls; default: the host name."
+        ),
+    ] = None,
 ) -> None:
     """Serve the model over HTTP (rank 0 answers; every rank runs each job)."""
     rank, world_size, _ = torchrun_env()
     with user_errors():
         from wan_spmd.server.app import ServerSettings
+        from wan_spmd.server.videos import check_replica_name, default_replica_name
 
         api_key = _api_key(api_key, api_key_file)
         http = _http_options(max_connections, header_timeout, body_timeout, uds_mode)
@@ -519,6 +540,11 @@ def serve(
             raise ValueError(f"--port must be within 0..65535, got {port}")
         if output_dir.exists() and not output_dir.is_dir():
             raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
+        if keep_jobs < 1:
+            raise ValueError(f"--keep-jobs must be >= 1, got {keep_jobs}")
+        if job_ttl is not None and not job_ttl > 0:
+            raise ValueError(f"--job-ttl must be a positive number of seconds, got {job_ttl:g}")
+        replica_name = check_replica_name(replica_name) if replica_name is not None else default_replica_name()
         defaults = generation_defaults(info, config)
         loras = parse_lora_specs(info, lora=lora, lora_high=lora_high, lora_low=lora_low)
         engine = _engine_options(
@@ -546,6 +572,7 @@ def serve(
             api_key=api_key,
             world_size=world_size,
             loras=tuple(spec.card() for spec in loras),
+            async_videos=async_videos,
         )
         # torch loads only once the arguments are known to be good
         from wan_spmd.serve import ServeOptions, run_server
@@ -557,6 +584,9 @@ def serve(
             max_queue=max_queue,
             output_dir=output_dir,
             http=http,
+            replica_name=replica_name,
+            keep_jobs=keep_jobs,
+            job_ttl_s=job_ttl,
         )
     _check_loras(info, engine)
     _note_tiny(model)

@@ -35,6 +35,8 @@ TORCH_FREE = (
     "wan_spmd.server.metrics",
     "wan_spmd.server.http",
     "wan_spmd.server.options",
+    "wan_spmd.server.videos",
+    "wan_spmd.server.job_routes",
 )
 
 
