@@ -2,6 +2,8 @@
 
   python benchmarks/host_memory.py write DIR --layers 24 --dim 2048 --ffn 8192   # a random checkpoint
   torchrun --nproc-per-node 2 benchmarks/host_memory.py load DIR                   # one JSON line per rank
+  python benchmarks/host_memory.py write-lora DIR --rank 64                        # DIR/lora.safetensors
+  torchrun --nproc-per-node 2 benchmarks/host_memory.py load DIR --lora DIR/lora.safetensors   # fused at load
 
 The checkpoint is a Wan expert in diffusers' sharded layout (one safetensors file per block plus
 the index), bf16, written one block at a time so writing it needs little memory either.
@@ -64,7 +66,29 @@ def write_checkpoint(folder: Path, layers: int, dim: int, ffn: int) -> int:
     return total
 
 
-def load(folder: Path) -> dict:
+def write_lora(folder: Path, rank: int) -> int:
+    """A Wan-format (lightx2v-style) LoRA for the checkpoint in `folder`: a rank-`rank` pair with
+    alpha and a bias delta on every attention and FFN linear of every block; returns its bytes."""
+    from safetensors.torch import save_file
+
+    config = json.loads((folder / "config.json").read_text())
+    dim, ffn = config["num_attention_heads"] * config["attention_head_dim"], config["ffn_dim"]
+    shapes = {f"{a}.{o}": (dim, dim) for a in ("self_attn", "cross_attn") for o in "qkvo"}
+    shapes |= {"ffn.0": (ffn, dim), "ffn.2": (dim, ffn)}
+    gen = torch.Generator().manual_seed(1)
+    tensors = {}
+    for i in range(config["num_layers"]):
+        for module, (out, inp) in shapes.items():
+            key = f"diffusion_model.blocks.{i}.{module}"
+            tensors[f"{key}.lora_down.weight"] = (torch.randn(rank, inp, generator=gen) * 0.01).to(torch.bfloat16)
+            tensors[f"{key}.lora_up.weight"] = (torch.randn(out, rank, generator=gen) * 0.01).to(torch.bfloat16)
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+            tensors[f"{key}.diff_b"] = torch.zeros(out, dtype=torch.bfloat16)
+    save_file(tensors, folder / "lora.safetensors")
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def load(folder: Path, lora: Path | None = None) -> dict:
     """Load this rank's shard under torchrun (gloo) and report memory."""
     from wan_spmd.env import torchrun_env
     from wan_spmd.loading import load_expert_sharded
@@ -75,7 +99,15 @@ def load(folder: Path) -> dict:
     d = init_dist("cpu")
     mesh = tp_mesh(d.device, world_size) if world_size > 1 else None
     before = rss_mib()
-    model = load_expert_sharded(folder, mesh, d.device, torch.bfloat16)
+    deltas = None
+    if lora is not None:  # read the LoRA (whole: it is small) and fuse it into each slice as it loads
+        from wan_spmd.launch import parse_lora_spec
+        from wan_spmd.lora import read_deltas
+
+        config = json.loads((folder / "config.json").read_text())
+        deltas = read_deltas((parse_lora_spec(str(lora)),), ("transformer",), config)[0]["transformer"]
+    model = load_expert_sharded(folder, mesh, d.device, torch.bfloat16, deltas)
+    del deltas
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     # On the CPU the slices may still be lazily mapped file pages: touch every byte, as a forward would.
     checksum = sum(float(t.float().sum()) for t in local)
@@ -85,6 +117,7 @@ def load(folder: Path) -> dict:
         "rank": rank,
         "world_size": world_size,
         "checkpoint_mib": index["metadata"]["total_size"] / 2**20,
+        "lora_mib": lora.stat().st_size / 2**20 if lora is not None else 0.0,
         "local_weights_mib": local_bytes / 2**20,
         "rss_before_load_mib": before,
         "peak_rss_mib": peak_rss_mib(),
@@ -97,17 +130,21 @@ def load(folder: Path) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=["write", "load"])
+    parser.add_argument("action", choices=["write", "load", "write-lora"])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--ffn", type=int, default=8192)
+    parser.add_argument("--rank", type=int, default=64, help="write-lora: the LoRA's rank")
+    parser.add_argument("--lora", type=Path, default=None, help="load: fuse this LoRA at load")
     args = parser.parse_args()
     if args.action == "write":
         size = write_checkpoint(args.folder, args.layers, args.dim, args.ffn)
         print(json.dumps({"written_mib": size / 2**20}))
+    elif args.action == "write-lora":
+        print(json.dumps({"lora_mib": write_lora(args.folder, args.rank) / 2**20}))
     else:
         from wan_spmd.env import finish_process
 
-        print(json.dumps(load(args.folder)))
+        print(json.dumps(load(args.folder, args.lora)))
         finish_process(0)

@@ -36,6 +36,13 @@ def tiny_t2v(cache_home) -> Path:
     return ensure_tiny("t2v")
 
 
+@pytest.fixture(scope="session")
+def tiny_ti2v(cache_home) -> Path:
+    from wan_spmd.tiny import ensure_tiny
+
+    return ensure_tiny("ti2v")
+
+
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

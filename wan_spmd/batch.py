@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from wan_spmd.jobs import Job, Outcome, StopLoop
+from wan_spmd.jobs import Job, OfflineFront, Outcome, StopLoop
 from wan_spmd.params import PARAM_KEYS, GenerationParams, Limits, RequestError, read_image_file, resolve_params
 
 if TYPE_CHECKING:
@@ -704,26 +704,14 @@ def first_shapes(
     return tuple(shapes)
 
 
-class BatchFront:
+class BatchFront(OfflineFront):
     """Rank 0's side of `batch`: exit 1 if a line failed or the run was interrupted, so Slurm and
     Kubernetes indexed Jobs never mark a preempted shard complete."""
 
     def __init__(self, source: BatchSource) -> None:
         self.source = source
 
-    def start(self) -> None:
-        pass
-
-    def ready(self, world_size: int, warmup_s: float) -> None:
-        pass
-
-    def on_signal(self, name: str) -> None:
-        self.source.request_stop(f"stopped by {name}")
-
     def stopped(self, lost: bool) -> None:
-        self.source.close()
-
-    def on_expire(self, signal_name: str | None) -> None:
         self.source.close()
 
     def exit_code(self, jobs: int, signal_name: str | None) -> int:

@@ -24,9 +24,13 @@ from wan_spmd.config import TINY_NOTE, ModelFolderError, ModelInfo, generation_d
 from wan_spmd.env import finish_process, setup_logging, torchrun_env
 from wan_spmd.launch import (
     VAE_DTYPES,
+    LoraSpec,
     ParallelLayout,
     WarmupShape,
+    check_family,
+    check_hosts,
     check_layout,
+    parse_lora_specs,
     parse_warmup_shapes,
     preset_warmup_shape,
     resolve_layout,
@@ -134,6 +138,20 @@ WarmupOpt = Annotated[
     ),
 ]
 VaeDtypeOpt = Annotated[str, typer.Option(help="VAE precision for encode and decode: fp32 or bf16.")]
+LoraOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lora", metavar="PATH[:SCALE]", help="A LoRA (.safetensors) fused into every expert at load; repeatable."
+    ),
+]
+LoraHighOpt = Annotated[
+    list[str] | None,
+    typer.Option("--lora-high", metavar="PATH[:SCALE]", help="A LoRA fused into the high-noise expert only."),
+]
+LoraLowOpt = Annotated[
+    list[str] | None,
+    typer.Option("--lora-low", metavar="PATH[:SCALE]", help="A LoRA fused into the low-noise expert only."),
+]
 
 
 def request_options(command: Callable[..., None]) -> Callable[..., None]:
@@ -212,6 +230,8 @@ def _model(
     info = resolve_model(model, load_format)
     layout = resolve_layout(world_size, tp=tp, ulysses=ulysses, cfg_parallel=cfg_parallel)
     check_layout(layout, info.transformer_config)
+    check_family(layout, info.family)
+    check_hosts(layout, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
     return info, layout
 
 
@@ -229,6 +249,7 @@ def _engine_options(
     vae_dtype: str,
     auto_warmup: tuple[WarmupShape | None, ...] = (),
     max_frames: int = Limits.max_frames,
+    loras: tuple[LoraSpec, ...] = (),
 ) -> EngineOptions:
     from wan_spmd.engine import EngineOptions
 
@@ -256,6 +277,7 @@ def _engine_options(
         warmup_shapes=shapes,
         auto_warmup_shapes=tuple(dict.fromkeys(shape for shape in auto_warmup if shape is not None)),
         vae_dtype=vae_dtype,
+        loras=loras,
     )
 
 
@@ -265,9 +287,29 @@ def _note_tiny(model: str) -> None:
         print(f"note: {TINY_NOTE}", file=sys.stderr)
 
 
+def _check_loras(info: ModelInfo, engine: EngineOptions) -> None:
+    """Every key and shape of every LoRA against the architecture, on meta tensors (torch loads
+    here, after the other arguments passed), so a bad file stops every rank with one line and exit
+    2 before anything loads or listens."""
+    if not engine.loras:
+        return
+    # Every rank checks the same files and fails alike, but not at the same moment (the check
+    # imports torch and diffusers): torchrun SIGTERMs a slower rank as soon as the first exits,
+    # which must still end as this check's exit 2, not a signal.
+    previous = signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
+    try:
+        from wan_spmd.lora import check_loras
+
+        with user_errors():
+            check_loras(engine.loras, info.transformer_config, info.family.expert_names, warn=torchrun_env()[0] == 0)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run(model: str, info: ModelInfo, engine: EngineOptions, make_front: Callable[[], Any]) -> int:
     """Every rank: the engine's lifecycle; rank 0's front from `make_front()`. torch loads here,
     after the arguments were checked."""
+    _check_loras(info, engine)
     _note_tiny(model)
     from wan_spmd.engine import run_engine
 
@@ -306,6 +348,9 @@ def generate(
     compile: CompileOpt = None,
     warmup_shapes: WarmupOpt = None,
     vae_dtype: VaeDtypeOpt = "fp32",
+    lora: LoraOpt = None,
+    lora_high: LoraHighOpt = None,
+    lora_low: LoraLowOpt = None,
 ) -> None:
     """Generate one video and write it as an mp4."""
     with user_errors():
@@ -332,6 +377,7 @@ def generate(
         )
         if output.is_dir():
             raise ValueError(f"--output {output} is a folder; give a file name such as out.mp4")
+        loras = parse_lora_specs(info, lora=lora, lora_high=lora_high, lora_low=lora_low)
         engine = _engine_options(
             info,
             layout,
@@ -346,6 +392,7 @@ def generate(
             vae_dtype,
             auto_warmup=((params.width, params.height, params.num_frames),),
             max_frames=max_frames,
+            loras=loras,
         )
     from wan_spmd.generate import GenerateFront
     from wan_spmd.jobs import Job
@@ -402,6 +449,9 @@ def batch(
     compile: CompileOpt = None,
     warmup_shapes: WarmupOpt = None,
     vae_dtype: VaeDtypeOpt = "fp32",
+    lora: LoraOpt = None,
+    lora_high: LoraHighOpt = None,
+    lora_low: LoraLowOpt = None,
 ) -> None:
     """Generate a video per JSONL line; rerun to resume, shard over many runs. Exit 1 if any line
     failed or the run was interrupted (SIGTERM/SIGINT: the line in flight is recorded, the rerun does it)."""
@@ -424,6 +474,7 @@ def batch(
         )
         from wan_spmd.batch import first_shapes
 
+        loras = parse_lora_specs(info, lora=lora, lora_high=lora_high, lora_low=lora_low)
         engine = _engine_options(
             info,
             layout,
@@ -439,6 +490,7 @@ def batch(
             # only when they would be used (compiled, no explicit shapes): it validates lines
             auto_warmup=first_shapes(requests, info, defaults, limits, shard) if warmup_shapes is None else (),
             max_frames=max_frames,
+            loras=loras,
         )
     # rank 0 alone reads the file
     from wan_spmd.batch import BatchFront, BatchSource
@@ -512,11 +564,35 @@ def serve(
     uds_mode: Annotated[
         str, typer.Option(help="Octal permissions of the --uds socket file, e.g. 660 to let a group connect.")
     ] = "600",
+    lora: LoraOpt = None,
+    lora_high: LoraHighOpt = None,
+    lora_low: LoraLowOpt = None,
+    async_videos: Annotated[
+        bool,
+        typer.Option(
+            help="POST /v1/videos answers a queued job at once for every client (without it: for `Prefer: "
+            "respond-async` and the OpenAI SDK; others wait for the video)."
+        ),
+    ] = False,
+    keep_jobs: Annotated[
+        int, typer.Option(help="Finished video jobs kept (records and files); the oldest finished goes first.")
+    ] = 1000,
+    job_ttl: Annotated[
+        float | None,
+        typer.Option(help="Seconds a finished job's records and files are kept (its expires_at); default: no limit."),
+    ] = None,
+    replica_name: Annotated[
+        str | None,
+        typer.Option(
+            help="Put in every job id (video_NAME_...) so a balancer can route polls; default: the host name."
+        ),
+    ] = None,
 ) -> None:
     """Serve the model over HTTP (rank 0 answers; every rank runs each job)."""
     rank, world_size, _ = torchrun_env()
     with user_errors():
         from wan_spmd.server.app import ServerSettings
+        from wan_spmd.server.videos import check_replica_name, default_replica_name
 
         api_key = _api_key(api_key, api_key_file)
         http = _http_options(max_connections, header_timeout, body_timeout, uds_mode)
@@ -529,7 +605,13 @@ def serve(
             raise ValueError(f"--port must be within 0..65535, got {port}")
         if output_dir.exists() and not output_dir.is_dir():
             raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
+        if keep_jobs < 1:
+            raise ValueError(f"--keep-jobs must be >= 1, got {keep_jobs}")
+        if job_ttl is not None and not job_ttl > 0:
+            raise ValueError(f"--job-ttl must be a positive number of seconds, got {job_ttl:g}")
+        replica_name = check_replica_name(replica_name) if replica_name is not None else default_replica_name()
         defaults = generation_defaults(info, config)
+        loras = parse_lora_specs(info, lora=lora, lora_high=lora_high, lora_low=lora_low)
         engine = _engine_options(
             info,
             layout,
@@ -544,6 +626,7 @@ def serve(
             vae_dtype,
             auto_warmup=(preset_warmup_shape(defaults),),
             max_frames=max_frames,
+            loras=loras,
         )
         limits = _limits(
             max_width,
@@ -564,6 +647,8 @@ def serve(
             limits=limits,
             api_key=api_key,
             world_size=world_size,
+            loras=tuple(spec.card() for spec in loras),
+            async_videos=async_videos,
         )
         # torch loads only once the arguments are known to be good
         from wan_spmd.serve import ServeOptions, run_server
@@ -575,7 +660,11 @@ def serve(
             max_queue=max_queue,
             output_dir=output_dir,
             http=http,
+            replica_name=replica_name,
+            keep_jobs=keep_jobs,
+            job_ttl_s=job_ttl,
         )
+    _check_loras(info, engine)
     _note_tiny(model)
     with user_errors():
         code = run_server(settings, options, engine)
@@ -641,7 +730,7 @@ def _check_uds_free(path: Path) -> None:
 @app.command("make-tiny")
 def make_tiny_cmd(
     dest: Annotated[Path, typer.Argument(help="Folder to write.")],
-    variant: Annotated[str, typer.Option(help="i2v or t2v.")] = "i2v",
+    variant: Annotated[str, typer.Option(help="i2v, t2v or ti2v.")] = "i2v",
 ) -> None:
     """Write a tiny random Wan2.2 checkpoint in the real diffusers layout (noise, not art)."""
     from wan_spmd.tiny import VARIANTS, make_tiny
@@ -654,10 +743,12 @@ def make_tiny_cmd(
 
 def _exit_together(rank: int, code: int) -> None:
     """Every rank sees the same bad argument, and torchrun stops the others as soon as one exits.
-    Rank 0 (which prints the line) waits a moment so its peers get this far; a peer stopped by
-    torchrun while waiting still exits with the same code."""
+    Rank 0 (which prints the line) waits 3 s so its peers get this far; a peer stopped by
+    torchrun while waiting still exits with the same code. Peers wait for rank 0 to exit first
+    (bounded): a check that imports torch (the LoRA files') can reach rank 0 seconds later on a
+    busy host, and torchrun would otherwise stop rank 0 before it printed the line."""
     signal.signal(signal.SIGTERM, lambda *_: os._exit(code))
-    time.sleep(1.0 if rank == 0 else 3.0)
+    time.sleep(3.0 if rank == 0 else 30.0)
 
 
 def main(argv: list[str] | None = None) -> None:

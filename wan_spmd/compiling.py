@@ -33,6 +33,9 @@ def compile_blocks(expert: nn.Module, backend: str = "inductor", fullgraph: bool
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 16 * RECOMPILE_LIMIT)
+    # Ulysses keeps the request's true token count as an int beside its padded split; dynamo would
+    # treat it as a constant and compile again for every new count.
+    config.allow_unspec_int_on_nn_module = True
     for block in expert.blocks:
         block.compile(backend=backend, fullgraph=fullgraph)
     return expert

@@ -31,12 +31,13 @@ DEFAULT_KEYS = frozenset(
         "size",
         "max_area",
         "seed",
+        "scheduler",
     }
 )
 
 
 TINY_VERSION = 2  # bump when the tiny layout changes, so stale caches are rebuilt
-TINY_NAMES = {"tiny": "i2v", "tiny-i2v": "i2v", "tiny-t2v": "t2v"}
+TINY_NAMES = {"tiny": "i2v", "tiny-i2v": "i2v", "tiny-t2v": "t2v", "tiny-ti2v": "ti2v"}
 TINY_NOTE = (
     "model 'tiny' is a tiny randomly initialised Wan2.2 checkpoint: it makes noise, not art. "
     "For real videos pass --model /path/to/Wan2.2-I2V-A14B-Diffusers (a local diffusers-format folder)."
@@ -204,6 +205,43 @@ UMT5_XXL_ENCODER = {
     "relative_attention_max_distance": 128,
     "dropout_rate": 0.0,
 }
+# TI2V-5B: diffusers' scripts/convert_wan_to_diffusers.py ("Wan2.2-TI2V-5B" and vae22_diffusers_config),
+# which agrees with Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py (dim 3072 = 24 heads x 128, ffn 14336,
+# 30 layers, VAE stride (4, 16, 16)).
+_TI2V_5B_TRANSFORMER = {
+    **_A14B_TRANSFORMER,
+    "num_attention_heads": 24,
+    "ffn_dim": 14336,
+    "num_layers": 30,
+    "in_channels": 48,
+    "out_channels": 48,
+}
+# The 48 latent statistics 12 a line, not one a line.
+# fmt: off
+WAN22_VAE = {
+    "base_dim": 160,
+    "decoder_base_dim": 256,
+    "z_dim": 48,
+    "is_residual": True,
+    "in_channels": 12,
+    "out_channels": 12,
+    "patch_size": 2,
+    "scale_factor_temporal": 4,
+    "scale_factor_spatial": 16,
+    "latents_mean": [
+        -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+        0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+        -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+        -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+    ],
+    "latents_std": [
+        0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+        0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+        0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+        0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+    ],
+}
+# fmt: on
 REAL_MODELS = {
     "wan2.2-i2v-a14b": ModelInfo(
         None, FAMILIES["wan2.2-i2v-a14b"], 0.9, {**_A14B_TRANSFORMER, "in_channels": 36}, {"z_dim": 16}
@@ -211,4 +249,5 @@ REAL_MODELS = {
     "wan2.2-t2v-a14b": ModelInfo(
         None, FAMILIES["wan2.2-t2v-a14b"], 0.875, {**_A14B_TRANSFORMER, "in_channels": 16}, {"z_dim": 16}
     ),
+    "wan2.2-ti2v-5b": ModelInfo(None, FAMILIES["wan2.2-ti2v-5b"], None, _TI2V_5B_TRANSFORMER, WAN22_VAE),
 }

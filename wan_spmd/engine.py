@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
-from wan_spmd.launch import ParallelLayout, WarmupShape
+from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
 from wan_spmd.runtime import (
     ControlPlane,
     ControlPlaneLost,
@@ -69,6 +69,8 @@ class EngineOptions:
     parallel_vae: bool = True
     """Split the VAE's encode and decode over every rank (rows of each frame, exact); False: rank 0
     decodes alone."""
+    loras: tuple[LoraSpec, ...] = ()
+    """LoRA files fused into the experts' slices at load, before compile and warm-up."""
 
     @property
     def heartbeat_s(self) -> float:
@@ -170,19 +172,22 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
     layout = options.layout
     mesh = build_mesh(layout, d.device)
     dtypes = Dtypes.for_device(d.device, vae=options.vae_dtype)
-    components = load_components(info, d.device, dtypes, mesh=tp_submesh(mesh, layout), load_format=options.load_format)
+    components = load_components(
+        info, d.device, dtypes, mesh=tp_submesh(mesh, layout), load_format=options.load_format, loras=options.loras
+    )
     compiled = resolve_compile(options.compile, d.device)
     for expert in components.experts:
-        parallelize(expert, mesh, layout)
+        parallelize(expert, mesh, layout, per_token_timesteps=info.family.expand_timesteps)
         if compiled:
             compile_blocks(expert, options.compile_backend)
     log.info(
-        "loaded %s on %d rank(s) (%s%s) in %.1f s",
+        "loaded %s on %d rank(s) (%s%s) in %.1f s%s",
         info.path or info.config_name,
         d.world_size,
         layout.describe(),
         ", blocks compiled" if compiled else "",
         time.perf_counter() - start,
+        "".join(f"; fused LoRA {spec.describe()}" for spec in options.loras),
     )
     # the VAE is whole on every rank: encode and decode split its rows over the world
     vae_split = split_vae(components.vae, d.world_size, d.rank) if options.parallel_vae else None

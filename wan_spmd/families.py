@@ -18,6 +18,11 @@ Conditioning = Literal["none", "channel_concat", "first_frame"]
 concatenated to the noise on the channel dimension (I2V-A14B); its latent replacing the first latent
 frame, kept clean by per-token timesteps (TI2V-5B)."""
 ImagePolicy = Literal["required", "optional", "refused"]
+ImageSizing = Literal["sqrt_area", "best_fit"]
+"""How a request with an image and no size gets its size from the image's aspect within `max_area`:
+each side from sqrt(area x aspect) rounded down (the official A14B `image2video.py`), or the
+official TI2V `best_output_size` (round one side down, fit the other in the area, keep the pair
+whose aspect is closer to the image's)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Family:
     """What diffusers loads the folder as (equivalence tests, folder writer)."""
     default_boundary_ratio: float | None = None
     """The public checkpoint's `boundary_ratio`; None for one expert. A folder's own value wins."""
+    image_sizing: ImageSizing = "sqrt_area"
 
     @property
     def spatial_multiple(self) -> int:
@@ -84,6 +90,10 @@ FAMILIES: dict[str, Family] = {
             image="refused",
             default_boundary_ratio=0.875,
         ),
+        # Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py: vae_stride (4, 16, 16), patch (1, 2, 2);
+        # diffusers' scripts/convert_wan_to_diffusers.py: in/out channels 48, one transformer,
+        # WanPipeline(expand_timesteps=True); wan/textimage2video.py sizes from the image by
+        # best_output_size and runs text-only without one.
         Family(
             name="wan2.2-ti2v-5b",
             experts=1,
@@ -93,6 +103,7 @@ FAMILIES: dict[str, Family] = {
             conditioning="first_frame",
             image="optional",
             expand_timesteps=True,
+            image_sizing="best_fit",
         ),
     )
 }

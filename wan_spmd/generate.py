@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from wan_spmd.jobs import Job, Outcome, StopLoop
+from wan_spmd.jobs import Job, OfflineFront, Outcome, StopLoop
 
 
 def timings_line(timings_ms: dict[str, float]) -> str:
@@ -69,27 +69,15 @@ class OneJobSource:
             print(f"note: {warning}")
 
 
-class GenerateFront:
+class GenerateFront(OfflineFront):
     """Rank 0's side of `generate`: exit 0 only if the video was written."""
 
     def __init__(self, job: Job, output: Path) -> None:
         self.source = OneJobSource(job, output)
 
-    def start(self) -> None:
-        pass
-
-    def ready(self, world_size: int, warmup_s: float) -> None:
-        pass
-
-    def on_signal(self, name: str) -> None:
-        self.source.request_stop(f"stopped by {name}")
-
     def stopped(self, lost: bool) -> None:
         if self.source._bar is not None:
             self.source._bar.close()
-
-    def on_expire(self, signal_name: str | None) -> None:
-        pass
 
     def exit_code(self, jobs: int, signal_name: str | None) -> int:
         outcome = self.source.outcome

@@ -85,3 +85,25 @@ class JobSource(Protocol):
 
     def request_stop(self, reason: str) -> None:
         """Stop after the running job (cancelled at its next step); called from the shutdown watch's thread."""
+
+
+class OfflineFront:
+    """What the offline commands (generate, batch) share as their rank-0 `engine.Front`: nothing
+    to start or announce, and a signal stops the source after the running job's next step."""
+
+    source: JobSource
+
+    def start(self) -> None:
+        pass
+
+    def ready(self, world_size: int, warmup_s: float) -> None:
+        pass
+
+    def on_signal(self, name: str) -> None:
+        self.source.request_stop(f"stopped by {name}")
+
+    def on_expire(self, signal_name: str | None) -> None:
+        self.stopped(lost=True)
+
+    def stopped(self, lost: bool) -> None:
+        pass

@@ -7,10 +7,14 @@ line and exit 2 before any weights load.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from wan_spmd.config import REAL_MODELS, TINY_NAMES, ModelFolderError, ModelInfo, inspect_model_folder, tiny_cache_dir
+from wan_spmd.families import Family
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,28 @@ def check_layout(layout: ParallelLayout, transformer_config: dict[str, Any]) -> 
         )
 
 
+def check_family(layout: ParallelLayout, family: Family) -> None:
+    """Layouts a family cannot run yet: Ulysses does not cut TI2V's per-token timestep table."""
+    if layout.ulysses > 1 and family.expand_timesteps:
+        raise ValueError(
+            f"--ulysses {layout.ulysses} is not supported for {family.name} (per-token timesteps) yet; "
+            "use --tp or --cfg-parallel"
+        )
+
+
+def check_hosts(layout: ParallelLayout, ranks_per_host: int) -> None:
+    """Only the cfg dimension may cross hosts: a tp x ulysses group (neighbouring ranks, tp
+    innermost) must fit inside one host, whose `ranks_per_host` ranks torchrun numbers together
+    (LOCAL_WORLD_SIZE). Its collectives run every layer; cfg's once per step."""
+    group = layout.tp * layout.ulysses
+    if ranks_per_host < layout.world_size and ranks_per_host % group:
+        raise ValueError(
+            f"tp={layout.tp} x ulysses={layout.ulysses} = {group} ranks per group would span hosts of "
+            f"{ranks_per_host} rank(s) each: only the cfg dimension may cross hosts "
+            "(use --cfg-parallel, or --nproc-per-node a multiple of the group)"
+        )
+
+
 def resolve_model(model: str, load_format: str = "auto") -> ModelInfo:
     """`tiny` / `tiny-t2v` (built on first use into the cache) or a local diffusers folder; with
     `load_format="dummy"` also a named real architecture (`wan2.2-i2v-a14b`) with no folder.
@@ -145,3 +171,77 @@ def preset_warmup_shape(defaults: dict[str, Any]) -> WarmupShape | None:
         return None
     width, _, height = str(size).lower().partition("x")
     return int(width), int(height), int(frames)
+
+
+LORA_EXPERTS = {"--lora": "all", "--lora-high": "high", "--lora-low": "low"}
+"""Each LoRA flag and the experts it fuses into: every expert, or one of the two (high = the
+high-noise `transformer`, low = the low-noise `transformer_2`)."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One `--lora/--lora-high/--lora-low PATH[:SCALE]`: a LoRA file fused into experts' weights at
+    load (a launch-time choice, not a request field)."""
+
+    path: Path
+    scale: float = 1.0
+    """The user's strength: W += scale * (alpha / rank) * B @ A."""
+    experts: str = "all"
+    """all, high or low (`LORA_EXPERTS`)."""
+    sha256: str = ""
+    """The first 12 hex digits of the file's SHA-256: what /v1/models and the logs name, with the
+    file name, instead of its path."""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def card(self) -> dict[str, Any]:
+        """What /v1/models says about it (no path)."""
+        return {"name": self.name, "scale": self.scale, "experts": self.experts, "sha256": self.sha256}
+
+    def describe(self) -> str:
+        return f"{self.name} x{self.scale:g} ({self.experts}, sha256 {self.sha256})"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def parse_lora_spec(text: str, flag: str = "--lora") -> LoraSpec:
+    """`PATH[:SCALE]` -> LoraSpec, checking that the file exists and the scale is a number, before
+    torch loads. A path that itself holds a colon works when it exists as given."""
+    path_text, scale = text, 1.0
+    head, colon, tail = text.rpartition(":")
+    if colon and not Path(text).expanduser().exists():
+        try:
+            scale = float(tail)
+        except ValueError:
+            raise ValueError(
+                f"{flag} {text}: scale {tail!r} is not a number (PATH[:SCALE], e.g. lora.safetensors:0.8)"
+            ) from None
+        path_text = head
+        if not math.isfinite(scale):
+            raise ValueError(f"{flag} {text}: scale must be a finite number, got {tail!r}")
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{flag} {path_text}: no such file")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{flag} {path_text}: only .safetensors LoRA files are read (never pickles)")
+    return LoraSpec(path=path, scale=scale, experts=LORA_EXPERTS[flag], sha256=_sha256(path))
+
+
+def parse_lora_specs(info: ModelInfo, **by_flag: list[str] | None) -> tuple[LoraSpec, ...]:
+    """Every LoRA flag's values (keyword = flag without dashes, e.g. lora_high=[...]), in flag order;
+    --lora-high/--lora-low only where the family has two experts."""
+    specs = []
+    for flag in LORA_EXPERTS:
+        for text in by_flag.get(flag.lstrip("-").replace("-", "_")) or ():
+            if flag != "--lora" and info.family.experts < 2:
+                raise ValueError(f"{flag}: {info.family.name} has one expert; use --lora")
+            specs.append(parse_lora_spec(text, flag))
+    return tuple(specs)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from wan_spmd.parallel.tp import attach_param, local_slice, planned_placement
+
+if TYPE_CHECKING:
+    from wan_spmd.lora import ExpertDeltas
 
 
 def expert_on_meta(config: dict) -> nn.Module:
@@ -28,9 +32,29 @@ def expert_on_meta(config: dict) -> nn.Module:
         return WanTransformer3DModel.from_config(config)
 
 
-def load_expert_sharded(folder: Path, mesh: DeviceMesh | None, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def _own_copy(
+    name: str, view: torch.Tensor, index, deltas: ExpertDeltas | None, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """This rank's slice as a tensor of its own, with its LoRA deltas (lora.py) added in fp32 to the
+    checkpoint's values and cast once."""
+    if deltas is None or name not in deltas:
+        local = torch.empty(view.shape, dtype=dtype, device=device)
+        return local.copy_(view)
+    fused = view.to(device=device, dtype=torch.float32, copy=True)
+    deltas.add_to(name, fused, index)
+    return fused.to(dtype)
+
+
+def load_expert_sharded(
+    folder: Path,
+    mesh: DeviceMesh | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    deltas: ExpertDeltas | None = None,
+) -> nn.Module:
     """One expert from a diffusers folder, each rank reading only its slices (safetensors' slice
-    reads), so no rank ever holds the whole 14B expert in host or device memory."""
+    reads), so no rank ever holds the whole 14B expert in host or device memory. `deltas` (LoRAs)
+    are fused into each slice as it is read."""
     from safetensors import safe_open
 
     config = json.loads((folder / "config.json").read_text())
@@ -50,11 +74,11 @@ def load_expert_sharded(folder: Path, mesh: DeviceMesh | None, device: torch.dev
                 placement = planned_placement(name)
                 tensor_slice = f.get_slice(name)
                 shape = torch.Size(tensor_slice.get_shape())
-                view = tensor_slice[local_slice(shape, placement, tp_rank, tp_size)]  # of the mmap'd file
+                index = local_slice(shape, placement, tp_rank, tp_size)
+                view = tensor_slice[index]  # of the mmap'd file
                 # One copy into memory of our own: a view would keep the whole file mapped, and
                 # touching it later would page in more than this rank's slice.
-                local = torch.empty(view.shape, dtype=dtype, device=device)
-                local.copy_(view)
+                local = _own_copy(name, view, index, deltas, device, dtype)
                 attach_param(model, name, local, placement, mesh)
     return model.to(device).eval()
 
@@ -69,7 +93,12 @@ def random_weight(name: str, shape: torch.Size, device: torch.device, dtype: tor
 
 
 def dummy_expert_sharded(
-    config: dict, mesh: DeviceMesh | None, device: torch.device, dtype: torch.dtype, seed: int = 0
+    config: dict,
+    mesh: DeviceMesh | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    deltas: ExpertDeltas | None = None,
 ) -> nn.Module:
     """The real architecture with random weights made straight on the device, already sharded
     (`--load-format dummy`). Each weight is drawn whole from a generator seeded by its name, one at
@@ -80,7 +109,8 @@ def dummy_expert_sharded(
     for name, meta in list(model.named_parameters()):
         placement = planned_placement(name)
         full = random_weight(name, meta.shape, device, dtype, seed)
-        local = full[local_slice(meta.shape, placement, tp_rank, tp_size)].clone()
+        index = local_slice(meta.shape, placement, tp_rank, tp_size)
+        local = _own_copy(name, full[index], index, deltas, device, dtype)
         del full
         attach_param(model, name, local, placement, mesh)
     return model.to(device).eval()

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
 from wan_spmd.config import UMT5_XXL_ENCODER, ModelFolderError, ModelInfo
+from wan_spmd.launch import LoraSpec
 from wan_spmd.loading import dummy_expert_sharded, load_expert_sharded, random_weight
 from wan_spmd.tiny import tiny_tokenizer
 
@@ -84,27 +85,37 @@ def load_components(
     dtypes: Dtypes | None = None,
     mesh=None,
     load_format: str = "auto",
+    loras: tuple[LoraSpec, ...] = (),
 ) -> Components:
     """Every component of a Wan2.2 model on `device`; with a TP `mesh` (the tensor-parallel
-    sub-mesh, not the world), each rank reads only its slices of the experts.
-    `load_format="dummy"` builds the architecture with random weights."""
+    sub-mesh, not the world), each rank reads only its slices of the experts, `loras` fused into
+    them as they are read. `load_format="dummy"` builds the architecture with random weights."""
     names = info.family.expert_names
     dtypes = dtypes or Dtypes.for_device(device)
+    deltas: dict = {}
+    if loras:
+        from wan_spmd.lora import read_deltas
+
+        deltas, _ = read_deltas(loras, names, info.transformer_config)
     if load_format == "dummy":
-        tokenizer, text_encoder, vae, scheduler = _dummy_text_and_vae(device, dtypes)
+        tokenizer, text_encoder, vae, scheduler = _dummy_text_and_vae(device, dtypes, info.vae_config)
         experts = [
-            dummy_expert_sharded(info.transformer_config, mesh, device, dtypes.transformer, seed=i)
-            for i, _ in enumerate(names, start=1)
+            dummy_expert_sharded(info.transformer_config, mesh, device, dtypes.transformer, i, deltas.pop(name, None))
+            for i, name in enumerate(names, start=1)
         ]
     else:
         tokenizer, text_encoder, vae = load_text_and_vae(info, device, dtypes)
         scheduler = scheduler_from_folder(info)
-        experts = [load_expert_sharded(info.path / name, mesh, device, dtypes.transformer) for name in names]
+        experts = [
+            load_expert_sharded(info.path / name, mesh, device, dtypes.transformer, deltas.pop(name, None))
+            for name in names
+        ]
     return Components(tokenizer, text_encoder, vae, scheduler, experts)
 
 
-def _dummy_text_and_vae(device: torch.device, dtypes: Dtypes):
-    """Real-size text encoder and VAE with random weights, made on the device (benchmarks).
+def _dummy_text_and_vae(device: torch.device, dtypes: Dtypes, vae_config: dict):
+    """Real-size text encoder and VAE (the family's: `vae_config` holds the arguments that differ from
+    the Wan2.1 VAE's defaults) with random weights, made on the device (benchmarks).
 
     The tokenizer is the tiny one: the encoder always runs all 512 positions, so the cost is real.
     """
@@ -117,7 +128,7 @@ def _dummy_text_and_vae(device: torch.device, dtypes: Dtypes):
         value = random_weight(name, meta.shape, device, dtypes.text_encoder, seed=3)
         setattr(text_encoder.get_submodule(owner), attr, torch.nn.Parameter(value, requires_grad=False))
     torch.manual_seed(4)
-    vae = AutoencoderKLWan().to(device=device, dtype=dtypes.vae)  # the Wan2.1 VAE's default arguments
+    vae = AutoencoderKLWan(**vae_config).to(device=device, dtype=dtypes.vae)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0
     )

@@ -37,7 +37,7 @@ class RequestField:
 FIELDS: tuple[RequestField, ...] = (
     RequestField("prompt", str, "What the video shows (required)."),
     RequestField("negative_prompt", str, "What to steer away from."),
-    RequestField("size", str, "WIDTHxHEIGHT, multiples of the model's spatial multiple (16 for A14B), e.g. 1280x720."),
+    RequestField("size", str, "WIDTHxHEIGHT in multiples of the model's (16 A14B, 32 TI2V), e.g. 1280x720."),
     RequestField("width", int, "Frame width in pixels, given with height; size wins."),
     RequestField("height", int, "Frame height in pixels, given with width; size wins."),
     RequestField("seconds", float, "Duration; num_frames = seconds x fps rounded down to 4k+1."),
@@ -48,9 +48,19 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("guidance_scale_2", float, "CFG scale of the low-noise expert (defaults to guidance_scale)."),
     RequestField("boundary_ratio", float, "Where the two experts switch, in [0, 1] (the model's own by default)."),
     RequestField("flow_shift", float, "Shift of the flow-matching noise schedule."),
+    RequestField(
+        "scheduler",
+        str,
+        "default (the model folder's, UniPC) or euler (flow-matching Euler over evenly spaced steps, "
+        "as the 4-step distillation LoRAs are sampled).",
+    ),
     RequestField("seed", int, "Random seed; a random one (reported) when absent."),
 )
 PARAM_KEYS = tuple(f.name for f in FIELDS)
+SCHEDULERS = ("default", "euler")
+"""default: the model folder's scheduler (UniPC for Wan2.2); euler: flow-matching Euler whose sigmas,
+before the shift, are 1, 1 - 1/n, ..., 1/n (lightx2v's Wan22StepDistillScheduler; ComfyUI's
+euler sampler with the simple schedule)."""
 FRONT_KEYS = frozenset({"model", "image", "input_reference", "id", "output"})
 MAX_SEED = 2**63 - 1
 MAX_NUMBER_CHARS = 32  # longer than any number a field takes (a seed has at most 19 digits)
@@ -130,6 +140,8 @@ class GenerationParams:
     """None for a one-expert family."""
     flow_shift: float
     seed: int
+    scheduler: str = "default"
+    """One of SCHEDULERS: a generation setting (presets may set it), not a model fact."""
     warnings: tuple[str, ...] = ()
     """What was ignored or derived (unknown keys, rounded frame counts), reported back."""
     work: int = 0
@@ -254,6 +266,24 @@ def size_from_area(image_width: int, image_height: int, max_area: int, multiple:
     return max(width, multiple), max(height, multiple)
 
 
+def best_fit_size(image_width: int, image_height: int, max_area: int, multiple: int = 32) -> tuple[int, int]:
+    """Official Wan2.2 TI2V sizing (`best_output_size` in wan/utils/utils.py): round the width down to
+    the multiple and fit the height in the area, or the other way round; keep the pair whose aspect
+    ratio is closer to the image's."""
+    ratio = image_width / image_height
+    width = math.sqrt(max_area * ratio)
+    height = max_area / width
+    w1 = max(int(width // multiple * multiple), multiple)
+    h1 = max(int(max_area / w1 // multiple * multiple), multiple)
+    h2 = max(int(height // multiple * multiple), multiple)
+    w2 = max(int(max_area / h2 // multiple * multiple), multiple)
+
+    def off(w: int, h: int) -> float:
+        return max(ratio / (w / h), (w / h) / ratio)
+
+    return (w1, h1) if off(w1, h1) < off(w2, h2) else (w2, h2)
+
+
 def derive_num_frames(seconds: float, fps: int) -> int:
     """Frames from a duration, rounded as diffusers rounds (`n // 4 * 4 + 1`): 5 s x 16 fps -> 81."""
     return int(seconds * fps) // 4 * 4 + 1
@@ -330,7 +360,8 @@ def resolve_params(
         size_field = "width"
     elif pixels is not None and defaults.get("max_area"):
         area_w, area_h = parse_size(defaults["max_area"], "max_area")
-        width, height = size_from_area(pixels.width, pixels.height, area_w * area_h, multiple)
+        from_image = best_fit_size if info.family.image_sizing == "best_fit" else size_from_area
+        width, height = from_image(pixels.width, pixels.height, area_w * area_h, multiple)
         size_field = "size"
         warnings.append(f"size {width}x{height} follows the image's aspect ratio within {area_w}x{area_h}")
     elif defaults.get("size"):
@@ -394,6 +425,12 @@ def resolve_params(
             "(--max-work)",
             "num_inference_steps",
         )
+    scheduler_value = pick("scheduler") or "default"
+    scheduler = scheduler_value.strip().lower() if isinstance(scheduler_value, str) else ""
+    if scheduler not in SCHEDULERS:
+        raise RequestError(
+            f"scheduler must be one of {', '.join(SCHEDULERS)}, got {_shown(scheduler_value)}", "scheduler"
+        )
     seed_value = pick("seed")
     seed = random.randrange(2**32) if seed_value is None else _as_int("seed", seed_value)
     if not 0 <= seed <= MAX_SEED:
@@ -413,6 +450,7 @@ def resolve_params(
         boundary_ratio=boundary,
         flow_shift=flow_shift,
         seed=seed,
+        scheduler=scheduler,
         warnings=tuple(warnings),
         work=work,
         deadline_s=limits.deadline_s(work),

@@ -10,7 +10,11 @@ numbers match on the same weights and seed, quirks included:
   low-noise expert (`transformer_2`) below;
 - the initial noise is drawn by a CPU `torch.Generator` seeded with `seed`, in float32, so the
   video depends neither on the device nor on the number of ranks;
-- I2V conditions on the VAE's latent mode of [image, zeros...] and a first-frame mask.
+- I2V (A14B) conditions on the VAE's latent mode of [image, zeros...] and a first-frame mask;
+- TI2V (`expand_timesteps`) gives the timestep per token, t everywhere but 0 on the first latent
+  frame when an image conditions it; the model sees that frame replaced by the image's latent mode
+  (of the image alone), while the scheduler keeps stepping its own copy, which is replaced once
+  more after the last step. Without an image every token gets t and nothing is replaced.
 
 The pipeline is single-device code: it never calls torch.distributed. Under tensor parallelism the
 experts it is handed are already sharded (their collectives live inside them); three seams let the
@@ -117,7 +121,7 @@ class VideoResult:
     """uint8 (F, H, W, 3) on the host."""
     timings_ms: dict[str, float] = field(default_factory=dict)
     latents: torch.Tensor | None = None
-    """Final latents (B, C, T, H/8, W/8) in float32."""
+    """Final latents (B, z, T_lat, H/s, W/s) in float32."""
 
 
 class WanVideoPipeline:
@@ -133,8 +137,6 @@ class WanVideoPipeline:
         cfg_branch: str | None = None,
         encode_video: VideoEncoder | None = None,
     ) -> None:
-        if info.family.conditioning == "first_frame":
-            raise ValueError(f"{info.family.name} (first-frame conditioning) is not supported by this pipeline yet")
         if len(components.experts) != info.family.experts:
             raise ValueError(f"{info.family.name} has {info.family.experts} expert(s), {len(components.experts)} given")
         self.c = components
@@ -183,7 +185,8 @@ class WanVideoPipeline:
         return embeds.to(self.transformer_dtype)
 
     def initial_noise(self, params: GenerationParams) -> torch.Tensor:
-        """(1, 16, T_lat, H/8, W/8) float32 noise from a CPU generator: device- and rank-independent."""
+        """(1, z, T_lat, H/s, W/s) float32 noise (z and s the VAE's: 16, 8 for A14B; 48, 16 for TI2V)
+        from a CPU generator: device- and rank-independent."""
         shape = (
             1,
             int(self.c.vae.config.z_dim),
@@ -217,8 +220,36 @@ class WanVideoPipeline:
         mask = mask.view(1, -1, t_scale, lat_h, lat_w).transpose(1, 2)  # (1, 4, T_lat, h, w)
         return torch.cat([mask.to(latent), latent], dim=1)
 
-    def make_scheduler(self, flow_shift: float):
-        """A fresh scheduler per job (schedulers keep state), with the request's flow_shift."""
+    @torch.inference_mode()
+    def first_frame_latent(self, params: GenerationParams) -> torch.Tensor:
+        """TI2V condition (1, z, 1, h, w): the normalised latent mode of the image alone."""
+        vae = self.c.vae
+        image = self.video_processor.preprocess(params.image.to_pil(), height=params.height, width=params.width)
+        image = image.to(self.device, dtype=torch.float32).unsqueeze(2)  # (1, 3, 1, H, W) in [-1, 1]
+        latent = vae.encode(image.to(vae.dtype)).latent_dist.mode().to(torch.float32)
+        return (latent - self.latents_mean.to(latent)) * self.inv_latents_std.to(latent)
+
+    def denoise_mask(self, latents: torch.Tensor, first_frame: torch.Tensor | None) -> torch.Tensor:
+        """(1, 1, T_lat, h, w) float32: 1 where the model denoises, 0 on a conditioned first frame."""
+        mask = torch.ones(1, 1, *latents.shape[2:], dtype=torch.float32, device=latents.device)
+        if first_frame is not None:
+            mask[:, :, 0] = 0
+        return mask
+
+    def token_timesteps(self, mask: torch.Tensor, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B, tokens) timesteps, one per patch (the mask sampled at each patch's corner, as diffusers
+        does): t, or 0 on the conditioned first frame."""
+        p = self.info.family.patch_size
+        per_token = (mask[0, 0, :, ::p, ::p] * t).flatten()  # (T_lat * h/p * w/p,)
+        return per_token.unsqueeze(0).expand(batch, -1)
+
+    def make_scheduler(self, flow_shift: float, kind: str = "default"):
+        """A fresh scheduler per job (schedulers keep state), with the request's flow_shift: the
+        folder's (UniPC), or flow-matching Euler for `scheduler = "euler"` (params.SCHEDULERS)."""
+        if kind == "euler":
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift)
         return type(self.c.scheduler).from_config(self.c.scheduler.config, flow_shift=flow_shift)
 
     @torch.inference_mode()
@@ -231,10 +262,12 @@ class WanVideoPipeline:
         negative_embeds: torch.Tensor | None,
         control: StepControl | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        first_frame: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The two-expert loop with CFG; returns float32 latents."""
-        scheduler = self.make_scheduler(params.flow_shift)
-        scheduler.set_timesteps(params.num_inference_steps, device=self.device)
+        """The two-expert loop with CFG; returns float32 latents. `first_frame` is TI2V's image latent
+        (per-token timesteps are used whenever the family expands timesteps, with or without it)."""
+        scheduler = self.make_scheduler(params.flow_shift, params.scheduler)
+        set_schedule(scheduler, params, self.device)
         timesteps = scheduler.timesteps
         boundary_timestep = (
             None if params.boundary_ratio is None else params.boundary_ratio * scheduler.config.num_train_timesteps
@@ -242,19 +275,25 @@ class WanVideoPipeline:
         do_cfg = params.guidance_scale > 1.0  # diffusers' rule, applied to both experts
         dtype = self.transformer_dtype
         total = len(timesteps)
+        expand = self.info.family.expand_timesteps
+        mask = self.denoise_mask(latents, first_frame) if expand else None
         for i, t in enumerate(timesteps):
             if control is not None and not control(i, total):
                 raise JobCancelled(f"cancelled at step {i} of {total}")
             model, guidance = self.expert_for(t, boundary_timestep, params)
             model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
+            if first_frame is not None:  # the model sees the image's latent as the first frame
+                model_input = (1 - mask) * first_frame + mask * latents
             model_input = model_input.to(dtype)
-            timestep = t.expand(latents.shape[0])
+            timestep = self.token_timesteps(mask, t, latents.shape[0]) if expand else t.expand(latents.shape[0])
             noise_pred = self.predict_noise(
                 model, model_input, timestep, prompt_embeds, negative_embeds, guidance if do_cfg else None
             )
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i + 1, total)
+        if first_frame is not None:  # the scheduler stepped its own first frame; the image's is kept
+            latents = (1 - mask) * first_frame + mask * latents
         return latents
 
     def expert_for(self, t: torch.Tensor, boundary_timestep: float | None, params: GenerationParams):
@@ -328,15 +367,20 @@ class WanVideoPipeline:
             wants_uncond = do_cfg and self.cfg_branch != "cond"
             prompt_embeds = self.encode_prompt(params.prompt) if wants_cond else None
             negative_embeds = self.encode_prompt(params.negative_prompt) if wants_uncond else None
-        # 2. Initial noise and, for channel-concat conditioning, the image condition
+        # 2. Initial noise and the image condition: channel-concat (A14B), first frame (TI2V with an image)
         with timer("LatentPreparation"):
             latents = self.initial_noise(params)
-            condition = None
-            if self.info.family.conditioning == "channel_concat":
+            condition = first_frame = None
+            conditioning = self.info.family.conditioning
+            if conditioning == "channel_concat":
                 condition = self.image_condition(params)
+            elif conditioning == "first_frame" and params.image is not None:
+                first_frame = self.first_frame_latent(params)
         # 3. Denoising loop over the experts
         with timer("Denoising"):
-            latents = self.denoise(params, latents, condition, prompt_embeds, negative_embeds, control, on_step)
+            latents = self.denoise(
+                params, latents, condition, prompt_embeds, negative_embeds, control, on_step, first_frame=first_frame
+            )
         return Latents(params, latents, timer)
 
     def timed_decode(self, state: Latents, chunks: Iterator[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
@@ -363,7 +407,7 @@ class Latents:
 
     params: GenerationParams
     latents: torch.Tensor
-    """(1, 16, T_lat, H/8, W/8) float32."""
+    """(1, z, T_lat, H/s, W/s) float32."""
     timer: _StageTimer
 
 
@@ -392,3 +436,14 @@ class _StageTimer:
     def stop(self, name: str) -> None:
         self._sync()
         self.ms[name] = (time.perf_counter() - self._started.pop(name)) * 1000.0
+
+
+def set_schedule(scheduler, params: GenerationParams, device: torch.device) -> None:
+    """The job's timesteps. Euler's sigmas before the shift are 1, 1 - 1/n, ..., 1/n: for 4 steps
+    at shift 5 the timesteps 1000, 937.5, 833.3, 625 of lightx2v's 4-step distillation (its
+    denoising_step_list [1000, 750, 500, 250] shifted), not diffusers' default spacing."""
+    steps = params.num_inference_steps
+    if params.scheduler == "euler":
+        scheduler.set_timesteps(sigmas=[1.0 - i / steps for i in range(steps)], device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +28,7 @@ from wan_spmd.jobs import Job, Outcome, StopLoop
 from wan_spmd.server.http import HttpThread
 from wan_spmd.server.options import HttpOptions
 from wan_spmd.server.queue import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
+from wan_spmd.server.videos import VideoStore, default_replica_name
 
 if TYPE_CHECKING:
     from wan_spmd.engine import EngineOptions
@@ -38,11 +40,21 @@ LOST = "the server lost one of its ranks (dead or stuck) and is stopping so that
 
 
 class QueueJobSource:
-    """The server's JobSource on rank 0: jobs from the HTTP queue, outcomes to their futures."""
+    """The server's JobSource on rank 0: jobs from the HTTP queue, outcomes to their futures and to
+    the job store (status, progress, the finished file)."""
 
-    def __init__(self, queue: JobQueue, output_dir: Path) -> None:
+    def __init__(
+        self,
+        queue: JobQueue,
+        output_dir: Path,
+        videos: VideoStore | None = None,
+        observe: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
         self.queue = queue
         self.output_dir = output_dir
+        self.videos = videos if videos is not None else VideoStore(None, default_replica_name())
+        self.observe = observe
+        """Stage latencies of asynchronous jobs (a synchronous request's route reports its own)."""
         self.stop_reason: str | None = None
         """Set (from a signal handler too) to stop: the running job is cancelled, the queue closed."""
         self._running: dict[str, PendingVideo] = {}
@@ -62,9 +74,13 @@ class QueueJobSource:
         if item is Closed:
             return StopLoop
         if item is None:
+            self.videos.prune()  # idle: let expired jobs go (--job-ttl) though nobody asks
             return None
         # The Job is broadcast (pickled) to every rank; its future stays here, on rank 0.
         self._running[item.id] = item
+        self.videos.start(item.id)
+        p = item.params
+        log.info("video %s started: %s x%d frames, %d steps", item.id, p.size, p.num_frames, p.num_inference_steps)
         return Job(item.id, item.params).start()
 
     def output_path(self, job: Job) -> Path:
@@ -75,32 +91,42 @@ class QueueJobSource:
         return self.stop_reason is not None or self._running[job.id].cancelled or job.overdue()
 
     def on_step(self, job: Job, step: int, total: int) -> None:
-        pass
+        self.videos.progress(job.id, step, total)
 
     def finish(self, outcome: Outcome) -> None:
         """The mp4 is complete and in place (the engine streamed it while decoding): answer."""
         pending = self._running.pop(outcome.job.id)
         if outcome.cancelled and self.stop_reason is None and outcome.job.overdue():
+            self.videos.fail(pending.id, "generation_failed", outcome.job.deadline_error())
             pending.resolve(error=JobFailed(outcome.job.deadline_error()))
             return
         if outcome.cancelled:
-            reason = self.stop_reason or "the client went away"
+            reason = self.stop_reason or pending.cancel_reason or "the client went away"
             log.info("video %s %s: %s", pending.id, outcome.error, reason)
+            self.videos.fail(pending.id, "cancelled", f"{outcome.error}: {reason}")
             pending.resolve(error=Unavailable(reason))
             return
         if not outcome.ok:
+            self.videos.fail(pending.id, "generation_failed", outcome.error or "unknown error")
             pending.resolve(error=JobFailed(outcome.error or "unknown error"))
-            return
-        try:
-            mp4 = outcome.video_path.read_bytes()
-        except OSError as exc:  # a reply is always sent
-            pending.resolve(error=JobFailed(f"the finished video could not be read: {exc.strerror or exc}"))
             return
         timings = dict(outcome.timings_ms)
         timings["Queue"] = (pending.started_at - pending.enqueued_at) * 1000.0
         # broadcast, per-step agreements, frames to host: the loop's time outside PipelineWall + writer
         job_ms = outcome.job.meta.get("job_ms", (time.perf_counter() - pending.started_at) * 1000.0)
         timings["Dispatch"] = job_ms - timings.get("PipelineWall", 0.0) - timings.get("Mp4Encoding", 0.0)
+        try:  # an asynchronous job's client downloads the file later: nothing to read now
+            mp4 = b"" if pending.detached else outcome.video_path.read_bytes()
+        except OSError as exc:  # a reply is always sent
+            error = f"the finished video could not be read: {exc.strerror or exc}"
+            self.videos.fail(pending.id, "generation_failed", error)
+            pending.resolve(error=JobFailed(error))
+            return
+        # the record first, so a waiting client that reads it finds the job completed
+        if self.videos.complete(pending.id, outcome.video_path, timings) and pending.detached:
+            log.info("video %s completed -> %s", pending.id, outcome.video_path.name)
+            if self.observe is not None:
+                self.observe(timings)
         pending.resolve(VideoAnswer(mp4=mp4, path=str(outcome.video_path), timings_ms=timings))
 
     def close(self, reason: str) -> None:
@@ -111,6 +137,7 @@ class QueueJobSource:
         """Answer everything waiting or running with 503 now, without waiting for the loop (the
         shutdown watch calls this when the main thread is stuck)."""
         self.queue.close(reason)
+        self.videos.fail_unfinished("cancelled", reason)
         for pending in list(self._running.values()):
             pending.resolve(error=Unavailable(reason))
         self._running.clear()
@@ -127,6 +154,12 @@ class ServeOptions:
     output_dir: Path = Path("outputs")
     http: HttpOptions = HttpOptions()
     """Connection limit, read deadlines and the Unix socket's mode."""
+    replica_name: str = field(default_factory=default_replica_name)
+    """In every job id (video_<replica>_...), so a balancer can route polls to the replica that has the job."""
+    keep_jobs: int = 1000
+    """Finished jobs kept (records and files); the oldest finished goes first."""
+    job_ttl_s: float | None = None
+    """Seconds a finished job is kept; None: until --keep-jobs evicts it."""
 
 
 class ServeFront:
@@ -137,23 +170,33 @@ class ServeFront:
 
         self.settings = settings
         self.options = options
-        self.ctx = ServerContext(settings, JobQueue(options.max_queue))
-        self.source = QueueJobSource(self.ctx.queue, options.output_dir)
+        videos = VideoStore(options.output_dir, options.replica_name, options.keep_jobs, options.job_ttl_s)
+        self.ctx = ServerContext(settings, JobQueue(options.max_queue), videos=videos)
+        self.source = QueueJobSource(self.ctx.queue, options.output_dir, videos, self.ctx.metrics.observe)
         self.http = HttpThread(create_app(self.ctx), options.host, options.port, options.uds, options.http)
 
     def start(self) -> None:
-        """Listen at once, so /health answers 503 while the model loads."""
+        """Read back the jobs of earlier runs, then listen at once, so /health answers 503 while the
+        model loads."""
+        try:
+            jobs = self.ctx.videos.load()
+        except OSError as exc:
+            raise ValueError(f"cannot read the job records under --output-dir: {exc}") from None
+        if jobs:
+            log.info("%d job(s) from earlier runs in %s", jobs, self.options.output_dir)
         address = self.http.start()
         log.info("listening on %s (503 on /health until %d rank(s) have loaded)", address, self.settings.world_size)
 
     def ready(self, world_size: int, warmup_s: float) -> None:
         self.ctx.mark_ready()
+        loras = self.settings.loras  # named by file, scale and content hash, never by path
         log.info(
-            "ready: %s on %d rank(s)%s, writing videos to %s",
+            "ready: %s on %d rank(s)%s, writing videos to %s%s",
             self.settings.served_model_name,
             world_size,
             f" after {warmup_s:.1f} s of warm-up" if warmup_s else "",
             self.options.output_dir,
+            "".join(f"; LoRA {c['name']} x{c['scale']:g} ({c['experts']}, sha256 {c['sha256']})" for c in loras),
         )
 
     def on_signal(self, name: str) -> None:

@@ -19,10 +19,10 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from wan_spmd.config import tiny_cache_dir
+from wan_spmd.config import WAN22_VAE, tiny_cache_dir
 from wan_spmd.families import FAMILIES, Family
 
-VARIANTS = {"i2v": "wan2.2-i2v-a14b", "t2v": "wan2.2-t2v-a14b"}
+VARIANTS = {"i2v": "wan2.2-i2v-a14b", "t2v": "wan2.2-t2v-a14b", "ti2v": "wan2.2-ti2v-5b"}
 """`make-tiny --variant` -> the family it imitates."""
 
 
@@ -60,14 +60,14 @@ def tiny_tokenizer():
     )
 
 
-def tiny_transformer_config(in_channels: int) -> dict:
-    """A 2-layer, 4-head Wan expert with every architectural switch of the real A14B one."""
+def tiny_transformer_config(in_channels: int, out_channels: int = 16) -> dict:
+    """A 2-layer, 4-head Wan expert with every architectural switch of the real A14B / 5B one."""
     return dict(
         patch_size=(1, 2, 2),
         num_attention_heads=4,
         attention_head_dim=12,  # rotary splits it into t/h/w parts: 4/4/4
         in_channels=in_channels,
-        out_channels=16,
+        out_channels=out_channels,
         text_dim=32,
         freq_dim=256,
         ffn_dim=64,
@@ -85,6 +85,16 @@ def expert_in_channels(family: Family) -> int:
     """Noise latents, plus the mask (4) and image latent for channel-concat conditioning."""
     z = family.vae_z_dim
     return 2 * z + 4 if family.conditioning == "channel_concat" else z
+
+
+def tiny_vae_config(family: Family) -> dict:
+    """The family's real VAE with a base of a few channels instead of 96 (Wan2.1) or 160/256 (Wan2.2)
+    and one block per level; latent channels and strides stay the family's (the experts need them)."""
+    small = dict(dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+    if family.vae_z_dim == WAN22_VAE["z_dim"]:
+        # The Wan2.2 VAE: residual down/up blocks, 2x2 patchify (16x spatially with 3 downsamples)
+        return {**WAN22_VAE, **small, "base_dim": 4, "decoder_base_dim": 4}
+    return dict(base_dim=3, z_dim=family.vae_z_dim, **small)
 
 
 def make_tiny(dest: str | Path, variant: str = "i2v", seed: int = 0) -> Path:
@@ -116,14 +126,7 @@ def make_tiny(dest: str | Path, variant: str = "i2v", seed: int = 0) -> Path:
         )
     )
     text_encoder.save_pretrained(dest / "text_encoder")
-    # The real Wan VAE with a 3-channel base instead of 96 (z_dim stays the family's: the experts need it).
-    vae = AutoencoderKLWan(
-        base_dim=3,
-        z_dim=family.vae_z_dim,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-    )
+    vae = AutoencoderKLWan(**tiny_vae_config(family))
     vae.save_pretrained(dest / "vae")
     UniPCMultistepScheduler(
         prediction_type="flow_prediction",
@@ -132,7 +135,8 @@ def make_tiny(dest: str | Path, variant: str = "i2v", seed: int = 0) -> Path:
         flow_shift=flow_shift,
     ).save_pretrained(dest / "scheduler")
     for name in family.expert_names:
-        WanTransformer3DModel(**tiny_transformer_config(expert_in_channels(family))).save_pretrained(dest / name)
+        config = tiny_transformer_config(expert_in_channels(family), family.vae_z_dim)
+        WanTransformer3DModel(**config).save_pretrained(dest / name)
 
     index = {
         "_class_name": family.pipeline_class,
@@ -149,8 +153,13 @@ def make_tiny(dest: str | Path, variant: str = "i2v", seed: int = 0) -> Path:
         index.update(image_encoder=[None, None], image_processor=[None, None])
     index["expand_timesteps"] = family.expand_timesteps
     (dest / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    # Defaults small enough for 2 CPU cores; 4 steps put 2 on each expert at boundary 0.9/0.875.
-    size_line = 'max_area = "64x64"' if takes_image else 'size = "64x64"'
+    # Defaults small enough for 2 CPU cores; 4 steps put 2 on each expert at boundary 0.9/0.875. An
+    # optional image (TI2V) has both: the size without one, the area to fit its aspect in with one.
+    size_line = {
+        "required": 'max_area = "64x64"',
+        "optional": 'size = "64x64"\nmax_area = "64x64"',
+        "refused": 'size = "64x64"',
+    }[family.image]
     (dest / "generation.toml").write_text(
         "# Written by `wan_spmd make-tiny`: a tiny random model, noise not art.\n"
         "[generation]\n"

@@ -233,3 +233,19 @@ def probe_mp4(path: str | Path) -> dict:
         "codec": meta.get("codec", ""),
         "pix_fmt": meta.get("pix_fmt", ""),
     }
+
+
+def first_frame_jpeg(mp4: Path, out: Path) -> Path:
+    """A JPEG of the video's first frame at its own size (a thumbnail), written atomically: ffmpeg
+    writes a temporary name beside `out`, which is renamed into place only once it exited 0."""
+    tmp = out.parent / f".{out.stem}-{secrets.token_hex(4)}.jpg.part"
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-i", ffmpeg_path(mp4)]
+    cmd += ["-frames:v", "1", "-q:v", "3", "-f", "mjpeg", ffmpeg_path(tmp)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, timeout=60)
+        if proc.returncode != 0:
+            raise VideoWriteError(f"ffmpeg could not take the first frame of {mp4.name}: {_last_line(proc.stderr)}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

@@ -3,8 +3,14 @@
 Modes:
   tp OUT      run the tiny I2V and T2V models; rank 0 saves latents and float video, every rank
               writes its parameter counts for the sharded layers
+  tp_ti2v OUT the tiny TI2V model without an image (12 tokens: the sequence regions split them, and
+              the per-token modulation with them) and with one (9 tokens: uneven, all-reduce); rank 0
+              saves latents and float video
   attn OUT    one attention module sharded by the TP plan vs the same module whole
+  compile_ti2v OUT  the tiny TI2V model's compiled blocks against eager, text and image
   dummy OUT   a dummy-weight expert (tiny architecture) made already sharded
+  lora OUT    the tiny I2V model and a dummy expert with the LoRA files the test left in OUT fused at
+              load (OUT/high.safetensors on the high-noise expert at 0.7, OUT/all.safetensors on both)
   slow_decode OUT  rank 0 delivers for longer than the control timeout; the loop goes on
   layouts OUT L1,L2  each named parallel layout (LAYOUTS) on this world: the tiny I2V and T2V
               models with CFG on, guidance 1.0 and an odd token count (48x48: 27 tokens), decoded
@@ -70,6 +76,22 @@ def mode_tp(d, out: Path) -> None:
                 local_numel(p) for n, p in model.blocks.named_parameters() if any(s in n for s in SHARDED)
             )
     (out / f"counts-{d.world_size}-{d.rank}.json").write_text(json.dumps(counts))
+
+
+def mode_tp_ti2v(d, out: Path) -> None:
+    info = resolve_model("tiny-ti2v")
+    pipe = load_pipeline(d, info)
+    image = EXAMPLE.read_bytes()
+    cases = {
+        "text": resolve_params({"prompt": "a kite", "seed": 5}, info=info, defaults=generation_defaults(info)),
+        "image": resolve_params(
+            {"prompt": "a kite", "seed": 6, "size": "32x96"}, info=info, defaults=generation_defaults(info), image=image
+        ),
+    }
+    for case, params in cases.items():
+        result = pipe(params)
+        if d.is_main:
+            torch.save({"latents": result.latents, "frames": result.frames}, out / f"ti2v-{case}-{d.world_size}.pt")
 
 
 def mode_attn(d, out: Path) -> None:
@@ -163,23 +185,45 @@ def vae_split_error(d, pipe, out: Path) -> None:
         (out / f"vae-{d.world_size}.json").write_text(json.dumps(result))
 
 
-def mode_compile(d, out: Path) -> None:
-    """The engine's compiled blocks (aot_eager, fullgraph: a graph break raises) against eager, at
-    three sizes: the third must compile nothing new (the dynamic graph of the second serves it)."""
+def mode_compile(d, out: Path, names: str = "") -> None:
+    """The engine's compiled blocks (aot_eager, fullgraph: a graph break raises) against eager, per
+    layout (LAYOUTS names; default: this world's default), at three sizes: the third must compile
+    nothing new (the dynamic graph of the second serves it)."""
     from wan_spmd.compiling import compiled_graphs
 
     info = resolve_model("tiny")
+    results = {}
+    for name in names.split(",") if names else ["default"]:
+        layout = resolve_layout(d.world_size, **LAYOUTS.get(name, {}))
+        options = EngineOptions(layout=layout, device="cpu")
+        eager = build_pipeline(d, info, options)
+        compiled = build_pipeline(d, info, dataclasses.replace(options, compile=True, compile_backend="aot_eager"))
+        result = {"max_abs": 0.0, "graphs": []}
+        before = compiled_graphs()
+        for size in ("64x64", "48x32", "80x48"):
+            params = params_for(info, size=size, num_frames=5)
+            ref, got = eager(params).latents, compiled(params).latents
+            result["max_abs"] = max(result["max_abs"], (ref - got).abs().max().item())
+            result["graphs"].append(compiled_graphs() - before)
+        results[name] = result
+    if d.is_main:
+        (out / f"compile-{d.world_size}.json").write_text(json.dumps(results))
+
+
+def mode_compile_ti2v(d, out: Path) -> None:
+    """TI2V's per-token modulation through compiled blocks (aot_eager, fullgraph) against eager: text
+    at 64x64 (tokens split over 2 ranks), image at 32x96 (uneven: all-reduce) and 96x64."""
+    info = resolve_model("tiny-ti2v")
     options = EngineOptions(layout=resolve_layout(d.world_size), device="cpu")
     eager = build_pipeline(d, info, options)
     compiled = build_pipeline(d, info, dataclasses.replace(options, compile=True, compile_backend="aot_eager"))
-    result = {"max_abs": 0.0, "graphs": []}
-    for size in ("64x64", "48x32", "80x48"):
-        params = params_for(info, size=size, num_frames=5)
-        ref, got = eager(params).latents, compiled(params).latents
-        result["max_abs"] = max(result["max_abs"], (ref - got).abs().max().item())
-        result["graphs"].append(compiled_graphs())
+    max_abs = 0.0
+    for size, image in (("64x64", None), ("32x96", EXAMPLE.read_bytes()), ("96x64", EXAMPLE.read_bytes())):
+        request = {"prompt": "a kite", "seed": 1, "size": size, "num_frames": 5}
+        params = resolve_params(request, info=info, defaults=generation_defaults(info), image=image)
+        max_abs = max(max_abs, (eager(params).latents - compiled(params).latents).abs().max().item())
     if d.is_main:
-        (out / f"compile-{d.world_size}.json").write_text(json.dumps(result))
+        (out / f"compile-ti2v-{d.world_size}.json").write_text(json.dumps({"max_abs": max_abs}))
 
 
 def mode_dummy(d, out: Path) -> None:
@@ -198,6 +242,35 @@ def mode_dummy(d, out: Path) -> None:
         result = model(hidden_states=x, timestep=torch.tensor([999.0]), encoder_hidden_states=context)[0]
     if d.is_main:
         torch.save(result, out / f"dummy-{d.world_size}.pt")
+
+
+def mode_lora(d, out: Path) -> None:
+    """LoRAs fused per slice: the same model at every TP size, from a folder and as dummy weights."""
+    from wan_spmd.launch import parse_lora_spec
+    from wan_spmd.lora import read_deltas
+    from wan_spmd.loading import dummy_expert_sharded
+    from wan_spmd.parallel import shard_expert, tp_mesh
+    from wan_spmd.tiny import tiny_transformer_config
+
+    loras = (
+        parse_lora_spec(f"{out / 'high.safetensors'}:0.7", "--lora-high"),
+        parse_lora_spec(f"{out / 'all.safetensors'}:1.2", "--lora"),
+    )
+    info = resolve_model("tiny")
+    options = EngineOptions(layout=resolve_layout(d.world_size), device="cpu", loras=loras)
+    result = build_pipeline(d, info, options)(params_for(info))
+    config = tiny_transformer_config(36)
+    deltas, _ = read_deltas(loras, ("transformer",), config)
+    mesh = tp_mesh(d.device, d.world_size) if d.world_size > 1 else None
+    model = dummy_expert_sharded(config, mesh, d.device, torch.float32, 1, deltas["transformer"])
+    if mesh is not None:
+        shard_expert(model, mesh)
+    gen = torch.Generator().manual_seed(0)
+    x, context = torch.randn(1, 36, 3, 8, 8, generator=gen), torch.randn(1, 512, 32, generator=gen)
+    with torch.inference_mode():
+        dummy = model(hidden_states=x, timestep=torch.tensor([999.0]), encoder_hidden_states=context)[0]
+    if d.is_main:
+        torch.save({"latents": result.latents, "dummy": dummy}, out / f"lora-{d.world_size}.pt")
 
 
 class ListSource:
@@ -269,12 +342,15 @@ if __name__ == "__main__":
     try:
         modes = {
             "tp": mode_tp,
+            "tp_ti2v": mode_tp_ti2v,
             "attn": mode_attn,
             "fault": mode_fault,
             "dummy": mode_dummy,
+            "lora": mode_lora,
             "slow_decode": mode_slow_decode,
             "compile": mode_compile,
             "layouts": mode_layouts,
+            "compile_ti2v": mode_compile_ti2v,
         }
         modes[mode](d, out, *extra)
     finally:

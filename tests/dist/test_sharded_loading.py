@@ -50,3 +50,23 @@ def test_dummy_weights_are_the_same_model_at_every_tp_size(cache_home, tmp_path)
     assert both.returncode == 0, both.stderr
     one, two = torch.load(tmp_path / "dummy-1.pt"), torch.load(tmp_path / "dummy-2.pt")
     assert one.std() > 0.01 and (one - two).abs().max().item() < 1e-5
+
+
+def test_lora_fused_per_slice_tp2_equals_tp1(cache_home, tiny_i2v, tmp_path):
+    """LoRAs (one on the high-noise expert, one on both, in the two formats) fused into each rank's
+    slices at TP=2 give TP=1's latents, from the folder and on dummy weights. If this fails, a rank
+    took the wrong rows of B or columns of A, or a replicated bias got its delta twice."""
+    from tests.lora_files import write_peft, write_wan
+
+    write_wan(tmp_path / "high.safetensors", 11, diffs=True)
+    write_peft(tmp_path / "all.safetensors", 12)
+    alone = subprocess.run(
+        [sys.executable, str(CHECK), "lora", str(tmp_path)], capture_output=True, text=True, env=cli_env(), cwd=ROOT
+    )
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    both = run_torchrun_script(CHECK, ["lora", str(tmp_path)], nproc=2)
+    assert both.returncode == 0, both.stderr[-3000:]
+    one, two = torch.load(tmp_path / "lora-1.pt"), torch.load(tmp_path / "lora-2.pt")
+    for key in ("latents", "dummy"):
+        assert (one[key] - two[key]).abs().max().item() <= 1e-4, key
+        assert one[key].std() > 0.01

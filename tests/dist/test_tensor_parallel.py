@@ -41,6 +41,31 @@ def test_tp2_video_matches_tp1(tp_runs, model):
     assert one["frames"].float().std() > 2
 
 
+@pytest.fixture(scope="module")
+def ti2v_runs(cache_home, tiny_ti2v, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tp-ti2v")
+    alone = subprocess.run(
+        [sys.executable, str(SCRIPT), "tp_ti2v", str(out)], capture_output=True, text=True, env=cli_env(), cwd=ROOT
+    )
+    assert alone.returncode == 0, alone.stderr
+    both = run_torchrun_script(SCRIPT, ["tp_ti2v", str(out)], nproc=2)
+    assert both.returncode == 0, both.stderr
+    return out
+
+
+@pytest.mark.parametrize("case", ["text", "image"])
+def test_tp2_ti2v_matches_tp1(ti2v_runs, case):
+    """TI2V's timestep is per token: if this fails, the per-token modulation was not split with the
+    tokens in the sequence regions (text: 12 tokens, split), or the uneven fallback (image: 9 tokens,
+    all-reduce) or the first-frame conditioning differs between TP=2 and TP=1."""
+    one = torch.load(ti2v_runs / f"ti2v-{case}-1.pt")
+    two = torch.load(ti2v_runs / f"ti2v-{case}-2.pt")
+    assert one["latents"].shape == two["latents"].shape
+    assert (one["latents"] - two["latents"]).abs().max().item() <= TOLERANCE
+    assert (one["frames"].int() - two["frames"].int()).abs().max().item() <= 1  # 8-bit rounding at most
+    assert one["frames"].float().std() > 2
+
+
 def test_each_rank_holds_half_of_the_sharded_weights(tp_runs):
     """Each of 2 ranks holds 1/2 of every expert's attention and FFN weights (biases of row-parallel
     layers stay whole: 48 of them per attention output and FFN output)."""
@@ -125,19 +150,35 @@ def test_generate_under_torchrun_writes_the_same_video(cache_home, tiny_i2v, tmp
     assert len(frames[2]) == 9 and max(diffs) <= 1  # 8-bit rounding of a 1e-6 difference at most
 
 
-@pytest.mark.parametrize("nproc", [0, 2])
-def test_compiled_blocks_trace_whole_and_match_eager(cache_home, tiny_i2v, tmp_path, nproc):
+@pytest.mark.parametrize("nproc, layouts", [(0, "default"), (2, "tp2,u2,cfg")])
+def test_compiled_blocks_trace_whole_and_match_eager(cache_home, tiny_i2v, tmp_path, nproc, layouts):
     """The experts' blocks compiled with fullgraph=True (aot_eager: the graphs inductor would get)
-    alone and under TP=2 with its sequence regions and collectives. If this fails, a graph break
-    would have stopped a GPU server at start-up, the compiled blocks compute something else, or a
-    third request size pays a compile (the dynamic-shape policy of wan_spmd.compiling broke)."""
+    alone and under every 2-rank layout (TP with its sequence regions, Ulysses' all-to-alls,
+    CFG-parallel). If this fails, a graph break would have stopped a GPU server at start-up, the
+    compiled blocks compute something else, or a third request size pays a compile (the
+    dynamic-shape policy of wan_spmd.compiling broke)."""
+    args = ["compile", str(tmp_path)] + ([] if layouts == "default" else [layouts])
     if nproc:
-        proc = run_torchrun_script(SCRIPT, ["compile", str(tmp_path)], nproc=nproc, timeout=300)
+        proc = run_torchrun_script(SCRIPT, args, nproc=nproc, timeout=600)
     else:
-        cmd = [sys.executable, str(SCRIPT), "compile", str(tmp_path)]
+        cmd = [sys.executable, str(SCRIPT), *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / f"compile-{nproc or 1}.json").read_text())
-    assert result["max_abs"] <= TOLERANCE
-    first, second, third = result["graphs"]
-    assert first >= 1 and second > first and third == second
+    results = json.loads((tmp_path / f"compile-{nproc or 1}.json").read_text())
+    assert sorted(results) == sorted(layouts.split(","))
+    for name, result in results.items():
+        assert result["max_abs"] <= TOLERANCE, name
+        # graphs compiled (since this layout's start) after each size: some for the first, the
+        # dynamic one for the second unless an earlier layout in this process already made the
+        # sizes dynamic, and none for the third
+        first, second, third = result["graphs"]
+        assert first >= 1 and second >= first and third == second, (name, result["graphs"])
+
+
+def test_compiled_ti2v_blocks_under_tp2_match_eager(cache_home, tiny_ti2v, tmp_path):
+    """Compiled blocks are the CUDA default: if this fails, TI2V's per-token modulation (narrowed to
+    each rank's tokens by a pre-hook inside the compiled block) breaks the fullgraph trace, which
+    would stop a GPU server at start-up, or computes something else than eager."""
+    proc = run_torchrun_script(SCRIPT, ["compile_ti2v", str(tmp_path)], nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "compile-ti2v-2.json").read_text())["max_abs"] <= TOLERANCE

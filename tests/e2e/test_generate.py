@@ -102,3 +102,34 @@ def test_bad_input_exits_2_with_one_line(case, cache_home, tiny_i2v):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_generate_ti2v_with_and_without_an_image(cache_home, tiny_ti2v, tmp_path, with_image):
+    """`--model tiny-ti2v` is text-to-video without `--image` (the tiny preset's 64x64) and
+    image-to-video with one (an explicit 96x32 the 320x192 image is resized to): if this fails, the
+    one-expert, first-frame family does not run end to end through the CLI."""
+    out = tmp_path / "out.mp4"
+    args = ["generate", "--model", "tiny-ti2v", "--prompt", "a kite", "--seed", "2", "--num-frames", "5"]
+    args += ["--output", str(out), "--frames-dir", str(tmp_path / "frames")]
+    if with_image:
+        args += ["--image", str(EXAMPLE_IMAGE), "--size", "96x32"]
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stderr
+    size = (96, 32) if with_image else (64, 64)
+    meta = probe_mp4(out)
+    assert (meta["num_frames"], meta["width"], meta["height"], meta["fps"]) == (5, *size, 8)
+    pngs = sorted((tmp_path / "frames").glob("*.png"))
+    assert len(pngs) == 5 and np.asarray(Image.open(pngs[-1])).std() > 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--size", "48x48"], "width 48 must be a positive multiple of 32"), (["--num-frames", "6"], "must be 4k+1")],
+)
+def test_ti2v_bad_size_or_frames_exit_2_with_one_line(cache_home, tiny_ti2v, extra, message):
+    """TI2V needs multiples of 32 (48 is fine for A14B) and 4k+1 frames: exit 2, one line, no traceback."""
+    proc = run_cli(["generate", "--model", "tiny-ti2v", "--prompt", "x", "--output", "/tmp/never.mp4", *extra])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""

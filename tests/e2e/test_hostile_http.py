@@ -551,10 +551,10 @@ def test_full_queue_answers_429_before_the_body(server):
 def test_unexpected_exception_is_json_500_and_keeps_the_connection(server):
     """A request that makes the server fail unexpectedly (injected through WAN_SPMD_FAULT_PROMPT: since
     issue 20 no client value reaches an unexpected exception) gets a JSON 500 in the error shape,
-    naming a reference and no path; the traceback is logged once; the same keep-alive connection then serves the next request. A JSON
-    body nested 100,000 deep is a plain 400, and so are bytes that are not HTTP. If this fails,
-    clients get text/plain errors and reset connections, and operators cannot match an answer to
-    its traceback."""
+    naming a reference and no path; the traceback is logged once; the same keep-alive connection then
+    serves the next request. A JSON body nested 100,000 deep is a plain 400, and so are bytes that are
+    not HTTP. If this fails, clients get text/plain errors and reset connections, and operators cannot
+    match an answer to its traceback."""
     tracebacks_before = server.log_text().count("Traceback")
     sock = _connect(server)
     host = f"127.0.0.1:{_port(server)}"

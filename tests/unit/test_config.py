@@ -37,6 +37,42 @@ def test_builtin_presets_carry_official_wan22_settings():
     assert (t2v["size"], t2v["num_frames"], t2v["fps"]) == ("1280x720", 81, 16)
 
 
+def test_ti2v_preset_carries_the_official_ti2v_5b_settings():
+    """Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py: 50 steps, shift 5.0, guidance 5.0, 121 frames at
+    24 fps; 1280x704 (the only landscape size it supports) for text and as the image's area."""
+    ti2v = load_builtin_config("wan2.2-ti2v-5b")
+    assert (ti2v["num_inference_steps"], ti2v["flow_shift"], ti2v["guidance_scale"]) == (50, 5.0, 5.0)
+    assert (ti2v["num_frames"], ti2v["fps"], ti2v["size"], ti2v["max_area"]) == (121, 24, "1280x704", "1280x704")
+    assert "guidance_scale_2" not in ti2v
+
+
+def test_ti2v_5b_dummy_architecture_is_the_public_one():
+    """`--load-format dummy --model wan2.2-ti2v-5b`: the public 5B (30 layers, 24 heads of 128, FFN
+    14336, 48 channels in and out) and the Wan2.2 VAE; its facts match its own family row, and
+    TP 2, 4 and 8 split it while 3 does not (FFN 14336)."""
+    from wan_spmd.config import REAL_MODELS
+    from wan_spmd.families import match_family
+    from wan_spmd.launch import ParallelLayout, check_layout, resolve_model
+
+    info = resolve_model("wan2.2-ti2v-5b", load_format="dummy")
+    assert info is REAL_MODELS["wan2.2-ti2v-5b"] and info.path is None
+    cfg, vae = info.transformer_config, info.vae_config
+    assert (cfg["num_layers"], cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["ffn_dim"]) == (
+        30,
+        24,
+        128,
+        14336,
+    )
+    assert (cfg["in_channels"], cfg["out_channels"], cfg["text_dim"]) == (48, 48, 4096)
+    assert (vae["z_dim"], vae["patch_size"], vae["scale_factor_spatial"], vae["is_residual"]) == (48, 2, 16, True)
+    assert len(vae["latents_mean"]) == len(vae["latents_std"]) == 48
+    assert match_family({"expand_timesteps": True}, cfg, vae, has_expert_2=False) is info.family
+    for tp in (2, 4, 8):
+        check_layout(ParallelLayout(tp=tp), cfg)
+    with pytest.raises(ValueError, match="ffn_dim 14336 does not split over tp=3"):
+        check_layout(ParallelLayout(tp=3), cfg)
+
+
 def test_defaults_order_folder_toml_over_config_over_builtin(tiny_i2v, tmp_path):
     """generation.toml in the folder beats --config NAME, which beats the class's built-in preset."""
     info = inspect_model_folder(tiny_i2v)

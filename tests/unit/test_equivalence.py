@@ -90,3 +90,66 @@ def test_matches_diffusers(variant, request_, request):
     assert video.shape == ours_video.shape == (params.num_frames, params.height, params.width, 3)
     assert np.abs(video - ours_video).max() <= 0.5 / 255 + TOLERANCE
     assert video.std() > 0.01  # not a constant frame that would match anything
+
+
+@pytest.mark.parametrize(
+    "with_image, request_",
+    [
+        (True, {"guidance_scale": 5.0, "seed": 7}),  # size from the image (320x192) within 64x64
+        (True, {"guidance_scale": 1.0, "seed": 8, "size": "32x64", "num_frames": 5}),  # image resized
+        (False, {"guidance_scale": 5.0, "seed": 9}),
+        (False, {"guidance_scale": 1.0, "seed": 10, "size": "64x32", "num_frames": 5}),
+    ],
+)
+def test_ti2v_matches_diffusers(tiny_ti2v, with_image, request_):
+    """TI2V-5B against diffusers' `WanPipeline` (no image) and `WanImageToVideoPipeline` (image), both
+    with `expand_timesteps=True`. If this fails, the per-token timesteps, the first-frame latent (its
+    encoding, its replacement in the model input and after the last step) or the Wan2.2 VAE's
+    patchified decode differ from diffusers'."""
+    info = inspect_model_folder(tiny_ti2v)
+    assert info.family.name == "wan2.2-ti2v-5b"
+    comps = load_components(info, torch.device("cpu"))
+    image = EXAMPLE_IMAGE.read_bytes() if with_image else None
+    params = resolve_params(
+        {"prompt": "A cat &amp; a   dog\n play", **request_}, info=info, defaults=generation_defaults(info), image=image
+    )
+    timestep_shapes = []
+    comps.transformer.register_forward_pre_hook(
+        lambda m, a, k: timestep_shapes.append(tuple(k["timestep"].shape)), with_kwargs=True
+    )
+    ours_pipe = WanVideoPipeline(comps, info, torch.device("cpu"))
+    ours = ours_pipe(params)
+    lat_t, lat_h, lat_w = ours.latents.shape[2:]
+    tokens = lat_t * (lat_h // 2) * (lat_w // 2)
+    passes = 2 if params.guidance_scale > 1 else 1
+    assert timestep_shapes == [(1, tokens)] * (params.num_inference_steps * passes)  # one timestep per token
+
+    scheduler = type(comps.scheduler).from_config(comps.scheduler.config, flow_shift=params.flow_shift)
+    common = dict(tokenizer=comps.tokenizer, text_encoder=comps.text_encoder, vae=comps.vae, scheduler=scheduler)
+    if with_image:
+        pipe = WanImageToVideoPipeline(**common, transformer=comps.transformer, expand_timesteps=True)
+    else:
+        pipe = WanPipeline(**common, transformer=comps.transformer, expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        height=params.height,
+        width=params.width,
+        num_frames=params.num_frames,
+        num_inference_steps=params.num_inference_steps,
+        guidance_scale=params.guidance_scale,
+    )
+    if with_image:
+        kwargs["image"] = Image.open(io.BytesIO(image)).convert("RGB")
+    latents = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(params.seed), output_type="latent").frames
+    video = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(params.seed), output_type="np").frames[0]
+
+    assert latents.shape == ours.latents.shape == (1, 48, lat_t, params.height // 16, params.width // 16)
+    assert (latents - ours.latents).abs().max().item() <= TOLERANCE
+    if with_image:  # the first latent frame is exactly the image's, whatever the steps did
+        assert torch.equal(ours.latents[:, :, :1], ours_pipe.first_frame_latent(params))
+    ours_video = ours.frames.numpy().astype(np.float64) / 255
+    assert video.shape == ours_video.shape == (params.num_frames, params.height, params.width, 3)
+    assert np.abs(video - ours_video).max() <= 0.5 / 255 + TOLERANCE
+    assert video.std() > 0.01

@@ -7,7 +7,14 @@ import re
 import pytest
 
 from wan_spmd.config import REAL_MODELS
-from wan_spmd.launch import ParallelLayout, check_layout, parse_warmup_shapes, preset_warmup_shape, resolve_layout
+from wan_spmd.launch import (
+    ParallelLayout,
+    check_hosts,
+    check_layout,
+    parse_warmup_shapes,
+    preset_warmup_shape,
+    resolve_layout,
+)
 
 A14B = REAL_MODELS["wan2.2-i2v-a14b"].transformer_config
 
@@ -63,3 +70,27 @@ def test_preset_shape_is_what_a_bare_request_gets():
     assert preset_warmup_shape({"max_area": "1280x720", "num_frames": 81}) == (1280, 720, 81)
     assert preset_warmup_shape({"size": "832x480", "num_frames": 81}) == (832, 480, 81)
     assert preset_warmup_shape({}) is None
+
+
+def test_only_the_cfg_dimension_crosses_hosts():
+    """Issue 21: a tp or ulysses group spanning hosts would run its per-layer collectives over the
+    network; refused with the numbers. cfg groups may sit on different hosts."""
+    check_hosts(ParallelLayout(tp=1, cfg=2), ranks_per_host=1)
+    check_hosts(ParallelLayout(tp=8, cfg=2), ranks_per_host=8)
+    check_hosts(ParallelLayout(tp=4), ranks_per_host=4)
+    with pytest.raises(ValueError, match=r"tp=2 x ulysses=1 = 2 ranks per group would span hosts of 1 rank\(s\)"):
+        check_hosts(ParallelLayout(tp=2), ranks_per_host=1)
+    with pytest.raises(ValueError, match="only the cfg dimension may cross hosts"):
+        check_hosts(ParallelLayout(tp=4, ulysses=2, cfg=2), ranks_per_host=4)
+
+
+def test_ulysses_is_refused_for_per_token_timesteps():
+    """TI2V's per-token modulation is not cut by the Ulysses split yet: refused before loading, not
+    run wrong."""
+    from wan_spmd.families import FAMILIES
+    from wan_spmd.launch import check_family
+
+    check_family(ParallelLayout(tp=2, cfg=2), FAMILIES["wan2.2-ti2v-5b"])
+    check_family(ParallelLayout(ulysses=2), FAMILIES["wan2.2-i2v-a14b"])
+    with pytest.raises(ValueError, match="--ulysses 2 is not supported for wan2.2-ti2v-5b"):
+        check_family(ParallelLayout(ulysses=2), FAMILIES["wan2.2-ti2v-5b"])

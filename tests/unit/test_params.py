@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from PIL import Image
 
 from wan_spmd.config import REAL_MODELS, ModelInfo
-from wan_spmd.params import Limits, RequestError, derive_num_frames, resolve_params, size_from_area
+from wan_spmd.params import Limits, RequestError, best_fit_size, derive_num_frames, resolve_params, size_from_area
 
 I2V = REAL_MODELS["wan2.2-i2v-a14b"]
 T2V = REAL_MODELS["wan2.2-t2v-a14b"]
+TI2V = REAL_MODELS["wan2.2-ti2v-5b"]
 DEFAULTS = {
     "num_inference_steps": 40,
     "flow_shift": 5.0,
@@ -118,3 +120,37 @@ def test_image_rules():
 def test_limits_are_flags_not_constants():
     p = resolve({"prompt": "x", "size": "2048x720"}, limits=Limits(max_width=2048, max_work=5_000_000))
     assert p.width == 2048
+
+
+def test_ti2v_image_is_optional_and_sized_as_the_official_ti2v():
+    """TI2V takes a prompt alone (the preset size) or with an image, whose size then follows the
+    official `best_output_size` within 1280x704 in multiples of 32: 320x192 -> 1216x736 (the
+    A14B rule would give 1216x736 too, but 512x512 -> 960x928, not 928x928)."""
+    ti2v_defaults = {**DEFAULTS, "size": "1280x704", "max_area": "1280x704", "num_frames": 121, "fps": 24}
+    text = resolve_params({"prompt": "x"}, info=TI2V, defaults=ti2v_defaults)
+    assert (text.width, text.height, text.num_frames, text.image, text.boundary_ratio) == (1280, 704, 121, None, None)
+    assert best_fit_size(320, 192, 1280 * 704) == (1216, 736)
+    assert best_fit_size(512, 512, 1280 * 704) == (960, 928)
+    assert size_from_area(512, 512, 1280 * 704, 32) == (928, 928)
+    assert best_fit_size(704, 1280, 1280 * 704) == (704, 1280)
+    square = resolve_params({"prompt": "x"}, info=TI2V, defaults=ti2v_defaults, image=png(512, 512))
+    assert (square.width, square.height) == (960, 928) and "follows the image" in square.warnings[0]
+    # an explicit size wins over the image's aspect (the image is then resized to it)
+    sized = resolve_params({"prompt": "x", "size": "704x1280"}, info=TI2V, defaults=ti2v_defaults, image=png())
+    assert (sized.width, sized.height) == (704, 1280)
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        ({"size": "1280x720"}, "height 720 must be a positive multiple of 32"),
+        ({"width": 1296, "height": 704}, "width 1296 must be a positive multiple of 32"),
+        ({"num_frames": 120, "size": "1280x704"}, "num_frames 120 must be 4k+1"),
+    ],
+)
+def test_ti2v_refuses_sizes_off_32_and_frames_off_4k_plus_1(request_, message):
+    """TI2V's VAE (16x) and patch (2x) need multiples of 32: 720p is 1280x704 here, and 1280x720
+    (fine for A14B) is an error naming the number, as is a frame count that is not 4k+1."""
+    with pytest.raises(RequestError, match=re.escape(message)):
+        resolve({"prompt": "x", **request_}, info=TI2V)
+    assert resolve({"prompt": "x", "size": "1280x720"}, info=T2V).height == 720

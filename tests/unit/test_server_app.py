@@ -165,3 +165,29 @@ def test_without_key_only_own_host_and_origin_come_in(ctx, server, host, origin,
     error = Front(None, ctx).refusal({"type": "http", "path": "/v1/videos", "headers": headers, "server": server})
     assert (error.param if error else None) == refused
     assert error is None or error.status == 403
+
+
+def test_ti2v_server_names_its_family_and_takes_a_prompt_alone():
+    """A TI2V-5B server lists its family in /v1/models (its folder's pipeline class, `WanPipeline`,
+    is T2V-A14B's too), admits a request with no image (text-to-video) and refuses 1280x720 (not a
+    multiple of 32) with a 400 naming `size`."""
+    from wan_spmd.config import REAL_MODELS
+
+    info = REAL_MODELS["wan2.2-ti2v-5b"]
+    settings = ServerSettings(info=info, defaults=generation_defaults(info), served_model_name="ti2v", limits=Limits())
+    ctx = ServerContext(settings, JobQueue(max_size=1))
+    ctx.mark_ready()
+    mp4 = b"\x00\x00\x00\x18ftypisom fake mp4"
+    loop = FakeLoop(ctx.queue, lambda p: p.resolve(VideoAnswer(mp4=mp4, path="/x.mp4", timings_ms=dict(PIPELINE_MS))))
+    with TestClient(create_app(ctx)) as client:
+        (card,) = client.get("/v1/models").json()["data"]
+        assert (card["id"], card["family"], card["pipeline"]) == ("ti2v", "wan2.2-ti2v-5b", "WanPipeline")
+        r = client.post("/v1/videos/sync", data={**FORM, "size": "1280x720"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "size", r.text
+        assert "multiple of 32" in r.json()["error"]["message"]
+        r = client.post("/v1/videos/sync", data={**FORM, "size": "64x32"})
+        assert r.status_code == 200 and r.content == mp4, r.text
+    ctx.queue.close("test over")
+    (job,) = loop.seen
+    assert job.params.image is None and (job.params.width, job.params.height) == (64, 32)
+    assert job.params.num_inference_steps == 2 and job.params.fps == 24  # the request's, then the preset's

@@ -69,15 +69,26 @@ def sequence_groups(mesh: DeviceMesh, layout: ParallelLayout) -> tuple[SequenceG
     return _SEQUENCE_GROUPS[mesh]
 
 
-def parallelize(expert: nn.Module, mesh: DeviceMesh | None, layout: ParallelLayout, sequence_regions: bool = True):
+def parallelize(
+    expert: nn.Module,
+    mesh: DeviceMesh | None,
+    layout: ParallelLayout,
+    sequence_regions: bool = True,
+    per_token_timesteps: bool = False,
+):
     """Apply the layout to one expert, in place: TP (with its sequence regions) over the tp axis,
     then the Ulysses sequence split over the ulysses axis (and, for requests with guidance off
-    under CFG-parallel, over the cfg and ulysses axes together)."""
+    under CFG-parallel, over the cfg and ulysses axes together). With `per_token_timesteps`
+    (TI2V) the Ulysses split does not yet cut the per-token modulation, so guidance-off requests
+    keep the plain CFG-parallel path (launch refuses --ulysses for such a model)."""
     if mesh is not None and layout.tp > 1:
         shard_expert(expert, mesh["tp"], sequence_regions)
     if mesh is not None and (layout.ulysses > 1 or layout.cfg > 1):
         narrow, wide = sequence_groups(mesh, layout)
         local_heads = int(expert.config.num_attention_heads) // layout.tp
+        if wide is not None and per_token_timesteps:
+            log.warning("guidance-off requests run the same forward on both cfg groups (per-token timesteps)")
+            wide = None
         if wide is not None and local_heads % wide.size:
             log.warning(
                 "guidance-off requests run the same forward on both cfg groups: %d heads per tp rank do not "

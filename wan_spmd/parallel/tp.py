@@ -17,6 +17,9 @@ Written by hand, and why:
   `PrepareModuleInput` idea). Torch's styles assume the sequence splits evenly; Wan's token count
   (frames x h/2 x w/2) often does not, so the gather/scatter points are hooks of ours that fall
   back to a plain all-reduce for an uneven sequence.
+- TI2V's timestep is per token, so each block's modulation (`temb`, (B, S, 6, D)) has a sequence
+  dimension: inside the regions it is narrowed to the rank's tokens before every block (the model
+  hands each block the whole table), or the shift/scale/gate of other ranks' tokens would be applied.
 """
 
 from __future__ import annotations
@@ -123,6 +126,19 @@ def _leave_blocks(shards: SequenceRegions, module, args, output):
     return shards.gather(output) if shards.enabled else output
 
 
+def _split_modulation(shards: SequenceRegions, module, args, kwargs):
+    """A per-token modulation (B, S, 6, D) follows the tokens into this rank's (B, S/tp, 6, D) view;
+    a per-video one (B, 6, D) applies to every token as it is."""
+    temb = args[2] if len(args) > 2 else kwargs.get("temb")
+    if not shards.enabled or temb is None or temb.ndim != 4:
+        return None
+    local = temb.shape[1] // shards.tp_size
+    temb = temb.narrow(1, shards.tp_rank * local, local)  # a view: no copy of the (large) table
+    if len(args) > 2:
+        return (*args[:2], temb, *args[3:]), kwargs
+    return args, {**kwargs, "temb": temb}
+
+
 def _gather_input(shards: SequenceRegions, module, args, kwargs):
     if not shards.enabled:
         return None
@@ -160,6 +176,8 @@ def shard_block(block: nn.Module, mesh: DeviceMesh, shards: SequenceRegions | No
     for attn in (block.attn1, block.attn2):
         attn.heads //= tp_size
     if shards is not None:
+        # after `_enter_blocks` on the first block, which decides whether the regions are on
+        block.register_forward_pre_hook(lambda m, a, k: _split_modulation(shards, m, a, k), with_kwargs=True)
         for name in SP_GATHER:
             block.get_submodule(name).register_forward_pre_hook(
                 lambda m, a, k: _gather_input(shards, m, a, k), with_kwargs=True

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wan_spmd.server.context import ARRIVED, VIDEO_PATHS, ServerContext, ServerSettings
 from wan_spmd.server.errors import ApiError
+from wan_spmd.server.job_routes import jobs_router
 from wan_spmd.server.routes import system_router, videos_router
 
 __all__ = ["ServerContext", "ServerSettings", "create_app"]
@@ -162,7 +163,7 @@ def _is_own_origin(origin: str, server: tuple[str, int] | list[Any] | None) -> b
 
 
 def create_app(ctx: ServerContext) -> FastAPI:
-    """The HTTP front's app: video, model, health and metrics routers plus FastAPI's OpenAPI page."""
+    """The HTTP front's app: video, job, model, health and metrics routers plus FastAPI's OpenAPI page."""
     app = FastAPI(
         title="wan_spmd",
         version="0.1.0",
@@ -170,12 +171,13 @@ def create_app(ctx: ServerContext) -> FastAPI:
     )
     app.state.ctx = ctx
     app.include_router(videos_router)
+    app.include_router(jobs_router)
     app.include_router(system_router)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         path = request.url.path
-        if path in VIDEO_PATHS:
+        if path in VIDEO_PATHS and request.method == "POST":  # GET /v1/videos lists jobs: not a video request
             ctx.metrics.count(path, exc.outcome)
         return exc.response()
 

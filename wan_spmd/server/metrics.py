@@ -14,7 +14,11 @@ class ServerMetrics:
     """Queue depth, jobs running, requests by endpoint and outcome, and stage latencies."""
 
     def __init__(
-        self, queue_depth: Callable[[], int], ready: Callable[[], bool], running: Callable[[], int] = lambda: 0
+        self,
+        queue_depth: Callable[[], int],
+        ready: Callable[[], bool],
+        running: Callable[[], int] = lambda: 0,
+        video_counts: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         depth = Gauge("wan_spmd_queue_depth", "Requests waiting for the SPMD loop.", registry=self.registry)
@@ -25,10 +29,20 @@ class ServerMetrics:
         taken.set_function(running)
         up = Gauge("wan_spmd_ready", "1 once every rank has loaded the model.", registry=self.registry)
         up.set_function(lambda: float(ready()))
+        if video_counts is not None:
+            videos = Gauge(
+                "wan_spmd_videos",
+                "Video jobs this replica knows, by status (queued, in_progress, completed, failed).",
+                ["status"],
+                registry=self.registry,
+            )
+            for status in ("queued", "in_progress", "completed", "failed"):
+                videos.labels(status=status).set_function(lambda status=status: video_counts().get(status, 0))
         self.requests = Counter(
             "wan_spmd_requests",
-            "Video requests by endpoint and outcome (ok, invalid, too_large, unsupported_media_type, "
-            "unknown_model, unauthorized, forbidden, queue_full, disconnected, unavailable, failed).",
+            "Video requests by endpoint and outcome (ok, accepted: queued asynchronously, invalid, too_large, "
+            "unsupported_media_type, unknown_model, unauthorized, forbidden, queue_full, disconnected, unavailable, "
+            "failed).",
             ["endpoint", "outcome"],
             registry=self.registry,
         )

@@ -53,6 +53,10 @@ class PendingVideo:
     """When the loop took it (perf_counter); Queue = started_at - enqueued_at."""
     cancelled: bool = False
     """Set when nobody waits for the answer any more; the loop stops the job at its next step."""
+    cancel_reason: str | None = None
+    """Why it was cancelled (the client went away, deleted), for the answer and the job's record."""
+    detached: bool = False
+    """An asynchronous job: nobody awaits the future, so the finished mp4 is not read into memory."""
 
     def resolve(self, answer: VideoAnswer | None = None, error: BaseException | None = None) -> None:
         """Deliver the answer or the error, once; a future the waiter already dropped is left alone."""
@@ -112,16 +116,19 @@ class JobQueue:
             self._reserved += 1
         return Reservation(self)
 
-    def withdraw(self, pending: PendingVideo) -> None:
-        """Its client is gone: mark it cancelled and, if it still waits, give its place back now
-        (not when the loop would have reached it)."""
+    def withdraw(self, pending: PendingVideo, reason: str = "the client went away") -> bool:
+        """Its client is gone (or the job was deleted): mark it cancelled and, if it still waits,
+        give its place back now (not when the loop would have reached it). True if it was waiting
+        (it will never run); False if the loop has it (it stops at its next step) or never had it."""
+        pending.cancel_reason = reason
         pending.cancelled = True
         with self._cond:
             try:
                 self._items.remove(pending)
             except ValueError:
-                return  # taken by the loop already (it stops at the next step) or never queued
-        pending.resolve(error=Unavailable("cancelled before it started: the client went away"))
+                return False  # taken by the loop already (it stops at the next step) or never queued
+        pending.resolve(error=Unavailable(f"cancelled before it started: {reason}"))
+        return True
 
     def _check_room(self, reserved: int) -> None:
         if self._closed_reason is not None:

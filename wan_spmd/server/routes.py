@@ -7,17 +7,18 @@ import base64
 import logging
 import os
 import time
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 
 from wan_spmd.params import GenerationParams, RequestError, resolve_params
 from wan_spmd.server.body import read_video_request
 from wan_spmd.server.context import ARRIVED, ServerContext
 from wan_spmd.server.errors import ApiError, scrub_paths
 from wan_spmd.server.queue import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
+from wan_spmd.server.videos import VideoRecord
 from wan_spmd.server.wire import ErrorResponse, Health, ModelCard, ModelList, VideoData, VideoForm, VideoResponse
 
 log = logging.getLogger("wan_spmd")
@@ -71,8 +72,11 @@ def _ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
 
 
-async def _generate(request: Request) -> tuple[PendingVideo, VideoAnswer, dict[str, float]]:
-    """Admit, parse, validate and await one request; the timings so far, in ms.
+async def _generate(
+    request: Request, detached: bool = False
+) -> tuple[PendingVideo, VideoAnswer | None, dict[str, float]]:
+    """Admit, parse, validate and await one request; the timings so far, in ms. A `detached`
+    (asynchronous) request returns once it is queued, with no answer.
 
     Admission comes first: a place in the queue is reserved before the body is read, so a full
     queue answers 429 at once, and a request that fails to parse or validate gives its place back.
@@ -114,17 +118,21 @@ async def _generate(request: Request) -> tuple[PendingVideo, VideoAnswer, dict[s
         except RequestError as exc:
             raise ApiError(400, str(exc), exc.field) from None
         timings = {"Receive": (received - arrived) * 1000.0, "Validation": _ms(received)}
-        pending = PendingVideo(id=f"video_{uuid.uuid4().hex[:24]}", params=params, created=int(time.time()))
+        pending = PendingVideo(id=ctx.videos.new_id(), params=params, created=int(time.time()), detached=detached)
+        ctx.track(pending)  # its record exists before the loop can take it
         try:
             reservation.submit(pending)
         except Unavailable as exc:
+            ctx.untrack(pending.id)
             raise ApiError(
                 503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
             ) from None
+    if detached:
+        return pending, None, timings
     try:
         answer = await _answer_or_disconnect(request, pending)
     except asyncio.CancelledError:
-        ctx.queue.withdraw(pending)  # nobody waits any more: the loop drops or stops the job
+        _withdraw(ctx, pending)  # nobody waits any more: the loop drops or stops the job
         raise
     except Unavailable as exc:
         raise ApiError(
@@ -149,9 +157,16 @@ async def _answer_or_disconnect(request: Request, pending: PendingVideo) -> Vide
         gone.cancel()
     if answer.done():
         return answer.result()
-    _ctx(request).queue.withdraw(pending)  # cancelled first, so the loop cannot start it meanwhile
+    _withdraw(_ctx(request), pending)  # cancelled first, so the loop cannot start it meanwhile
     answer.cancel()  # the loop's later answer then goes nowhere (PendingVideo.resolve allows that)
     raise ApiError(499, f"the client closed the connection; video {pending.id} was cancelled")
+
+
+def _withdraw(ctx: ServerContext, pending: PendingVideo, reason: str = "the client went away") -> None:
+    """Cancel a job nobody waits for: one still queued never runs, and its record says so now; a
+    running one stops at its next step, and the loop's outcome updates its record."""
+    if ctx.queue.withdraw(pending, reason):
+        ctx.videos.fail(pending.id, "cancelled", f"cancelled before it started: {reason}")
 
 
 async def _client_gone(request: Request) -> None:
@@ -196,30 +211,59 @@ def _server_timing(timings: dict[str, float]) -> str:
     response_model=VideoResponse,
     responses=ERRORS,
     openapi_extra=REQUEST_BODY,
-    summary="Generate a video; answer JSON with the mp4 as base64",
+    summary="Create a video: by default answer once it exists (the video object, completed, with the mp4 as "
+    "base64); queued at once for `Prefer: respond-async`, the OpenAI SDK, or a server run with --async-videos",
 )
 async def create_video(request: Request) -> JSONResponse:
+    ctx = _ctx(request)
+    if wants_async(request.headers, ctx.settings.async_videos):
+        return await _create_detached(request)
     pending, answer, timings = await _generate(request)
     start = time.perf_counter()
     b64 = base64.b64encode(answer.mp4).decode("ascii")
     timings["Base64"] = _ms(start)
     timings = _close_timings(timings, request)
-    p = pending.params
-    body = VideoResponse(
-        id=pending.id,
-        created=pending.created,
-        model=_ctx(request).settings.served_model_name,
-        data=[VideoData(b64_json=b64)],
-        num_frames=p.num_frames,
-        seconds=p.seconds,
-        size=p.size,
-        fps=p.fps,
-        seed=p.seed,
-        timings=timings,
-        warnings=list(p.warnings),
-    )
+    video = _video_object(ctx, pending, "completed")
+    body = VideoResponse(**{**video, "timings": timings}, created=pending.created, data=[VideoData(b64_json=b64)])
     _done(request, pending, answer, timings)
     return JSONResponse(body.model_dump(), headers={"Server-Timing": _server_timing(timings)})
+
+
+def wants_async(headers: Headers, server_default: bool) -> bool:
+    """Whether POST /v1/videos answers a queued job at once: the server says so for everyone
+    (--async-videos), the client asks (RFC 7240's `Prefer: respond-async`), or the client is the
+    OpenAI SDK (its `X-Stainless-*` headers), whose `create` expects a queued job and retries a
+    request that outlasts its 600 s timeout, which would start a long video again and again."""
+    if server_default:
+        return True
+    for value in headers.getlist("prefer"):
+        if any(token.split("=")[0].strip().lower() == "respond-async" for token in value.replace(";", ",").split(",")):
+            return True
+    return any(key.lower().startswith("x-stainless-") for key in headers)
+
+
+async def _create_detached(request: Request) -> JSONResponse:
+    """Admit and queue the job; answer its video object (queued) without waiting for it."""
+    ctx = _ctx(request)
+    pending, _, _ = await _generate(request, detached=True)
+    ctx.metrics.count(request.url.path, "accepted")
+    for warning in pending.params.warnings:
+        log.info("video %s: %s", pending.id, warning)
+    video = _video_object(ctx, pending, "queued")
+    log.info(
+        "video %s queued (asynchronous): %s x%d frames", pending.id, pending.params.size, pending.params.num_frames
+    )
+    return JSONResponse(video, headers={"Preference-Applied": "respond-async"})
+
+
+def _video_object(ctx: ServerContext, pending: PendingVideo, status: str) -> dict[str, Any]:
+    """The job's video object from its record; made up from the request if the record is gone
+    already (deleted, or evicted by retention, in the instant since)."""
+    record = ctx.videos.get(pending.id)
+    if record is None:
+        record = VideoRecord.new(pending.id, pending.params, ctx.settings.served_model_name, float(pending.created))
+        record.status, record.progress = status, 100 if status == "completed" else 0
+    return record.public()
 
 
 @videos_router.post(
@@ -261,6 +305,8 @@ async def models(request: Request) -> ModelList:
         created=int(time.time()),
         root=settings.info.path.name if settings.info.path else None,  # the folder's name, never where it is
         pipeline=settings.info.family.pipeline_class,
+        family=settings.info.family.name,
+        loras=list(settings.loras),
     )
     return ModelList(data=[card])
 

@@ -4,7 +4,7 @@ shares, so the request types here describe fields without re-checking them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, create_model
 
@@ -44,25 +44,62 @@ class VideoData(BaseModel):
     """The mp4, base64-encoded."""
 
 
-class VideoResponse(BaseModel):
-    """The synchronous answer of POST /v1/videos."""
+class VideoError(BaseModel):
+    code: str = Field(
+        description='"cancelled" (deleted, shutdown, a synchronous client gone), "server_restarted", '
+        'or "generation_failed".'
+    )
+    message: str
 
-    id: str
-    object: str = "video"
-    created: int
+
+class Video(BaseModel):
+    """OpenAI's video object, plus the resolved frames, fps and seed (and timings once finished)."""
+
+    id: str = Field(description="video_<replica>_<hex>: the replica that took the job is in its id.")
+    object: Literal["video"] = "video"
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    progress: int = Field(description="Percent of the denoising steps done; 100 once the mp4 exists.")
+    created_at: int
+    completed_at: int | None = Field(None, description="When it finished (completed or failed).")
+    expires_at: int | None = Field(
+        None, description="When its files go (--job-ttl after it finished); null without a TTL."
+    )
     model: str
-    data: list[VideoData]
-    num_frames: int
-    seconds: float
     size: str
+    seconds: str = Field(description='num_frames / fps, as a string like OpenAI\'s (e.g. "4.125").')
+    prompt: str
+    error: VideoError | None = None
+    num_frames: int
     fps: int
     seed: int
     timings: dict[str, float] = Field(
+        default_factory=dict,
         description="Milliseconds: the pipeline's stages (TextEncoding, LatentPreparation, Denoising, Decoding), "
         "PipelineWall, and the server's own parts (Receive, Validation, Queue, Dispatch, Mp4Encoding, Base64), "
-        "ServerTotal (request arrival to answer ready) and Overhead = ServerTotal - PipelineWall."
+        "ServerTotal (request arrival to answer ready) and Overhead = ServerTotal - PipelineWall.",
     )
     warnings: list[str] = Field(default_factory=list, description="What was ignored or derived.")
+
+
+class VideoResponse(Video):
+    """The synchronous answer of POST /v1/videos: the video object, completed, with the mp4."""
+
+    created: int
+    data: list[VideoData]
+
+
+class VideoList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Video]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool
+
+
+class VideoDeleted(BaseModel):
+    id: str
+    object: Literal["video.deleted"] = "video.deleted"
+    deleted: bool = True
 
 
 class ErrorDetail(BaseModel):
@@ -85,6 +122,10 @@ class ModelCard(BaseModel):
     owned_by: str = "wan_spmd"
     root: str | None = Field(None, description="The model folder's name (never where it lies).")
     pipeline: str | None = None
+    family: str | None = None
+    loras: list[dict[str, Any]] = Field(
+        default_factory=list, description="LoRAs fused at launch: file name, scale, experts, sha256 (12 hex digits)."
+    )
 
 
 class ModelList(BaseModel):

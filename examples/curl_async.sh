@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Image-to-video as an asynchronous job with curl: create it (`Prefer: respond-async` gets the queued
+# job at once), poll GET /v1/videos/{id} until it is completed or failed, then download its content.
+# Start a server first (see curl_client.sh), then:  examples/curl_async.sh [image] [out.mp4]
+# Environment: BASE_URL (default http://localhost:8000), API_KEY (when the server runs with --api-key),
+# SIZE and NUM_INFERENCE_STEPS (smaller for the tiny model), PROMPT, SEED. Needs curl and jq.
+set -euo pipefail
+
+IMAGE=${1:-$(dirname "$0")/example.png}
+OUT=${2:-out.mp4}
+BASE_URL=${BASE_URL:-http://localhost:8000}
+SIZE=${SIZE:-1280x720}
+NUM_INFERENCE_STEPS=${NUM_INFERENCE_STEPS:-40}
+PROMPT=${PROMPT:-"A cat in a small boat drifts across a calm lake at sunrise, gentle ripples, cinematic"}
+SEED=${SEED:-42}
+
+curl_args=(-sS --fail-with-body)
+[ -n "${API_KEY:-}" ] && curl_args+=(-H "Authorization: Bearer ${API_KEY}")
+
+id=$(curl "${curl_args[@]}" -X POST "${BASE_URL}/v1/videos" \
+  -H "Prefer: respond-async" \
+  -F "prompt=${PROMPT}" \
+  -F "input_reference=@${IMAGE}" \
+  -F "size=${SIZE}" \
+  -F "seconds=5" \
+  -F "fps=16" \
+  -F "num_inference_steps=${NUM_INFERENCE_STEPS}" \
+  -F "seed=${SEED}" | jq -r .id)
+echo "created ${id}"
+
+while true; do
+  video=$(curl "${curl_args[@]}" "${BASE_URL}/v1/videos/${id}")
+  status=$(jq -r .status <<<"${video}")
+  echo "${status} $(jq -r .progress <<<"${video}")%"
+  case "${status}" in
+    completed) break ;;
+    failed) jq -r '.error.code + ": " + .error.message' <<<"${video}" >&2; exit 1 ;;
+  esac
+  sleep 1
+done
+
+curl "${curl_args[@]}" "${BASE_URL}/v1/videos/${id}/content" -o "${OUT}"
+echo "wrote ${OUT}"
