@@ -8,12 +8,9 @@ all, a bias/norm/modulation delta lost, or the high/low expert mixed up.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
-from PIL import Image
 
 from tests.conftest import EXAMPLE_IMAGE
 from tests.lora_files import hand_merge, write_peft, write_wan
@@ -52,7 +49,7 @@ def _reference_latents(comps, params) -> torch.Tensor:
     return pipe(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
-        image=Image.open(io.BytesIO(params.image)).convert("RGB"),
+        image=params.image.to_pil(),
         height=params.height,
         width=params.width,
         num_frames=params.num_frames,

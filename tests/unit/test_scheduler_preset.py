@@ -7,12 +7,9 @@ from diffusers' pipeline driving diffusers' FlowMatchEulerDiscreteScheduler.
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
-from PIL import Image
 
 from tests.conftest import EXAMPLE_IMAGE
 from wan_spmd.config import generation_defaults, inspect_model_folder
@@ -78,7 +75,7 @@ def test_euler_matches_diffusers(tiny_i2v, guidance):
     theirs = pipe(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
-        image=Image.open(io.BytesIO(params.image)).convert("RGB"),
+        image=params.image.to_pil(),
         height=params.height,
         width=params.width,
         num_frames=params.num_frames,
