@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -24,7 +25,6 @@ from wan_spmd.config import TINY_NOTE, ModelFolderError, ModelInfo, generation_d
 from wan_spmd.env import finish_process, setup_logging, torchrun_env
 from wan_spmd.launch import (
     VAE_DTYPES,
-    LoraSpec,
     ParallelLayout,
     WarmupShape,
     check_family,
@@ -184,51 +184,118 @@ def request_options(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def _limits(
-    max_width: int,
-    max_height: int,
-    max_frames: int,
-    max_steps: int,
-    max_fps: int,
-    max_upload_bytes: int = Limits.max_upload_bytes,
-    *,
-    max_prompt_chars: int = Limits.max_prompt_chars,
-    max_work: int = Limits.max_work,
-    max_image_pixels: int = Limits.max_image_pixels,
-    job_deadline: float = Limits.deadline_s_at_max_work,
-) -> Limits:
+@dataclass(frozen=True)
+class RunFlags:
+    """The flags every running command (generate, batch, serve) takes, as typed; one table
+    (`RUN_OPTIONS`) makes the options, so the three commands cannot drift apart."""
+
+    model: str
+    config: str | None
+    device: str
+    load_format: str
+    tp: int | None
+    ulysses: int
+    cfg_parallel: bool
+    max_width: int
+    max_height: int
+    max_frames: int
+    max_steps: int
+    max_fps: int
+    max_prompt_chars: int
+    max_work: int
+    max_image_pixels: int
+    job_deadline: float
+    collective_timeout: float
+    heartbeat_timeout: float
+    stop_grace: float
+    load_timeout: float
+    compile: bool | None
+    warmup_shapes: str | None
+    vae_dtype: str
+    lora: list[str] | None
+    lora_high: list[str] | None
+    lora_low: list[str] | None
+
+
+RUN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
+    ("model", ModelOpt, "tiny"),
+    ("config", ConfigOpt, None),
+    ("device", DeviceOpt, "auto"),
+    ("load_format", LoadFormatOpt, "auto"),
+    ("tp", TpOpt, None),
+    ("ulysses", UlyssesOpt, 1),
+    ("cfg_parallel", CfgParallelOpt, False),
+    ("max_width", MaxWidthOpt, Limits.max_width),
+    ("max_height", MaxHeightOpt, Limits.max_height),
+    ("max_frames", MaxFramesOpt, Limits.max_frames),
+    ("max_steps", MaxStepsOpt, Limits.max_steps),
+    ("max_fps", MaxFpsOpt, Limits.max_fps),
+    ("max_prompt_chars", MaxPromptCharsOpt, Limits.max_prompt_chars),
+    ("max_work", MaxWorkOpt, Limits.max_work),
+    ("max_image_pixels", MaxImagePixelsOpt, Limits.max_image_pixels),
+    ("job_deadline", JobDeadlineOpt, Limits.deadline_s_at_max_work),
+    ("collective_timeout", CollectiveTimeoutOpt, 600.0),
+    ("heartbeat_timeout", HeartbeatTimeoutOpt, 60.0),
+    ("stop_grace", StopGraceOpt, 15.0),
+    ("load_timeout", LoadTimeoutOpt, 1800.0),
+    ("compile", CompileOpt, None),
+    ("warmup_shapes", WarmupOpt, None),
+    ("vae_dtype", VaeDtypeOpt, "fp32"),
+    ("lora", LoraOpt, None),
+    ("lora_high", LoraHighOpt, None),
+    ("lora_low", LoraLowOpt, None),
+)
+
+
+def run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add `RUN_OPTIONS` to a command and hand them to it as one `run: RunFlags`."""
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.name != "run"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in RUN_OPTIONS
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        run = RunFlags(**{name: kwargs.pop(name) for name, _, _ in RUN_OPTIONS})
+        return command(run=run, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *added])  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _limits(run: RunFlags, max_upload_bytes: int = Limits.max_upload_bytes) -> Limits:
     for flag, value in (
         ("--max-upload-bytes", max_upload_bytes),
-        ("--max-prompt-chars", max_prompt_chars),
-        ("--max-work", max_work),
-        ("--max-image-pixels", max_image_pixels),
+        ("--max-prompt-chars", run.max_prompt_chars),
+        ("--max-work", run.max_work),
+        ("--max-image-pixels", run.max_image_pixels),
     ):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
-    if not 0 < job_deadline < float("inf"):
-        raise ValueError(f"--job-deadline must be > 0 seconds, got {job_deadline}")
+    if not 0 < run.job_deadline < float("inf"):
+        raise ValueError(f"--job-deadline must be > 0 seconds, got {run.job_deadline}")
     return Limits(
-        max_width=max_width,
-        max_height=max_height,
-        max_frames=max_frames,
-        max_steps=max_steps,
-        max_fps=max_fps,
+        max_width=run.max_width,
+        max_height=run.max_height,
+        max_frames=run.max_frames,
+        max_steps=run.max_steps,
+        max_fps=run.max_fps,
         max_upload_bytes=max_upload_bytes,
-        max_image_pixels=max_image_pixels,
-        max_prompt_chars=max_prompt_chars,
-        max_work=max_work,
-        deadline_s_at_max_work=job_deadline,
+        max_image_pixels=run.max_image_pixels,
+        max_prompt_chars=run.max_prompt_chars,
+        max_work=run.max_work,
+        deadline_s_at_max_work=run.job_deadline,
     )
 
 
-def _model(
-    model: str, load_format: str = "auto", tp: int | None = None, ulysses: int = 1, cfg_parallel: bool = False
-) -> tuple[ModelInfo, ParallelLayout]:
+def _model(run: RunFlags) -> tuple[ModelInfo, ParallelLayout]:
     """The model's facts and the parallel layout, refused before torch loads if the world's ranks
     cannot split it."""
     _, world_size, _ = torchrun_env()
-    info = resolve_model(model, load_format)
-    layout = resolve_layout(world_size, tp=tp, ulysses=ulysses, cfg_parallel=cfg_parallel)
+    info = resolve_model(run.model, run.load_format)
+    layout = resolve_layout(world_size, tp=run.tp, ulysses=run.ulysses, cfg_parallel=run.cfg_parallel)
     check_layout(layout, info.transformer_config)
     check_family(layout, info.family)
     check_hosts(layout, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
@@ -236,48 +303,36 @@ def _model(
 
 
 def _engine_options(
-    info: ModelInfo,
-    layout: ParallelLayout,
-    device: str,
-    load_format: str,
-    collective_timeout: float,
-    heartbeat_timeout: float,
-    stop_grace: float,
-    load_timeout: float,
-    compile: bool | None,
-    warmup_shapes: str | None,
-    vae_dtype: str,
-    auto_warmup: tuple[WarmupShape | None, ...] = (),
-    max_frames: int = Limits.max_frames,
-    loras: tuple[LoraSpec, ...] = (),
+    info: ModelInfo, layout: ParallelLayout, run: RunFlags, auto_warmup: tuple[WarmupShape | None, ...] = ()
 ) -> EngineOptions:
     from wan_spmd.engine import EngineOptions
 
-    if vae_dtype not in VAE_DTYPES:
-        raise ValueError(f"--vae-dtype must be one of {', '.join(VAE_DTYPES)}, got {vae_dtype!r}")
-    shapes = None if warmup_shapes is None else parse_warmup_shapes(warmup_shapes, info.spatial_multiple, max_frames)
-
+    if run.vae_dtype not in VAE_DTYPES:
+        raise ValueError(f"--vae-dtype must be one of {', '.join(VAE_DTYPES)}, got {run.vae_dtype!r}")
+    shapes = None
+    if run.warmup_shapes is not None:
+        shapes = parse_warmup_shapes(run.warmup_shapes, info.spatial_multiple, run.max_frames)
     for flag, seconds in (
-        ("--collective-timeout", collective_timeout),
-        ("--heartbeat-timeout", heartbeat_timeout),
-        ("--stop-grace", stop_grace),
-        ("--load-timeout", load_timeout),
+        ("--collective-timeout", run.collective_timeout),
+        ("--heartbeat-timeout", run.heartbeat_timeout),
+        ("--stop-grace", run.stop_grace),
+        ("--load-timeout", run.load_timeout),
     ):
         if not seconds > 0:
             raise ValueError(f"{flag} must be > 0 seconds, got {seconds}")
     return EngineOptions(
         layout=layout,
-        device=device,
-        load_format=load_format,
-        collective_timeout_s=collective_timeout,
-        heartbeat_timeout_s=heartbeat_timeout,
-        stop_grace_s=stop_grace,
-        load_timeout_s=load_timeout,
-        compile=compile,
+        device=run.device,
+        load_format=run.load_format,
+        collective_timeout_s=run.collective_timeout,
+        heartbeat_timeout_s=run.heartbeat_timeout,
+        stop_grace_s=run.stop_grace,
+        load_timeout_s=run.load_timeout,
+        compile=run.compile,
         warmup_shapes=shapes,
         auto_warmup_shapes=tuple(dict.fromkeys(shape for shape in auto_warmup if shape is not None)),
-        vae_dtype=vae_dtype,
-        loras=loras,
+        vae_dtype=run.vae_dtype,
+        loras=parse_lora_specs(info, lora=run.lora, lora_high=run.lora_high, lora_low=run.lora_low),
     )
 
 
@@ -320,90 +375,41 @@ def _run(model: str, info: ModelInfo, engine: EngineOptions, make_front: Callabl
 
 @app.command()
 @request_options
+@run_options
 def generate(
     request: dict[str, Any],
+    run: RunFlags,
     image: Annotated[str | None, typer.Option(help="Input image path (image-to-video models).")] = None,
-    model: ModelOpt = "tiny",
     output: Annotated[Path, typer.Option(help="Where the mp4 goes.")] = Path("output.mp4"),
     frames_dir: Annotated[Path | None, typer.Option(help="Also write every frame as a lossless PNG here.")] = None,
-    config: ConfigOpt = None,
-    device: DeviceOpt = "auto",
-    load_format: LoadFormatOpt = "auto",
-    tp: TpOpt = None,
-    ulysses: UlyssesOpt = 1,
-    cfg_parallel: CfgParallelOpt = False,
-    max_width: MaxWidthOpt = Limits.max_width,
-    max_height: MaxHeightOpt = Limits.max_height,
-    max_frames: MaxFramesOpt = Limits.max_frames,
-    max_steps: MaxStepsOpt = Limits.max_steps,
-    max_fps: MaxFpsOpt = Limits.max_fps,
-    max_prompt_chars: MaxPromptCharsOpt = Limits.max_prompt_chars,
-    max_work: MaxWorkOpt = Limits.max_work,
-    max_image_pixels: MaxImagePixelsOpt = Limits.max_image_pixels,
-    job_deadline: JobDeadlineOpt = Limits.deadline_s_at_max_work,
-    collective_timeout: CollectiveTimeoutOpt = 600.0,
-    heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
-    stop_grace: StopGraceOpt = 15.0,
-    load_timeout: LoadTimeoutOpt = 1800.0,
-    compile: CompileOpt = None,
-    warmup_shapes: WarmupOpt = None,
-    vae_dtype: VaeDtypeOpt = "fp32",
-    lora: LoraOpt = None,
-    lora_high: LoraHighOpt = None,
-    lora_low: LoraLowOpt = None,
 ) -> None:
     """Generate one video and write it as an mp4."""
     with user_errors():
-        info, layout = _model(model, load_format, tp, ulysses, cfg_parallel)
-        limits = _limits(
-            max_width,
-            max_height,
-            max_frames,
-            max_steps,
-            max_fps,
-            max_prompt_chars=max_prompt_chars,
-            max_work=max_work,
-            max_image_pixels=max_image_pixels,
-            job_deadline=job_deadline,
-        )
+        info, layout = _model(run)
+        limits = _limits(run)
         image_bytes = read_image_file(image, max_bytes=limits.max_upload_bytes) if image is not None else None
         params = resolve_params(
             request,
             info=info,
-            defaults=generation_defaults(info, config),
+            defaults=generation_defaults(info, run.config),
             limits=limits,
             image=image_bytes,
             image_field="image",
         )
         if output.is_dir():
             raise ValueError(f"--output {output} is a folder; give a file name such as out.mp4")
-        loras = parse_lora_specs(info, lora=lora, lora_high=lora_high, lora_low=lora_low)
-        engine = _engine_options(
-            info,
-            layout,
-            device,
-            load_format,
-            collective_timeout,
-            heartbeat_timeout,
-            stop_grace,
-            load_timeout,
-            compile,
-            warmup_shapes,
-            vae_dtype,
-            auto_warmup=((params.width, params.height, params.num_frames),),
-            max_frames=max_frames,
-            loras=loras,
-        )
+        engine = _engine_options(info, layout, run, auto_warmup=((params.width, params.height, params.num_frames),))
     from wan_spmd.generate import GenerateFront
     from wan_spmd.jobs import Job
 
     meta = {"frames_dir": str(frames_dir)} if frames_dir is not None else {}
-    code = _run(model, info, engine, lambda: GenerateFront(Job("generate", params, meta), output))
+    code = _run(run.model, info, engine, lambda: GenerateFront(Job("generate", params, meta), output))
     if code:
         raise CliExit("", code=code)
 
 
 @app.command()
+@run_options
 def batch(
     requests: Annotated[
         Path,
@@ -412,9 +418,7 @@ def batch(
         ),
     ],
     output_dir: Annotated[Path, typer.Option(help="Where the mp4s and results.jsonl go.")],
-    model: ModelOpt = "tiny",
-    config: ConfigOpt = None,
-    device: DeviceOpt = "auto",
+    run: RunFlags,
     # Text, so that `auto` gets through; check_args turns it into numbers (or a one-line error).
     shard_index: Annotated[
         str | None,
@@ -429,29 +433,6 @@ def batch(
             metavar="K|auto", help="Split the batch over this many runs by job id, or auto: SLURM_ARRAY_TASK_COUNT."
         ),
     ] = None,
-    max_width: MaxWidthOpt = Limits.max_width,
-    max_height: MaxHeightOpt = Limits.max_height,
-    max_frames: MaxFramesOpt = Limits.max_frames,
-    max_steps: MaxStepsOpt = Limits.max_steps,
-    max_fps: MaxFpsOpt = Limits.max_fps,
-    max_prompt_chars: MaxPromptCharsOpt = Limits.max_prompt_chars,
-    max_work: MaxWorkOpt = Limits.max_work,
-    max_image_pixels: MaxImagePixelsOpt = Limits.max_image_pixels,
-    job_deadline: JobDeadlineOpt = Limits.deadline_s_at_max_work,
-    load_format: LoadFormatOpt = "auto",
-    tp: TpOpt = None,
-    ulysses: UlyssesOpt = 1,
-    cfg_parallel: CfgParallelOpt = False,
-    collective_timeout: CollectiveTimeoutOpt = 600.0,
-    heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
-    stop_grace: StopGraceOpt = 15.0,
-    load_timeout: LoadTimeoutOpt = 1800.0,
-    compile: CompileOpt = None,
-    warmup_shapes: WarmupOpt = None,
-    vae_dtype: VaeDtypeOpt = "fp32",
-    lora: LoraOpt = None,
-    lora_high: LoraHighOpt = None,
-    lora_low: LoraLowOpt = None,
 ) -> None:
     """Generate a video per JSONL line; rerun to resume, shard over many runs. Exit 1 if any line
     failed or the run was interrupted (SIGTERM/SIGINT: the line in flight is recorded, the rerun does it)."""
@@ -459,39 +440,14 @@ def batch(
 
     with user_errors():
         shard = check_args(requests, output_dir, shard_index, num_shards)
-        info, layout = _model(model, load_format, tp, ulysses, cfg_parallel)
-        defaults = generation_defaults(info, config)
-        limits = _limits(
-            max_width,
-            max_height,
-            max_frames,
-            max_steps,
-            max_fps,
-            max_prompt_chars=max_prompt_chars,
-            max_work=max_work,
-            max_image_pixels=max_image_pixels,
-            job_deadline=job_deadline,
-        )
+        info, layout = _model(run)
+        defaults = generation_defaults(info, run.config)
+        limits = _limits(run)
         from wan_spmd.batch import first_shapes
 
-        loras = parse_lora_specs(info, lora=lora, lora_high=lora_high, lora_low=lora_low)
-        engine = _engine_options(
-            info,
-            layout,
-            device,
-            load_format,
-            collective_timeout,
-            heartbeat_timeout,
-            stop_grace,
-            load_timeout,
-            compile,
-            warmup_shapes,
-            vae_dtype,
-            # only when they would be used (compiled, no explicit shapes): it validates lines
-            auto_warmup=first_shapes(requests, info, defaults, limits, shard) if warmup_shapes is None else (),
-            max_frames=max_frames,
-            loras=loras,
-        )
+        # only when they would be used (compiled, no explicit shapes): it validates lines
+        auto = first_shapes(requests, info, defaults, limits, shard) if run.warmup_shapes is None else ()
+        engine = _engine_options(info, layout, run, auto_warmup=auto)
     # rank 0 alone reads the file
     from wan_spmd.batch import BatchFront, BatchSource
 
@@ -502,7 +458,7 @@ def batch(
         fronts.append(BatchFront(source))
         return fronts[0]
 
-    code = _run(model, info, engine, make_front)
+    code = _run(run.model, info, engine, make_front)
     for front in fronts:
         print(front.source.summary.line())
         print(f"results: {front.source.results_path}")
@@ -511,8 +467,9 @@ def batch(
 
 
 @app.command()
+@run_options
 def serve(
-    model: ModelOpt = "tiny",
+    run: RunFlags,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one (logged).")] = 8000,
     uds: Annotated[str | None, typer.Option(help="Listen on this Unix socket instead of TCP.")] = None,
@@ -529,29 +486,7 @@ def serve(
         Path | None, typer.Option(help="Read the API key from this file (its first line), out of sight of ps.")
     ] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Name in /v1/models (default: --model).")] = None,
-    load_format: LoadFormatOpt = "auto",
-    config: ConfigOpt = None,
-    device: DeviceOpt = "auto",
-    tp: TpOpt = None,
-    ulysses: UlyssesOpt = 1,
-    cfg_parallel: CfgParallelOpt = False,
     max_upload_bytes: Annotated[int, typer.Option(help="Largest image upload; 413 beyond.")] = Limits.max_upload_bytes,
-    max_width: MaxWidthOpt = Limits.max_width,
-    max_height: MaxHeightOpt = Limits.max_height,
-    max_frames: MaxFramesOpt = Limits.max_frames,
-    max_steps: MaxStepsOpt = Limits.max_steps,
-    max_fps: MaxFpsOpt = Limits.max_fps,
-    max_prompt_chars: MaxPromptCharsOpt = Limits.max_prompt_chars,
-    max_work: MaxWorkOpt = Limits.max_work,
-    max_image_pixels: MaxImagePixelsOpt = Limits.max_image_pixels,
-    job_deadline: JobDeadlineOpt = Limits.deadline_s_at_max_work,
-    collective_timeout: CollectiveTimeoutOpt = 600.0,
-    heartbeat_timeout: HeartbeatTimeoutOpt = 60.0,
-    stop_grace: StopGraceOpt = 15.0,
-    load_timeout: LoadTimeoutOpt = 1800.0,
-    compile: CompileOpt = None,
-    warmup_shapes: WarmupOpt = None,
-    vae_dtype: VaeDtypeOpt = "fp32",
     max_connections: Annotated[
         int, typer.Option(help="HTTP connections held at once; when full, the one idle longest is closed.")
     ] = HttpOptions.max_connections,
@@ -564,9 +499,6 @@ def serve(
     uds_mode: Annotated[
         str, typer.Option(help="Octal permissions of the --uds socket file, e.g. 660 to let a group connect.")
     ] = "600",
-    lora: LoraOpt = None,
-    lora_high: LoraHighOpt = None,
-    lora_low: LoraLowOpt = None,
     async_videos: Annotated[
         bool,
         typer.Option(
@@ -598,7 +530,7 @@ def serve(
         http = _http_options(max_connections, header_timeout, body_timeout, uds_mode)
         if uds is not None:
             _check_uds_free(Path(uds).expanduser())
-        info, layout = _model(model, load_format, tp, ulysses, cfg_parallel)
+        info, layout = _model(run)
         if max_queue < 1:
             raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
         if uds is None and not 0 <= port <= 65535:
@@ -610,44 +542,17 @@ def serve(
         if job_ttl is not None and not job_ttl > 0:
             raise ValueError(f"--job-ttl must be a positive number of seconds, got {job_ttl:g}")
         replica_name = check_replica_name(replica_name) if replica_name is not None else default_replica_name()
-        defaults = generation_defaults(info, config)
-        loras = parse_lora_specs(info, lora=lora, lora_high=lora_high, lora_low=lora_low)
-        engine = _engine_options(
-            info,
-            layout,
-            device,
-            load_format,
-            collective_timeout,
-            heartbeat_timeout,
-            stop_grace,
-            load_timeout,
-            compile,
-            warmup_shapes,
-            vae_dtype,
-            auto_warmup=(preset_warmup_shape(defaults),),
-            max_frames=max_frames,
-            loras=loras,
-        )
-        limits = _limits(
-            max_width,
-            max_height,
-            max_frames,
-            max_steps,
-            max_fps,
-            max_upload_bytes,
-            max_prompt_chars=max_prompt_chars,
-            max_work=max_work,
-            max_image_pixels=max_image_pixels,
-            job_deadline=job_deadline,
-        )
+        defaults = generation_defaults(info, run.config)
+        engine = _engine_options(info, layout, run, auto_warmup=(preset_warmup_shape(defaults),))
+        limits = _limits(run, max_upload_bytes)
         settings = ServerSettings(
             info=info,
             defaults=defaults,
-            served_model_name=served_model_name or model,
+            served_model_name=served_model_name or run.model,
             limits=limits,
             api_key=api_key,
             world_size=world_size,
-            loras=tuple(spec.card() for spec in loras),
+            loras=tuple(spec.card() for spec in engine.loras),
             async_videos=async_videos,
         )
         # torch loads only once the arguments are known to be good
@@ -665,7 +570,7 @@ def serve(
             job_ttl_s=job_ttl,
         )
     _check_loras(info, engine)
-    _note_tiny(model)
+    _note_tiny(run.model)
     with user_errors():
         code = run_server(settings, options, engine)
     # main() ends the rank with finish_process, skipping interpreter finalisation under torchrun
