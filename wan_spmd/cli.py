@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -154,6 +155,16 @@ LoraLowOpt = Annotated[
 ]
 
 
+def _own_parameters(command: Callable[..., None], drop: str) -> tuple[inspect.Signature, list[inspect.Parameter]]:
+    """The command's parameters but `drop`, with their annotations evaluated: under `from __future__
+    import annotations` they are strings, and typer finds its Option/Argument metadata only in a
+    real `Annotated` (a string would silently lose every help text and make an option an argument)."""
+    signature = inspect.signature(command)
+    hints = typing.get_type_hints(command, include_extras=True)
+    own = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()]
+    return signature, [p for p in own if p.name != drop]
+
+
 def request_options(command: Callable[..., None]) -> Callable[..., None]:
     """Add one `--name` option per request field (params.FIELDS, the table the HTTP form is made
     from too) and hand the given ones to the command as `request`.
@@ -161,8 +172,7 @@ def request_options(command: Callable[..., None]) -> Callable[..., None]:
     Values are taken as text and validated by the one schema (params.resolve_params), so the CLI,
     HTTP and JSONL reject the same values with the same words.
     """
-    signature = inspect.signature(command)
-    own = [p for p in signature.parameters.values() if p.name != "request"]
+    signature, own = _own_parameters(command, "request")
     fields = [
         inspect.Parameter(
             f.name,
@@ -249,8 +259,7 @@ RUN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
 
 def run_options(command: Callable[..., None]) -> Callable[..., None]:
     """Add `RUN_OPTIONS` to a command and hand them to it as one `run: RunFlags`."""
-    signature = inspect.signature(command)
-    own = [p for p in signature.parameters.values() if p.name != "run"]
+    signature, own = _own_parameters(command, "run")
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
         for name, annotation, default in RUN_OPTIONS
