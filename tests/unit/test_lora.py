@@ -13,6 +13,7 @@ import torch
 from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
 
 from tests.conftest import EXAMPLE_IMAGE
+from tests.diffusers_ref import i2v_reference_latents
 from tests.lora_files import hand_merge, write_peft, write_wan
 from wan_spmd.config import generation_defaults, inspect_model_folder
 from wan_spmd.launch import parse_lora_spec
@@ -31,34 +32,6 @@ def _params(info):
         defaults=generation_defaults(info),
         image=EXAMPLE_IMAGE.read_bytes(),
     )
-
-
-def _reference_latents(comps, params) -> torch.Tensor:
-    """diffusers' own pipeline on the given components (already fused)."""
-    scheduler = type(comps.scheduler).from_config(comps.scheduler.config, flow_shift=params.flow_shift)
-    pipe = WanImageToVideoPipeline(
-        tokenizer=comps.tokenizer,
-        text_encoder=comps.text_encoder,
-        vae=comps.vae,
-        scheduler=scheduler,
-        transformer=comps.transformer,
-        transformer_2=comps.transformer_2,
-        boundary_ratio=params.boundary_ratio,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        image=params.image.to_pil(),
-        height=params.height,
-        width=params.width,
-        num_frames=params.num_frames,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        guidance_scale_2=params.guidance_scale_2,
-        generator=torch.Generator("cpu").manual_seed(params.seed),
-        output_type="latent",
-    ).frames
 
 
 def _ours(info, specs, params):
@@ -121,7 +94,7 @@ def test_matches_diffusers_load_and_fuse(fmt, tiny_i2v, tmp_path):
     base = load_components(info, torch.device("cpu"))
     moved = (ours.transformer.blocks[0].attn1.to_q.weight - base.transformer.blocks[0].attn1.to_q.weight).abs()
     assert moved.max() > 1e-3  # the LoRA did something
-    ref_latents = _reference_latents(ref, params)
+    ref_latents = i2v_reference_latents(ref, params)
     assert (ours_latents - ref_latents).abs().max().item() <= TOLERANCE
     base_latents = WanVideoPipeline(base, info, torch.device("cpu")).generate_latents(params).latents
     assert (ours_latents - base_latents).abs().max().item() > 1e-2
@@ -147,7 +120,7 @@ def test_keys_diffusers_drops_match_a_hand_merge(tiny_i2v, tmp_path):
         ours.transformer.blocks[1].norm2.bias,
         load_components(info, torch.device("cpu")).transformer.blocks[1].norm2.bias,
     )
-    ref_latents = _reference_latents(base, params)
+    ref_latents = i2v_reference_latents(base, params)
     assert (ours_latents - ref_latents).abs().max().item() <= TOLERANCE
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from tests.conftest import EXAMPLE_IMAGE
+from tests.diffusers_ref import i2v_reference_latents
 from wan_spmd.config import generation_defaults, inspect_model_folder
 from wan_spmd.models import load_components
 from wan_spmd.params import RequestError, resolve_params
@@ -62,29 +63,7 @@ def test_euler_matches_diffusers(tiny_i2v, guidance):
         request, info=info, defaults=generation_defaults(info, PRESET), image=EXAMPLE_IMAGE.read_bytes()
     )
     ours = WanVideoPipeline(comps, info, torch.device("cpu")).generate_latents(params).latents
-    pipe = WanImageToVideoPipeline(
-        tokenizer=comps.tokenizer,
-        text_encoder=comps.text_encoder,
-        vae=comps.vae,
-        scheduler=EulerWithSigmas(shift=params.flow_shift),
-        transformer=comps.transformer,
-        transformer_2=comps.transformer_2,
-        boundary_ratio=params.boundary_ratio,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        image=params.image.to_pil(),
-        height=params.height,
-        width=params.width,
-        num_frames=params.num_frames,
-        num_inference_steps=params.num_inference_steps,
-        guidance_scale=params.guidance_scale,
-        guidance_scale_2=params.guidance_scale_2,
-        generator=torch.Generator("cpu").manual_seed(params.seed),
-        output_type="latent",
-    ).frames
+    theirs = i2v_reference_latents(comps, params, scheduler=EulerWithSigmas(shift=params.flow_shift))
     assert (ours - theirs).abs().max().item() <= 1e-4
     unipc = resolve_params(
         {**request, "scheduler": "default"},
