@@ -299,10 +299,9 @@ FP8_PLAN = QuantPlan(
 
 
 def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (the TP slice this rank holds); other tensors as they are."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
+    """A DTensor's local shard (the TP slice this rank holds); other tensors as they are. Told
+    apart by its method: torch.distributed stays in the parallel package (DESIGN.md)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def fp8_compatible(linear: nn.Linear) -> bool:
@@ -396,7 +395,6 @@ def quantize_fp8(transformer: nn.Module, plan: QuantPlan = FP8_PLAN) -> QuantRep
 
 def _quantize_sharded(linear: nn.Linear, config) -> None:
     """Quantize a TP-sharded linear's local slice and wrap it again as a DTensor of the same layout."""
-    from torch.distributed.tensor import DTensor
     from torchao.quantization import quantize_
 
     weight = linear.weight
@@ -404,7 +402,7 @@ def _quantize_sharded(linear: nn.Linear, config) -> None:
     holder.weight = nn.Parameter(weight.to_local(), requires_grad=False)
     quantize_(holder, config)
     mesh, placements = weight.device_mesh, weight.placements
-    sharded = DTensor.from_local(
+    sharded = type(weight).from_local(
         holder.weight, mesh, placements, run_check=False, shape=weight.shape, stride=weight.stride()
     )
     linear.weight = nn.Parameter(sharded, requires_grad=False)

@@ -23,9 +23,7 @@ def randn(*shape: int, seed: int = 0, dtype=torch.bfloat16) -> torch.Tensor:
 
 
 def qkv(s_q: int = 64, s_k: int = 64, heads: int = 3, head_dim: int = 32, seed: int = 0):
-    return randn(2, s_q, heads, head_dim, seed=seed), *(
-        randn(2, s_k, heads, head_dim, seed=seed + i) for i in (1, 2)
-    )
+    return randn(2, s_q, heads, head_dim, seed=seed), *(randn(2, s_k, heads, head_dim, seed=seed + i) for i in (1, 2))
 
 
 # ---------------------------------------------------------------------------------------------
