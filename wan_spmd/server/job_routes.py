@@ -33,7 +33,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in (
         (400, "A query parameter is invalid (error.param names it)."),
         (401, "Missing or wrong API key."),
-        (404, "No such video here (never made on this replica, deleted or expired), or no content yet."),
+        (404, "No such video (never made, deleted or expired), or no content yet."),
     )
 }
 UNSERVED = "this server makes videos from a prompt (and an image) only; OpenAI's {what} is not served here"
@@ -85,7 +85,12 @@ async def characters(request: Request) -> None:
     raise ApiError(404, UNSERVED.format(what="characters API"))
 
 
-@jobs_router.get("/v1/videos", response_model=VideoList, responses=ERRORS, summary="List this replica's videos")
+@jobs_router.get(
+    "/v1/videos",
+    response_model=VideoList,
+    responses=ERRORS,
+    summary="List the videos (of every replica sharing the job store)",
+)
 async def list_videos(request: Request) -> JSONResponse:
     """Newest first by default (`order=asc` for oldest first); `after` is the last id of the previous page."""
     ctx = _ctx(request)
