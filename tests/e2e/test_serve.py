@@ -70,9 +70,14 @@ def alive(pid: int) -> bool:
 
 
 def _start(
-    tmp: Path, *args: str, uds: Path | None = None, headers: dict | None = None, torchrun: tuple[str, ...] = ()
+    tmp: Path,
+    *args: str,
+    uds: Path | None = None,
+    headers: dict | None = None,
+    torchrun: tuple[str, ...] = (),
+    out: Path | None = None,
 ) -> Server:
-    log, out = tmp / "serve.log", tmp / "videos"
+    log, out = tmp / "serve.log", out or tmp / "videos"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *torchrun]
     cmd += ["-m", "wan_spmd", "serve", "--model", "tiny", "--output-dir", str(out)]
     cmd += ["--max-upload-bytes", str(UPLOAD_LIMIT), "--max-queue", "4", *args]
