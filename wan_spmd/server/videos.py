@@ -113,7 +113,8 @@ class VideoRecord:
     expires_at: int | None = None
     """When its files go (completed_at + --job-ttl); None without a TTL (--keep-jobs may still evict it)."""
     error: dict[str, str] | None = None
-    """{code, message} when failed: code is "cancelled", "server_restarted" or "generation_failed"."""
+    """{code, message} when failed: code is "cancelled", "server_restarted", "replica_lost"
+    (its replica's lease lapsed) or "generation_failed"."""
     video: str | None = None
     """The mp4's name under --output-dir (never shown to clients)."""
     timings: dict[str, float] = field(default_factory=dict)
