@@ -657,7 +657,14 @@ def make_tiny_cmd(
     dest: Annotated[Path, typer.Argument(help="Folder to write.")],
     variant: Annotated[str, typer.Option(help="i2v, t2v or ti2v.")] = "i2v",
 ) -> None:
-    """Write a tiny random Wan2.2 checkpoint in the real diffusers layout (noise, not art)."""
+    """Write a tiny random Wan2.2 checkpoint in the real diffusers layout (noise, not art). The folder
+    must be new, empty, or a tiny checkpoint already (which is overwritten)."""
+    from wan_spmd.config import is_tiny_folder
+
+    if dest.exists() and not dest.is_dir():
+        raise CliExit(f"error: {dest} is a file, not a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not is_tiny_folder(dest):
+        raise CliExit(f"error: {dest} is not empty and holds no tiny checkpoint; give a new or empty folder")
     from wan_spmd.tiny import VARIANTS, make_tiny
 
     if variant not in VARIANTS:

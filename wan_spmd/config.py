@@ -183,6 +183,18 @@ def generation_defaults(info: ModelInfo, config_name: str | None = None) -> dict
     return defaults
 
 
+TINY_MARK = "# Written by `wan_spmd make-tiny`: a tiny random model, noise not art."
+"""The first line of a tiny checkpoint's generation.toml: how make-tiny knows a folder it may overwrite."""
+
+
+def is_tiny_folder(folder: Path) -> bool:
+    try:
+        with (folder / "generation.toml").open() as toml:
+            return toml.readline().rstrip("\n") == TINY_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def tiny_cache_dir(variant: str) -> Path:
     """Where the tiny checkpoint lives: the user's cache folder (XDG_CACHE_HOME or ~/.cache)."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

@@ -2,7 +2,8 @@
 
     GET /v1/videos                 list (limit, after, order)
     GET /v1/videos/{id}            the video object: status, progress, error
-    GET /v1/videos/{id}/content    variant=video (mp4, the default) or thumbnail (JPEG of the first frame)
+    GET /v1/videos/{id}/content    variant=video (mp4, the default) or thumbnail (JPEG of the first frame);
+                                   OpenAI's spritesheet is a 400 saying it is not offered
     DELETE /v1/videos/{id}         a queued job never runs, a running one stops at its next step,
                                    a finished one's files go; the id is unknown afterwards
 
@@ -127,6 +128,8 @@ async def retrieve_video(request: Request, video_id: str) -> JSONResponse:
 async def video_content(request: Request, video_id: str) -> FileResponse:
     ctx = _ctx(request)
     variant = request.query_params.get("variant", "video")
+    if variant == "spritesheet":  # OpenAI's third variant: named, so a client learns it is not offered
+        raise ApiError(400, "variant spritesheet is not offered by this server; ask for video or thumbnail", "variant")
     if variant not in VARIANTS:
         raise ApiError(400, f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}", "variant")
     record = _record(ctx, video_id)
