@@ -566,8 +566,8 @@ class VideoStore:
                 cached = self._foreign[name] = (key, record)
             names.add(name)
             records.append(VideoRecord(**asdict(cached[1])))
-        for gone in set(self._foreign) - names:
-            del self._foreign[gone]
+        for gone in set(self._foreign) - names:  # the HTTP and lease threads both scan: pop, never del
+            self._foreign.pop(gone, None)
         return records, deleted
 
     # -- retention and files --------------------------------------------------------------------
