@@ -123,9 +123,11 @@ class JobRunner:
     ) -> JobReport:
         from wan_spmd.compiling import compiled_graphs
         from wan_spmd.deliver import deliver
+        from wan_spmd.placement import reset_peak_memory
 
         fault, rank = self.fault, self.rank
         graphs_before = compiled_graphs()
+        reset_peak_memory(self.pipe.device)  # this job's peak, not the warm-up's or the last job's
         if fault is not None:
             fault("start", job, rank)
             agreed = control
@@ -143,7 +145,7 @@ class JobRunner:
         if output is None:  # not rank 0: take part in the decoder's collectives, keep nothing
             for _ in chunks:
                 pass
-            return JobReport(timings_ms=state.timer.ms)
+            return JobReport(timings_ms=state.timer.ms, peak_memory=self._peak())
         try:
             if fault is not None:
                 fault("deliver", job, rank)
@@ -155,7 +157,12 @@ class JobRunner:
             for _ in chunks:
                 pass
             raise
-        return JobReport(path, {**state.timer.ms, **writer_ms})
+        return JobReport(path, {**state.timer.ms, **writer_ms}, peak_memory=self._peak())
+
+    def _peak(self):
+        from wan_spmd.placement import peak_memory
+
+        return peak_memory(self.pipe.device)
 
 
 def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideoPipeline:
@@ -232,6 +239,17 @@ def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape,
             pass
         log.info("warmed up %dx%dx%d", width, height, frames)
     return time.perf_counter() - start
+
+
+def report_resident(d: Dist, pipe: WanVideoPipeline) -> None:
+    """At ready, rank 0 logs every rank's resident weights by component (gathered on the control
+    plane: other ranks log at WARNING only)."""
+    from wan_spmd.placement import describe_resident, resident_weights
+
+    every = ControlPlane(d).gather_objects(resident_weights(pipe.c), "gathering resident weights")
+    if d.is_main:
+        for rank, weights in enumerate(every):
+            log.info("resident weights %s", describe_resident(rank, weights))
 
 
 def agree_all_ok(d: Dist, ok: bool) -> bool:
@@ -312,6 +330,7 @@ class _Engine:
                     if d.is_main:
                         log.error("not every rank warmed up; stopping")
                     return 1
+            report_resident(d, pipe)
             if self.front is not None:
                 self.front.ready(d.world_size, warm_s)
             runner = JobRunner(pipe, decoder, d.rank, self.fault)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from wan_spmd.memory import PeakMemory
 from wan_spmd.params import GenerationParams
 
 
@@ -55,6 +56,8 @@ class Outcome:
     """The pipeline's stages and PipelineWall, plus Mp4Encoding (the writer's time not hidden by decoding)."""
     error: str | None = None
     cancelled: bool = False
+    peak_memory: PeakMemory | None = None
+    """The job's peak GPU memory, the maximum over ranks (None on the CPU, or when it failed)."""
 
     @property
     def ok(self) -> bool:

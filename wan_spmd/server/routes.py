@@ -191,7 +191,7 @@ def _done(request: Request, pending: PendingVideo, answer: VideoAnswer, timings:
     ctx.metrics.observe(timings)
     p = pending.params
     log.info(
-        "video %s %s %s x%d frames %d steps -> %s: %s",
+        "video %s %s %s x%d frames %d steps -> %s: %s%s",
         pending.id,
         request.url.path,
         p.size,
@@ -199,7 +199,15 @@ def _done(request: Request, pending: PendingVideo, answer: VideoAnswer, timings:
         p.num_inference_steps,
         answer.path,
         " ".join(f"{k}={v:.0f}ms" for k, v in timings.items()),
+        f"; {answer.peak_memory.describe()}" if answer.peak_memory else "",
     )
+
+
+def _memory_headers(answer: VideoAnswer) -> dict[str, str]:
+    """X-Peak-Memory-MB (vllm-omni's header): the job's peak GPU memory reserved, MiB, the maximum
+    over ranks; absent on the CPU, where there is nothing to measure."""
+    peak = answer.peak_memory
+    return {} if peak is None else {"X-Peak-Memory-MB": f"{peak.peak_memory_mb:.1f}"}
 
 
 def _server_timing(timings: dict[str, float]) -> str:
@@ -226,7 +234,9 @@ async def create_video(request: Request) -> JSONResponse:
     video = _video_object(ctx, pending, "completed")
     body = VideoResponse(**{**video, "timings": timings}, created=pending.created, data=[VideoData(b64_json=b64)])
     _done(request, pending, answer, timings)
-    return JSONResponse(body.model_dump(), headers={"Server-Timing": _server_timing(timings)})
+    return JSONResponse(
+        body.model_dump(), headers={"Server-Timing": _server_timing(timings), **_memory_headers(answer)}
+    )
 
 
 def wants_async(headers: Headers, server_default: bool) -> bool:
@@ -285,6 +295,7 @@ async def create_video_sync(request: Request) -> Response:
         "X-Size": p.size,
         "X-Fps": str(p.fps),
         "X-Seed": str(p.seed),
+        **_memory_headers(answer),
     }
     return Response(answer.mp4, media_type="video/mp4", headers=headers)
 

@@ -119,6 +119,8 @@ class VideoRecord:
     """The mp4's name under --output-dir (never shown to clients)."""
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    peak_memory_mb: float | None = None
+    """The job's peak GPU memory reserved, MiB, the maximum over ranks (null on the CPU or until done)."""
     created: float = 0.0
     """Unix time with sub-second precision: the list's order (created_at is whole seconds)."""
 
@@ -357,7 +359,9 @@ class VideoStore:
         if self._delete_requested(video_id):
             self._carry_out_delete(video_id)
 
-    def complete(self, video_id: str, video: Path, timings: dict[str, float]) -> bool:
+    def complete(
+        self, video_id: str, video: Path, timings: dict[str, float], peak_memory_mb: float | None = None
+    ) -> bool:
         """The mp4 is in place. False (and the file removed) if the job was deleted meanwhile."""
         with self._lock:
             record = self._records.get(video_id)
@@ -367,6 +371,7 @@ class VideoStore:
             record.status, record.progress, record.error = "completed", 100, None
             record.video = video.name if self.root is not None and video.parent == self.root else str(video)
             record.timings = {k: round(v, 3) for k, v in timings.items()}
+            record.peak_memory_mb = None if peak_memory_mb is None else round(peak_memory_mb, 1)
             self._finish(record)
             return True
 

@@ -79,6 +79,9 @@ class Video(BaseModel):
         "ServerTotal (request arrival to answer ready) and Overhead = ServerTotal - PipelineWall.",
     )
     warnings: list[str] = Field(default_factory=list, description="What was ignored or derived.")
+    peak_memory_mb: float | None = Field(
+        None, description="The job's peak GPU memory reserved, MiB, the maximum over ranks; null on the CPU."
+    )
 
 
 class VideoResponse(Video):
