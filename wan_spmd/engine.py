@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
 from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
+from wan_spmd.memory import Plan
 from wan_spmd.runtime import (
     ControlPlane,
     ControlPlaneLost,
@@ -71,6 +72,9 @@ class EngineOptions:
     decodes alone."""
     loras: tuple[LoraSpec, ...] = ()
     """LoRA files fused into the experts' slices at load, before compile and warm-up."""
+    memory_plan: Plan | None = None
+    """Where the weights live (memory.plan_for, decided before loading for --gpu-memory); None:
+    everything resident (the CPU without a budget)."""
 
     @property
     def heartbeat_s(self) -> float:
@@ -172,6 +176,7 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
     from wan_spmd.parallel import CfgParallel, build_mesh, cfg_branch, parallelize, tp_submesh
     from wan_spmd.parallel.vae import split_vae
     from wan_spmd.pipeline import WanVideoPipeline, serial_cfg
+    from wan_spmd.placement import make_placement
     from wan_spmd.tiny import quiet_hub_logging
 
     quiet_hub_logging()
@@ -196,6 +201,7 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
         time.perf_counter() - start,
         "".join(f"; fused LoRA {spec.describe()}" for spec in options.loras),
     )
+    plan = options.memory_plan
     # the VAE is whole on every rank: encode and decode split its rows over the world
     vae_split = split_vae(components.vae, d.world_size, d.rank) if options.parallel_vae else None
     return WanVideoPipeline(
@@ -205,6 +211,7 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
         predict_noise=CfgParallel(mesh) if layout.cfg > 1 else serial_cfg,
         cfg_branch=cfg_branch(mesh, layout),
         encode_video=vae_split.encode if vae_split is not None else None,
+        placement=make_placement(components, d.device, plan.placement) if plan is not None else None,
     )
 
 
@@ -241,13 +248,17 @@ def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape,
     return time.perf_counter() - start
 
 
-def report_resident(d: Dist, pipe: WanVideoPipeline) -> None:
-    """At ready, rank 0 logs every rank's resident weights by component (gathered on the control
-    plane: other ranks log at WARNING only)."""
+def report_resident(d: Dist, pipe: WanVideoPipeline, plan: Plan | None) -> None:
+    """At ready, rank 0 logs the memory plan and every rank's resident weights by component
+    (gathered on the control plane: other ranks log at WARNING only)."""
+    import os
+
     from wan_spmd.placement import describe_resident, resident_weights
 
     every = ControlPlane(d).gather_objects(resident_weights(pipe.c), "gathering resident weights")
     if d.is_main:
+        if plan is not None:
+            log.info("%s", plan.describe(int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))))
         for rank, weights in enumerate(every):
             log.info("resident weights %s", describe_resident(rank, weights))
 
@@ -330,7 +341,7 @@ class _Engine:
                     if d.is_main:
                         log.error("not every rank warmed up; stopping")
                     return 1
-            report_resident(d, pipe)
+            report_resident(d, pipe, self.options.memory_plan)
             if self.front is not None:
                 self.front.ready(d.world_size, warm_s)
             runner = JobRunner(pipe, decoder, d.rank, self.fault)

@@ -32,7 +32,7 @@ import html
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -98,6 +98,18 @@ def serial_cfg(
     return noise_uncond + guidance * (noise_pred - noise_uncond)
 
 
+class Placement(Protocol):
+    """Where the weights wait between their stages (placement.Offload): the text encoder is on the
+    device inside `encoding()`, expert `index` from `use_expert(index)` on, and `denoised()` says
+    the last step ran."""
+
+    def encoding(self) -> AbstractContextManager[None]: ...
+
+    def use_expert(self, index: int) -> None: ...
+
+    def denoised(self) -> None: ...
+
+
 VideoEncoder = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 """(vae, video (1, 3, F, H, W)) -> the latent mode (1, z, T_lat, H/8, W/8), not normalised."""
 
@@ -136,6 +148,7 @@ class WanVideoPipeline:
         decode_latent_frames: int = 4,
         cfg_branch: str | None = None,
         encode_video: VideoEncoder | None = None,
+        placement: Placement | None = None,
     ) -> None:
         if len(components.experts) != info.family.experts:
             raise ValueError(f"{info.family.name} has {info.family.experts} expert(s), {len(components.experts)} given")
@@ -148,6 +161,8 @@ class WanVideoPipeline:
         text encoder skips the other prompt. None: this rank runs both."""
         self.encode_video = encode_video or vae_encode_mode
         """The VAE encode seam (the I2V condition): this rank's VAE alone, or split over the ranks."""
+        self.placement = placement
+        """Where the weights wait between their stages (placement.Offload); None: all resident."""
         self.decode_latent_frames = decode_latent_frames
         """Latent frames per decoded chunk (each is 4 video frames, the first 1)."""
         self.vae_scale_temporal = int(components.vae.config.scale_factor_temporal)
@@ -281,6 +296,8 @@ class WanVideoPipeline:
             if control is not None and not control(i, total):
                 raise JobCancelled(f"cancelled at step {i} of {total}")
             model, guidance = self.expert_for(t, boundary_timestep, params)
+            if self.placement is not None:  # the expert switch: this step's expert on the device
+                self.placement.use_expert(0 if model is self.c.experts[0] else 1)
             model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
             if first_frame is not None:  # the model sees the image's latent as the first frame
                 model_input = (1 - mask) * first_frame + mask * latents
@@ -294,6 +311,8 @@ class WanVideoPipeline:
                 on_step(i + 1, total)
         if first_frame is not None:  # the scheduler stepped its own first frame; the image's is kept
             latents = (1 - mask) * first_frame + mask * latents
+        if self.placement is not None:
+            self.placement.denoised()
         return latents
 
     def expert_for(self, t: torch.Tensor, boundary_timestep: float | None, params: GenerationParams):
@@ -362,7 +381,7 @@ class WanVideoPipeline:
         do_cfg = params.guidance_scale > 1.0
         # 1. Encode prompts: the negative one only when CFG will run, and under CFG-parallel only
         #    the one this rank's branch needs (None for the other)
-        with timer("TextEncoding"):
+        with timer("TextEncoding"), self.placement.encoding() if self.placement is not None else nullcontext():
             wants_cond = not do_cfg or self.cfg_branch != "uncond"
             wants_uncond = do_cfg and self.cfg_branch != "cond"
             prompt_embeds = self.encode_prompt(params.prompt) if wants_cond else None
