@@ -71,7 +71,10 @@ def test_record_fields_ids_and_progress(tmp_path):
     assert video_id.startswith("video_r1_") and len(video_id) == len("video_r1_") + 24
     public = store.get(video_id).public()
     assert (public["object"], public["status"], public["progress"]) == ("video", "queued", 0)
-    assert public["seconds"] == "4.125"  # 33 frames / 8 fps
+    # 33 frames / 8 fps: whole seconds in `seconds` (clients call int() on it), the truth in duration_s
+    assert (public["seconds"], public["duration_s"]) == ("4", 4.125)
+    assert (public["file_name"], public["peak_memory_mb"], public["quality"]) == (None, None, "default")
+    assert VideoRecord.new("v", _params(), "tiny", 0.0, seconds="5").public()["seconds"] == "5"  # as sent
     assert public["created_at"] == 1_800_000_000 and public["error"] is None and "video" not in public
     store.start(video_id)
     for step in range(1, 5):

@@ -57,6 +57,10 @@ class PendingVideo:
     """Why it was cancelled (the client went away, deleted), for the answer and the job's record."""
     detached: bool = False
     """An asynchronous job: nobody awaits the future, so the finished mp4 is not read into memory."""
+    model: str | None = None
+    """The served name the request gave (an alias, perhaps); None: the server's first name."""
+    seconds: str | None = None
+    """`seconds` as the client wrote it, for the job's record; None: the duration, whole seconds."""
 
     def resolve(self, answer: VideoAnswer | None = None, error: BaseException | None = None) -> None:
         """Deliver the answer or the error, once; a future the waiter already dropped is left alone."""
