@@ -388,6 +388,7 @@ async def models(request: Request) -> ModelList:
             size_multiple=bounds.multiple,
             max_frames=bounds.max_frames,
             default_size=defaults.get("size"),
+            default_max_area=defaults.get("max_area"),
             default_fps=defaults.get("fps"),
             default_num_frames=defaults.get("num_frames"),
             loras=list(settings.loras),

@@ -172,6 +172,9 @@ class ModelCard(BaseModel):
     size_multiple: int | None = Field(None, description="Width and height are rounded down to multiples of this.")
     max_frames: int | None = Field(None, description="Most frames a request may ask for (frames are 4k+1).")
     default_size: str | None = Field(None, description="The size when a request gives none (and no image).")
+    default_max_area: str | None = Field(
+        None, description="With an image and no size: the image's aspect ratio within this area."
+    )
     default_fps: int | None = None
     default_num_frames: int | None = None
     loras: list[dict[str, Any]] = Field(
