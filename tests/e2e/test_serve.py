@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLE_IMAGE, ROOT, cli_env
+from tests.conftest import EXAMPLE_IMAGE, ROOT, cli_env, run_cli
 from wan_spmd.video import probe_mp4
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")  # the SDK's note on Sora
@@ -587,6 +587,14 @@ def test_openai_sdk_drives_every_videos_method(tcp_server, tmp_path):
     )
     # the SDK's seconds come back as sent; 4 s x 8 fps rounded to 4k+1 = 33 frames is the truth
     assert (seconds.status, seconds.seconds, seconds.model_extra["duration_s"]) == ("completed", "4", 4.125)
+    # OpenAI's JSON-safe reference through the SDK (its `input_reference` takes files only, so
+    # extra_body; the SDK writes the object as `image_reference[image_url]` form fields)
+    data_url = "data:image/png;base64," + base64.b64encode(_png()).decode()
+    referenced = sdk.videos.create(
+        prompt="sdk ref", extra_body={**SDK_BODY, "image_reference": {"image_url": data_url}}
+    )
+    assert sdk.videos.poll(referenced.id, poll_interval_ms=50).status == "completed"
+    sdk.videos.delete(referenced.id)
     listed = [v.id for v in sdk.videos.list(limit=1)]  # the SDK follows `after` page by page
     assert listed[:2] == [seconds.id, video.id]
     for unserved in (
@@ -646,6 +654,14 @@ def test_sdk_job_longer_than_its_read_timeout(tcp_server):
         f"video {video.id} started" in tcp_server.log_text()
         and f"video {video.id} cancelled" not in tcp_server.log_text()
     )
+
+
+def test_async_videos_flag_is_a_deprecated_no_op(tiny_i2v):
+    """`--async-videos` (the old switch to today's default) still parses and says it does nothing,
+    so scripts that pass it keep starting; here the start stops at a bad --port, before loading."""
+    done = run_cli(["serve", "--model", "tiny", "--async-videos", "--port", "70000"], timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "--async-videos is deprecated and does nothing" in done.stderr and "--port" in done.stderr
 
 
 def test_vllm_omni_client_unchanged(tcp_server, tmp_path):
