@@ -605,8 +605,8 @@ def test_openai_sdk_drives_every_videos_method(tcp_server, tmp_path):
     assert listed[:2] == [seconds.id, video.id]
     for unserved in (
         lambda: sdk.videos.remix(video.id, prompt="again"),
-        lambda: sdk.videos.edit(prompt="x", video={"id": video.id}),
-        lambda: sdk.videos.extend(prompt="x", seconds="4", video={"id": video.id}),
+        lambda: sdk.videos.edit(prompt="x", video=("v.mp4", b"x", "video/mp4")),
+        lambda: sdk.videos.extend(prompt="x", seconds="4", video=("v.mp4", b"x", "video/mp4")),
         lambda: sdk.videos.create_character(name="c", video=("v.mp4", b"x", "video/mp4")),
         lambda: sdk.videos.get_character("char_1"),
     ):

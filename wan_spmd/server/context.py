@@ -72,6 +72,7 @@ class ServerContext:
         entry until it is answered."""
         model = pending.model or self.settings.served_model_name
         record = VideoRecord.new(pending.id, pending.params, model, time.time(), seconds=pending.seconds)
+        pending.admitted = record.public()
         self.videos.add(record)
         self.live[pending.id] = pending
         pending.future.add_done_callback(lambda _, done=pending.id: self.live.pop(done, None))

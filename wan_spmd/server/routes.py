@@ -298,7 +298,7 @@ async def _create_detached(request: Request) -> JSONResponse:
     ctx.metrics.count(request.url.path, "accepted")
     for warning in pending.params.warnings:
         log.info("video %s: %s", pending.id, warning)
-    video = _video_object(ctx, pending, "queued")
+    video = pending.admitted or _video_object(ctx, pending, "queued")  # as admitted, as OpenAI answers
     log.info(
         "video %s queued (asynchronous): %s x%d frames", pending.id, pending.params.size, pending.params.num_frames
     )
