@@ -99,6 +99,10 @@ def load(folder: Path, lora: Path | None = None) -> dict:
     rank, world_size, _ = torchrun_env()
     d = init_dist("cpu")
     mesh = init_device_mesh(d.device.type, (world_size,), mesh_dim_names=("tp",)) if world_size > 1 else None
+    # the libraries the loader uses are imported before the baseline: their code is not the load's
+    import accelerate  # noqa: F401
+    from diffusers import WanTransformer3DModel  # noqa: F401
+
     before = rss_mib()
     deltas = None
     if lora is not None:  # read the LoRA (whole: it is small) and fuse it into each slice as it loads

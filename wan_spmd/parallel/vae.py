@@ -117,7 +117,7 @@ class RowSplit:
     # -- the two seams --------------------------------------------------------------------------
 
     def encode(self, vae: nn.Module, video: torch.Tensor) -> torch.Tensor:
-        """The pipeline's `encode_video`: each rank encodes a band of rows, all gather the latent."""
+        """The I2V condition's encode (`VaeSplit.encode`): each rank encodes a band of rows, all gather the latent."""
         rows = video.shape[-2] // self.scale
         if rows < self.size:
             return vae.encode(video).latent_dist.mode()
