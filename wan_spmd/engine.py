@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from wan_spmd.attention import AttentionFn, sdpa
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
 from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
@@ -34,7 +35,6 @@ from wan_spmd.runtime import (
 )
 
 if TYPE_CHECKING:
-    from wan_spmd.attention import AttentionFn
     from wan_spmd.pipeline import WanVideoPipeline
 
 log = logging.getLogger("wan_spmd")
@@ -155,12 +155,9 @@ class JobRunner:
         return JobReport(path, {**state.timer.ms, **writer_ms})
 
 
-def build_pipeline(
-    d: Dist, info: ModelInfo, options: EngineOptions, attend: AttentionFn | None = None
-) -> WanVideoPipeline:
+def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions, attend: AttentionFn = sdpa) -> WanVideoPipeline:
     """Load this rank's part of the model and parallelize it as the layout says; every attention in
-    the experts goes through `attend` (None: `attention.sdpa`)."""
-    from wan_spmd.attention import sdpa
+    the experts goes through `attend` (a kernel backend of `AttentionFn`'s signature)."""
     from wan_spmd.compiling import compile_blocks, resolve_compile
     from wan_spmd.models import Dtypes, load_components
     from wan_spmd.parallel import CfgParallel, build_mesh, parallelize
@@ -179,7 +176,7 @@ def build_pipeline(
     compiled = resolve_compile(options.compile, d.device)
     experts = []
     for expert in components.experts:
-        experts.append(parallelize(expert, mesh, attend or sdpa, per_token_timesteps=info.family.expand_timesteps))
+        experts.append(parallelize(expert, mesh, attend, per_token_timesteps=info.family.expand_timesteps))
         if compiled:
             compile_blocks(experts[-1], options.compile_backend)
     log.info(

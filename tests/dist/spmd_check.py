@@ -4,7 +4,7 @@ Modes:
   tp OUT      run the tiny I2V and T2V models; rank 0 saves latents and float video, every rank
               writes its parameter counts for the sharded layers
   tp_ti2v OUT the tiny TI2V model without an image (12 tokens: the sequence regions split them, and
-              the per-token modulation with them) and with one (9 tokens: uneven, all-reduce); rank 0
+              the per-token modulation with them) and with one (9 tokens: uneven, padded to 10); rank 0
               saves latents and float video
   attn OUT    one attention module sharded by the TP plan vs the same module whole
   compile_ti2v OUT  the tiny TI2V model's compiled blocks against eager, text and image
@@ -214,7 +214,7 @@ def mode_compile(d, out: Path, names: str = "") -> None:
 
 def mode_compile_ti2v(d, out: Path) -> None:
     """TI2V's per-token modulation through compiled blocks (aot_eager, fullgraph) against eager: text
-    at 64x64 (tokens split over 2 ranks), image at 32x96 (uneven: all-reduce) and 96x64."""
+    at 64x64 (tokens split over 2 ranks), image at 32x96 (uneven: padded) and 96x64."""
     info = resolve_model("tiny-ti2v")
     options = EngineOptions(layout=resolve_layout(d.world_size), device="cpu")
     eager = build_pipeline(d, info, options)
