@@ -144,7 +144,7 @@ def test_private_diffusers_names_only_in_compat():
     private_attrs = {"_feat_map", "_conv_idx", "_padding", "_attention_backend", "_parallel_config", "_decode"}
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "compat.py":
+        if path == PACKAGE / "compat.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffusers"):
