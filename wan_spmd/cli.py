@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from wan_spmd.config import TINY_NOTE, ModelFolderError, ModelInfo, generation_defaults
-from wan_spmd.env import finish_process, setup_logging, torchrun_env
 from wan_spmd.launch import (
     VAE_DTYPES,
     ParallelLayout,
@@ -38,6 +37,7 @@ from wan_spmd.launch import (
     resolve_model,
 )
 from wan_spmd.params import FIELDS, Limits, RequestError, read_image_file, resolve_params
+from wan_spmd.process import finish_process, setup_logging, torchrun_env
 from wan_spmd.server.options import HttpOptions
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ Formats, and what happens to every key:
   optional `transformer.` prefix and alpha/rank in the file's `lora_adapter_metadata`).
 - original Wan / ComfyUI / lightx2v (`diffusion_model.blocks.N.self_attn.q.lora_down.weight`,
   `lora_up`, `.alpha`): the blocks' low-rank pairs go through diffusers' own converter
-  (`_convert_non_diffusers_wan_lora_to_diffusers`), and every pair that went in must come out under
+  (`compat.convert_wan_lora`), and every pair that went in must come out under
   the name we expect. The few pairs outside the blocks (head.head, time_projection, the text and
   time embeddings) are ours: that converter refuses their `.alpha` keys. Full-shape deltas are
   ours to apply too, since diffusers 0.42 drops norm `.diff` and `.diff_b` keys (with a debug
@@ -208,7 +208,7 @@ def _add_pair(
 
 def _read_wan(source: _Source, shapes, deltas: ExpertDeltas, report: LoraReport) -> None:
     """Original Wan / ComfyUI / lightx2v keys: pairs through diffusers' converter, diffs ourselves."""
-    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+    from wan_spmd.compat import convert_wan_lora
 
     spec = source.spec
     strays = [k for k in source.keys if not k.startswith("diffusion_model.")]
@@ -267,7 +267,7 @@ def _read_wan(source: _Source, shapes, deltas: ExpertDeltas, report: LoraReport)
     if not to_convert:
         return
     try:
-        converted = _convert_non_diffusers_wan_lora_to_diffusers(dict(to_convert))
+        converted = convert_wan_lora(dict(to_convert))
     except Exception as exc:  # a half pair, an alpha without its weights: diffusers' own words
         raise _error(spec, f"diffusers' converter refused it: {type(exc).__name__}: {exc}") from None
     # Every pair that went in must come out under the name we expect, and nothing else.

@@ -1,4 +1,5 @@
-"""torchrun's environment and logging set-up, without torch, so bad arguments fail fast."""
+"""This process as torchrun started it: its rank from the environment, its logging, its exit;
+without torch, so bad arguments fail fast."""
 
 from __future__ import annotations
 
