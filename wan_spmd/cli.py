@@ -505,6 +505,10 @@ def serve(
     body_timeout: Annotated[
         float, typer.Option(help="Seconds a request may take to send its body after its headers (then 408, closed).")
     ] = HttpOptions.body_timeout_s,
+    send_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds an answer may go without the client taking a byte of it (then closed), as nginx's."),
+    ] = HttpOptions.send_timeout_s,
     uds_mode: Annotated[
         str, typer.Option(help="Octal permissions of the --uds socket file, e.g. 660 to let a group connect.")
     ] = "600",
@@ -536,7 +540,7 @@ def serve(
         from wan_spmd.server.videos import check_replica_name, default_replica_name
 
         api_key = _api_key(api_key, api_key_file)
-        http = _http_options(max_connections, header_timeout, body_timeout, uds_mode)
+        http = _http_options(max_connections, header_timeout, body_timeout, send_timeout, uds_mode)
         if uds is not None:
             _check_uds_free(Path(uds).expanduser())
         info, layout = _model(run)
@@ -612,10 +616,13 @@ def _api_key(flag: str | None, key_file: Path | None) -> str | None:
     return key
 
 
-def _http_options(max_connections: int, header_timeout: float, body_timeout: float, uds_mode: str) -> HttpOptions:
+def _http_options(
+    max_connections: int, header_timeout: float, body_timeout: float, send_timeout: float, uds_mode: str
+) -> HttpOptions:
     if max_connections < 1:
         raise ValueError(f"--max-connections must be >= 1, got {max_connections}")
-    for flag, seconds in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout)):
+    timeouts = {"--header-timeout": header_timeout, "--body-timeout": body_timeout, "--send-timeout": send_timeout}
+    for flag, seconds in timeouts.items():
         if not seconds > 0:
             raise ValueError(f"{flag} must be > 0 seconds, got {seconds}")
     try:
@@ -626,7 +633,7 @@ def _http_options(max_connections: int, header_timeout: float, body_timeout: flo
         raise ValueError(
             f"--uds-mode must be octal permissions that let the owner read and write (e.g. 600), got {uds_mode}"
         )
-    return HttpOptions(max_connections, header_timeout, body_timeout, uds_mode=mode)
+    return HttpOptions(max_connections, header_timeout, body_timeout, send_timeout_s=send_timeout, uds_mode=mode)
 
 
 def _check_uds_free(path: Path) -> None:
