@@ -7,6 +7,7 @@ import base64
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -78,55 +79,46 @@ async def _generate(
     """Admit, parse, validate and await one request; the timings so far, in ms. A `detached`
     (asynchronous) request returns once it is queued, with no answer.
 
-    Admission comes first: a place in the queue is reserved before the body is read, so a full
-    queue answers 429 at once, and a request that fails to parse or validate gives its place back.
+    A full queue answers 429 before the body is read; a request takes its place in the queue only
+    once its body is complete and valid (so bodies that never come hold no place), and gets 429
+    then if the places went to others meanwhile.
     """
     ctx = _ctx(request)
     settings = ctx.settings
     if not ctx.ready.is_set():
         raise ApiError(503, f"the server is {ctx.status}; try again shortly", headers={"Retry-After": RETRY_AFTER_S})
     arrived = request.scope.get(ARRIVED, time.perf_counter())
-    try:
-        reservation = ctx.queue.reserve()
-    except QueueFull as exc:
-        raise ApiError(429, f"the server is busy: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
-    except Unavailable as exc:
+    _admit(ctx.queue.check_room)
+    fields, image = await read_video_request(request, settings.limits)
+    received = time.perf_counter()
+    model = fields.get("model")
+    if model not in (None, "") and model != settings.served_model_name:
         raise ApiError(
-            503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
-        ) from None
-    with reservation:
-        fields, image = await read_video_request(request, settings.limits)
-        received = time.perf_counter()
-        model = fields.get("model")
-        if model not in (None, "") and model != settings.served_model_name:
-            raise ApiError(
-                404, f"model {model!r} is not served here; this server serves {settings.served_model_name!r}", "model"
-            )
-        if os.environ.get(FAULT_ENV) and fields.get("prompt") == os.environ[FAULT_ENV]:
-            raise RuntimeError(f"fault injected by {FAULT_ENV} (a test of the unexpected-error path)")
-        try:
-            # in a worker thread: decoding an image takes up to seconds, and the event loop serves
-            # /health and every other connection meanwhile (images.DECODE_SLOTS bounds the decodes)
-            params: GenerationParams = await asyncio.to_thread(
-                resolve_params,
-                fields,
-                info=settings.info,
-                defaults=settings.defaults,
-                limits=settings.limits,
-                image=image,
-            )
-        except RequestError as exc:
-            raise ApiError(400, str(exc), exc.field) from None
-        timings = {"Receive": (received - arrived) * 1000.0, "Validation": _ms(received)}
-        pending = PendingVideo(id=ctx.videos.new_id(), params=params, created=int(time.time()), detached=detached)
-        ctx.track(pending)  # its record exists before the loop can take it
-        try:
-            reservation.submit(pending)
-        except Unavailable as exc:
-            ctx.untrack(pending.id)
-            raise ApiError(
-                503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
-            ) from None
+            404, f"model {model!r} is not served here; this server serves {settings.served_model_name!r}", "model"
+        )
+    if os.environ.get(FAULT_ENV) and fields.get("prompt") == os.environ[FAULT_ENV]:
+        raise RuntimeError(f"fault injected by {FAULT_ENV} (a test of the unexpected-error path)")
+    try:
+        # in a worker thread: decoding an image takes up to seconds, and the event loop serves
+        # /health and every other connection meanwhile (images.DECODE_SLOTS bounds the decodes)
+        params: GenerationParams = await asyncio.to_thread(
+            resolve_params,
+            fields,
+            info=settings.info,
+            defaults=settings.defaults,
+            limits=settings.limits,
+            image=image,
+        )
+    except RequestError as exc:
+        raise ApiError(400, str(exc), exc.field) from None
+    timings = {"Receive": (received - arrived) * 1000.0, "Validation": _ms(received)}
+    pending = PendingVideo(id=ctx.videos.new_id(), params=params, created=int(time.time()), detached=detached)
+    ctx.track(pending)  # its record exists before the loop can take it
+    try:
+        _admit(lambda: ctx.queue.submit(pending))
+    except ApiError:
+        ctx.untrack(pending.id)
+        raise
     if detached:
         return pending, None, timings
     try:
@@ -143,6 +135,18 @@ async def _generate(
     for warning in params.warnings:
         log.info("video %s: %s", pending.id, warning)
     return pending, answer, {**answer.timings_ms, **timings}
+
+
+def _admit(step: Callable[[], object]) -> None:
+    """Run a queue step; QueueFull is 429 and Unavailable 503, both with Retry-After."""
+    try:
+        step()
+    except QueueFull as exc:
+        raise ApiError(429, f"the server is busy: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
+    except Unavailable as exc:
+        raise ApiError(
+            503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
+        ) from None
 
 
 async def _answer_or_disconnect(request: Request, pending: PendingVideo) -> VideoAnswer:
