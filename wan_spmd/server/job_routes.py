@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 from wan_spmd.server.context import ServerContext
 from wan_spmd.server.errors import ApiError
+from wan_spmd.server.files import OpenedFileResponse
 from wan_spmd.server.videos import VideoRecord
 from wan_spmd.server.wire import ErrorResponse, Video, VideoDeleted, VideoList
 
@@ -131,10 +132,13 @@ async def video_content(request: Request, video_id: str) -> FileResponse:
         path = await asyncio.to_thread(ctx.videos.thumbnail, video_id)  # ffmpeg: off the event loop
     else:
         path = ctx.videos.video_file(record)
-    if path is None or not path.is_file():
-        raise ApiError(404, f"video {video_id} was deleted or expired", "video_id")
     suffix = "mp4" if variant == "video" else "jpg"
-    return FileResponse(path, media_type=VARIANTS[variant], filename=f"{video_id}.{suffix}")
+    if path is not None:
+        try:  # opened now and sent from the open file: a DELETE meanwhile cannot cut the answer
+            return OpenedFileResponse(path, media_type=VARIANTS[variant], filename=f"{video_id}.{suffix}")
+        except FileNotFoundError:  # deleted or expired since
+            pass
+    raise ApiError(404, f"video {video_id} was deleted or expired", "video_id")
 
 
 @jobs_router.delete(
