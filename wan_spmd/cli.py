@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from wan_spmd.config import TINY_NOTE, ModelFolderError, ModelInfo, generation_defaults
-from wan_spmd.env import finish_process, setup_logging, torchrun_env
+from wan_spmd.env import env_int, finish_process, setup_logging, torchrun_env
 from wan_spmd.launch import (
     VAE_DTYPES,
     ParallelLayout,
@@ -307,7 +307,7 @@ def _model(run: RunFlags) -> tuple[ModelInfo, ParallelLayout]:
     layout = resolve_layout(world_size, tp=run.tp, ulysses=run.ulysses, cfg_parallel=run.cfg_parallel)
     check_layout(layout, info.transformer_config)
     check_family(layout, info.family)
-    check_hosts(layout, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    check_hosts(layout, env_int("LOCAL_WORLD_SIZE", world_size, low=1))
     return info, layout
 
 
@@ -674,7 +674,11 @@ def _exit_together(rank: int, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors and exit 2 for bad usage, printed once under torchrun."""
-    rank, world_size, _ = torchrun_env()
+    try:
+        rank, world_size, _ = torchrun_env()
+    except ValueError as exc:  # torchrun sets these; a hand-set one can be anything
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     setup_logging(rank)
     try:
         app(args=argv, standalone_mode=False)
