@@ -191,3 +191,28 @@ def test_ti2v_server_names_its_family_and_takes_a_prompt_alone():
     (job,) = loop.seen
     assert job.params.image is None and (job.params.width, job.params.height) == (64, 32)
     assert job.params.num_inference_steps == 2 and job.params.fps == 24  # the request's, then the preset's
+
+
+@pytest.mark.parametrize("limit", ["５", "1_0", " 7", "+5", "-1", "1e1", "9" * 5000])
+def test_limit_takes_ascii_digits_only(ctx, client, limit):
+    """`limit` is ASCII digits or a 400 naming it: if this fails, `int()` quietly takes a fullwidth
+    digit or `1_0`, or spends its time on 5000 digits."""
+    r = client.get("/v1/videos", params={"limit": limit})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit", r.text
+    assert len(r.json()["error"]["message"]) < 200
+
+
+def test_errors_quote_a_short_prefix_of_what_was_sent(ctx, client):
+    """A 60 KB id, `after` or `variant` is quoted in its error by its first characters only: if this
+    fails, every error echoes whatever a client sends, as large as it sends it."""
+    long = "v" * 60_000
+    for path, params, status in (
+        (f"/v1/videos/{long}", None, 404),
+        (f"/v1/videos/{long}/content", None, 404),
+        ("/v1/videos", {"after": long}, 400),
+        ("/v1/videos", {"order": long}, 400),
+    ):
+        r = client.get(path, params=params)
+        message = r.json()["error"]["message"]
+        assert r.status_code == status and len(message) < 200 and "60000 characters" in message, message
+    assert client.get("/v1/videos", params={"limit": "0005"}).status_code == 200

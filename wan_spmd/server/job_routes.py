@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from wan_spmd.server.context import ServerContext
-from wan_spmd.server.errors import ApiError
+from wan_spmd.server.errors import ApiError, quoted
 from wan_spmd.server.files import OpenedFileResponse
 from wan_spmd.server.videos import VideoRecord
 from wan_spmd.server.wire import ErrorResponse, Video, VideoDeleted, VideoList
@@ -47,7 +47,8 @@ def _ctx(request: Request) -> ServerContext:
 def _record(ctx: ServerContext, video_id: str) -> VideoRecord:
     record = ctx.videos.get(video_id)
     if record is None:
-        raise ApiError(404, f"no video {video_id!r} on this server (never made here, deleted or expired)", "video_id")
+        message = f"no video {quoted(video_id)} on this server (never made here, deleted or expired)"
+        raise ApiError(404, message, "video_id")
     return record
 
 
@@ -55,12 +56,12 @@ def _query_int(request: Request, name: str, default: int, low: int, high: int) -
     text = request.query_params.get(name)
     if text is None:
         return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ApiError(400, f"{name} must be an integer, got {text!r}", name) from None
+    if not (text.isascii() and text.isdigit()):  # int() would take "５", "1_0" and " 7"
+        raise ApiError(400, f"{name} must be a whole number in ASCII digits, got {quoted(text)}", name)
+    digits = text.lstrip("0") or "0"
+    value = int(digits) if len(digits) <= 9 else high + 1  # past any bound; never a 4300-digit int()
     if not low <= value <= high:
-        raise ApiError(400, f"{name} must be within {low}..{high}, got {value}", name)
+        raise ApiError(400, f"{name} must be within {low}..{high}, got {quoted(text)}", name)
     return value
 
 
@@ -93,12 +94,13 @@ async def list_videos(request: Request) -> JSONResponse:
     limit = _query_int(request, "limit", 20, 1, MAX_LIMIT)
     order = request.query_params.get("order", "desc")
     if order not in ("asc", "desc"):
-        raise ApiError(400, f"order must be 'asc' or 'desc', got {order!r}", "order")
+        raise ApiError(400, f"order must be 'asc' or 'desc', got {quoted(order)}", "order")
     after = request.query_params.get("after") or None
     try:
         records, has_more = ctx.videos.page(limit, after, order)
     except KeyError:
-        raise ApiError(400, f"after names no video on this server: {after!r} (deleted or expired?)", "after") from None
+        message = f"after names no video on this server: {quoted(after)} (deleted or expired?)"
+        raise ApiError(400, message, "after") from None
     data = [r.public() for r in records]
     body = VideoList(
         data=data,
@@ -124,7 +126,7 @@ async def video_content(request: Request, video_id: str) -> FileResponse:
     ctx = _ctx(request)
     variant = request.query_params.get("variant", "video")
     if variant not in VARIANTS:
-        raise ApiError(400, f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}", "variant")
+        raise ApiError(400, f"variant must be one of {', '.join(VARIANTS)}, got {quoted(variant)}", "variant")
     record = _record(ctx, video_id)
     if record.status != "completed":
         raise ApiError(404, f"video {video_id} is {record.status}: it has no content (only completed videos do)")
@@ -153,5 +155,5 @@ async def delete_video(request: Request, video_id: str) -> JSONResponse:
         # (on every rank, by the step agreement) and its outcome finds no record to update
         ctx.queue.withdraw(pending, "deleted")
     if ctx.videos.delete(video_id) is None:
-        raise ApiError(404, f"no video {video_id!r} on this server (deleted meanwhile)", "video_id")
+        raise ApiError(404, f"no video {quoted(video_id)} on this server (deleted meanwhile)", "video_id")
     return JSONResponse(VideoDeleted(id=video_id).model_dump())

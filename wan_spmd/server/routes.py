@@ -17,7 +17,7 @@ from starlette.datastructures import Headers
 from wan_spmd.params import GenerationParams, RequestError, resolve_params
 from wan_spmd.server.body import read_video_request
 from wan_spmd.server.context import ARRIVED, ServerContext
-from wan_spmd.server.errors import ApiError, scrub_paths
+from wan_spmd.server.errors import ApiError, quoted, scrub_paths
 from wan_spmd.server.queue import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
 from wan_spmd.server.videos import VideoRecord
 from wan_spmd.server.wire import ErrorResponse, Health, ModelCard, ModelList, VideoData, VideoForm, VideoResponse
@@ -94,7 +94,7 @@ async def _generate(
     model = fields.get("model")
     if model not in (None, "") and model != settings.served_model_name:
         raise ApiError(
-            404, f"model {model!r} is not served here; this server serves {settings.served_model_name!r}", "model"
+            404, f"model {quoted(model)} is not served here; this server serves {settings.served_model_name!r}", "model"
         )
     if os.environ.get(FAULT_ENV) and fields.get("prompt") == os.environ[FAULT_ENV]:
         raise RuntimeError(f"fault injected by {FAULT_ENV} (a test of the unexpected-error path)")
