@@ -118,8 +118,9 @@ class GuardedH11Protocol(H11Protocol):
     its buffer (the kernel's socket buffers are the only ones), and while paused, --send-timeout
     without a byte leaving closes the connection, even one already closing (which asyncio would
     otherwise keep until its buffer drains, for ever if nobody reads). A pipelined next request is
-    taken up only once the previous answer has left the buffer, so a client that sends many and
-    reads none holds one answer, not thirty.
+    taken up only once the client has read all but UNREAD_AHEAD_BYTES of the answers before it
+    (counting the kernel's unacknowledged send queue), so a client that sends many and reads none
+    holds about one answer, not thirty.
     """
 
     def __init__(self, config: uvicorn.Config, server_state: Any, app_state: dict[str, Any], guard: ConnectionGuard):
@@ -133,11 +134,11 @@ class GuardedH11Protocol(H11Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._send_timer: asyncio.TimerHandle | None = None
         self._unsent = 0
-        """Bytes waiting in the transport's buffer when sending last made progress."""
+        """Unread bytes (see `unread_bytes`) when sending last made progress."""
         self._sent_at: float | None = None
-        """When sending last made progress while paused (None while nothing waits to be sent)."""
+        """When sending last made progress (None while nothing waits on the client)."""
         self._next_request_waits = False
-        """An answer is complete but not yet out of our buffer: the next pipelined request waits."""
+        """An answer is complete but its client has not read it: the next pipelined request waits."""
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -229,8 +230,11 @@ class GuardedH11Protocol(H11Protocol):
         """Take up the next pipelined request once the client has read the answers before it; close
         the connection when nothing it was sent has moved for --send-timeout."""
         self._cancel_send_timer()
-        if self.transport is None or self.dropped:
+        if self.transport is None:
             return
+        closing = self.dropped or self.transport.is_closing()
+        if self._next_request_waits and closing:
+            self._next_request_waits = False  # no next request on a connection that is closing
         if self._next_request_waits and not self.flow.write_paused and self.unread_bytes() <= UNREAD_AHEAD_BYTES:
             self._next_request_waits = False
             self._sent_at = None
@@ -242,7 +246,8 @@ class GuardedH11Protocol(H11Protocol):
         now = time.monotonic()
         since = self.stalled_since(now)
         if since is not None and now - since >= self.guard.options.send_timeout_s:
-            self.guard.on_close("send_timeout")
+            if not self.dropped:  # a connection we were closing anyway was counted then
+                self.guard.on_close("send_timeout")
             self.drop_now()
             return
         self._watch_sending()
