@@ -389,10 +389,10 @@ def plan(
     best = tried[-1] if tried[-1].fits else min(tried, key=lambda p: p.peak)
     doable = [p for p in tried if p.placement in built]
     if best.fits and doable:
+        why = " with --tp or --quant fp8" if best.placement in BUILT else ""
         needs = (
             f"only '{best.placement}' fits (expected peak {best.peak / GIB:.1f} GiB), which this version does not "
-            f"do{' under --tp' if best.placement in BUILT else ' yet'}; '{doable[-1].placement}' needs "
-            f"{doable[-1].peak / GIB:.1f} GiB (at {doable[-1].peak_stage})"
+            f"do{why} yet; '{doable[-1].placement}' needs {doable[-1].peak / GIB:.1f} GiB (at {doable[-1].peak_stage})"
         )
     else:
         needs = f"the smallest placement, '{best.placement}', needs {best.peak / GIB:.1f} GiB (at {best.peak_stage})"
@@ -509,6 +509,7 @@ def plan_for(
         vae_dtype,
         split_vae,
         placement=OFFLOAD_CHOICES[offload],
-        # a tensor-parallel expert's slices are DTensors, which the offload does not move (yet)
-        built=BUILT if tp == 1 else tuple(p for p in BUILT if p != "experts"),
+        # a tensor-parallel expert's slices are DTensors, and fp8 weights torchao's tensor
+        # subclasses, which the offload does not move (yet)
+        built=BUILT if tp == 1 and quant == "none" else tuple(p for p in BUILT if p != "experts"),
     )
