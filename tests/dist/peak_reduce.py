@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
-from wan_spmd.env import finish_process
+from wan_spmd.process import finish_process
 from wan_spmd.memory import PeakMemory
 from wan_spmd.runtime import ControlPlane, init_dist, shutdown
 
