@@ -71,6 +71,13 @@ class EngineOptions:
     decodes alone."""
     loras: tuple[LoraSpec, ...] = ()
     """LoRA files fused into the experts' slices at load, before compile and warm-up."""
+    prompt_cache: int = 16
+    """Prompt embeddings kept across requests (`caches`); 0: none."""
+    condition_cache: int = 8
+    """I2V condition latents kept across requests (`caches`); 0: none."""
+    vae_encode_reuse: bool = True
+    """The I2V condition's encode reuses a stage's output where its input and cache repeat (exact;
+    `vae_reuse`); False: diffusers' encode as it is."""
 
     @property
     def heartbeat_s(self) -> float:
@@ -160,12 +167,18 @@ class JobRunner:
 
 def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideoPipeline:
     """Load this rank's part of the model and parallelize it as the layout says."""
+    import functools
+
+    import torch
+
+    from wan_spmd.caches import LruCache
     from wan_spmd.compiling import compile_blocks, resolve_compile
     from wan_spmd.models import Dtypes, load_components
     from wan_spmd.parallel import CfgParallel, build_mesh, cfg_branch, parallelize, tp_submesh
     from wan_spmd.parallel.vae import split_vae
     from wan_spmd.pipeline import WanVideoPipeline, serial_cfg
     from wan_spmd.tiny import quiet_hub_logging
+    from wan_spmd.vae_reuse import reuse_encode_mode
 
     quiet_hub_logging()
     start = time.perf_counter()
@@ -191,14 +204,27 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
     )
     # the VAE is whole on every rank: encode and decode split its rows over the world
     vae_split = split_vae(components.vae, d.world_size, d.rank) if options.parallel_vae else None
-    return WanVideoPipeline(
+    encode_video = vae_split.encode if vae_split is not None else None
+    if options.vae_encode_reuse:
+        if vae_split is not None:
+            vae_split.band_encoder = functools.partial(reuse_encode_mode, agree=vae_split.all_true)
+        else:
+            encode_video = reuse_encode_mode
+    pipe = WanVideoPipeline(
         components,
         info,
         d.device,
         predict_noise=CfgParallel(mesh) if layout.cfg > 1 else serial_cfg,
         cfg_branch=cfg_branch(mesh, layout),
-        encode_video=vae_split.encode if vae_split is not None else None,
+        encode_video=encode_video,
     )
+    # across requests; a row-split encode is collective, so there every rank agrees on each lookup
+    agree = None
+    if vae_split is not None:
+        agree = lambda hit: vae_split.all_true(torch.tensor(hit, device=d.device))  # noqa: E731
+    pipe.prompt_cache = LruCache("prompt", options.prompt_cache) if options.prompt_cache else None
+    pipe.condition_cache = LruCache("condition", options.condition_cache, agree) if options.condition_cache else None
+    return pipe
 
 
 def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape, ...]) -> float:
