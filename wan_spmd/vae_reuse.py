@@ -172,6 +172,14 @@ def encoder_stages(encoder: nn.Module) -> list[tuple[str, Stage]]:
     return stages
 
 
+def _cache_slots(encoder: nn.Module) -> int:
+    """Slots of the encoder's `feat_cache`: one per causal conv, as `AutoencoderKLWan.clear_cache` counts
+    them (a row split's wrappers hold the same convs)."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    return sum(isinstance(m, WanCausalConv3d) for m in encoder.modules())
+
+
 def _one_rank(flag: torch.Tensor) -> bool:
     return bool(flag)
 
@@ -188,7 +196,7 @@ def reuse_encode_mode(
     stats = stats if stats is not None else EncodeStats()
     memos = [_Memo(stage, StageStats(name)) for name, stage in encoder_stages(vae.encoder)]
     stats.stages = [m.stats for m in memos]
-    cache = _TrackedCache(vae._cached_conv_counts["encoder"])
+    cache = _TrackedCache(_cache_slots(vae.encoder))
     num_frames = video.shape[2]
     outs = []
     # 1 frame, then 4 at a time: diffusers' `_encode` loop
