@@ -142,6 +142,13 @@ VaeDtypeOpt = Annotated[str, typer.Option(help="VAE precision for encode and dec
 PromptCacheOpt = Annotated[
     int, typer.Option(help="Prompt embeddings kept across requests (4 MiB each in bf16); 0 disables.")
 ]
+VaeEncodeReuseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--vae-encode-reuse/--no-vae-encode-reuse",
+        help="Reuse repeated work inside the I2V condition's encode (exact; holds ~6.5 GB more at 720p fp32).",
+    ),
+]
 ConditionCacheOpt = Annotated[
     int, typer.Option(help="I2V image conditions kept across requests (24 MB each at 720p); 0 disables.")
 ]
@@ -230,6 +237,7 @@ class RunFlags:
     vae_dtype: str
     prompt_cache: int
     condition_cache: int
+    vae_encode_reuse: bool
     lora: list[str] | None
     lora_high: list[str] | None
     lora_low: list[str] | None
@@ -261,6 +269,7 @@ RUN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("vae_dtype", VaeDtypeOpt, "fp32"),
     ("prompt_cache", PromptCacheOpt, 16),
     ("condition_cache", ConditionCacheOpt, 8),
+    ("vae_encode_reuse", VaeEncodeReuseOpt, True),
     ("lora", LoraOpt, None),
     ("lora_high", LoraHighOpt, None),
     ("lora_low", LoraLowOpt, None),
@@ -356,6 +365,7 @@ def _engine_options(
         vae_dtype=run.vae_dtype,
         prompt_cache=run.prompt_cache,
         condition_cache=run.condition_cache,
+        vae_encode_reuse=run.vae_encode_reuse,
         loras=parse_lora_specs(info, lora=run.lora, lora_high=run.lora_high, lora_low=run.lora_low),
     )
 

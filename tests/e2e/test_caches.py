@@ -46,17 +46,25 @@ def test_repeated_image_and_prompt_hit_and_give_the_same_video(tiny_i2v, tmp_pat
     assert videos[3] != videos[1] and videos[4] != videos[1]
 
 
-def test_disabled_caches_leave_no_counts(tiny_i2v, tmp_path: Path):
-    """If this fails, `--prompt-cache 0 --condition-cache 0` still caches (hits appear) or the
-    timings carry counts of caches that are off."""
+def test_everything_off_gives_the_same_video(tiny_i2v, tmp_path: Path):
+    """If this fails, `--prompt-cache 0 --condition-cache 0` still caches (hits appear, or counts of
+    caches that are off), or the video with the caches and the encode's reuse on (the defaults) is
+    not the same bytes as with all three off (`--no-vae-encode-reuse`)."""
     job = {"id": "a", "prompt": "a cat", "image": str(EXAMPLE_IMAGE), "seed": 1, **FAST}
     requests = write_jsonl(tmp_path / "requests.jsonl", [job, {**job, "id": "b"}])
-    out = tmp_path / "out"
-    args = ["batch", str(requests), "--output-dir", str(out), "--prompt-cache", "0", "--condition-cache", "0"]
-    proc = run_cli(args)
+    off, on = tmp_path / "off", tmp_path / "on"
+    args = ["--prompt-cache", "0", "--condition-cache", "0", "--no-vae-encode-reuse"]
+    proc = run_cli(["batch", str(requests), "--output-dir", str(off), *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for record in read_results(out / "results.jsonl"):
+    records = read_results(off / "results.jsonl")
+    assert len(records) == 2
+    for record in records:
         assert not any("Cache" in k for k in record["timings_ms"]), record["timings_ms"]
+    proc = run_cli(["batch", str(write_jsonl(tmp_path / "one.jsonl", [job])), "--output-dir", str(on)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = read_results(on / "results.jsonl")
+    assert record["timings_ms"]["ConditionCacheMisses"] == 1
+    assert (on / record["output"]).read_bytes() == (off / records[0]["output"]).read_bytes()
 
 
 def test_metrics_count_lookups_not_latencies():
