@@ -30,6 +30,7 @@ from tests.conftest import ROOT, cli_env
 from tests.e2e.test_serve import UPLOAD_LIMIT, Server, _form, _metric, _png, _start, _stop
 from wan_spmd.params import Limits
 from wan_spmd.server.body import body_cap
+from wan_spmd.server.errors import KINDS
 from wan_spmd.server.routes import FAULT_ENV
 
 MAX_CONNECTIONS = 16
@@ -162,7 +163,7 @@ def _error(status: int, headers: dict[str, str], body: bytes) -> dict:
     """The API's error shape, checked: JSON `{"error": {message, type, param, code}}` with the status."""
     assert headers["content-type"].startswith("application/json"), (status, headers, body[:200])
     error = json.loads(body)["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status and error["message"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == KINDS[status][1] and error["message"]
     assert not ABSOLUTE_PATH.search(error["message"]), error["message"]
     return error
 
