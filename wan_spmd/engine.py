@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from wan_spmd.attention import AttentionFn, sdpa
+from wan_spmd.attention import AttentionFn
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
 from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
@@ -68,6 +68,10 @@ class EngineOptions:
     vae_dtype: str = "fp32"
     loras: tuple[LoraSpec, ...] = ()
     """LoRA files fused into the experts' slices at load, before compile and warm-up."""
+    attention: str = "auto"
+    """auto|sdpa|fa3|fa3-fp8 (`kernels.select_attention`): auto is FA3 bf16 where it runs (Hopper)."""
+    quant: str = "none"
+    """none|fp8: fp8 rowwise linears in the experts' blocks (torchao), after LoRA fusion and TP slicing."""
     prompt_cache: int = 16
     """Prompt embeddings kept across requests (`caches`); 0: none."""
     condition_cache: int = 8
@@ -162,15 +166,19 @@ class JobRunner:
         return JobReport(path, {**state.timer.ms, **writer_ms})
 
 
-def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions, attend: AttentionFn = sdpa) -> WanVideoPipeline:
+def build_pipeline(
+    d: Dist, info: ModelInfo, options: EngineOptions, attend: AttentionFn | None = None
+) -> WanVideoPipeline:
     """Load this rank's part of the model and parallelize it as the layout says; every attention in
-    the experts goes through `attend` (a kernel backend of `AttentionFn`'s signature)."""
+    the experts goes through `attend` (a kernel backend of `AttentionFn`'s signature; None: the
+    one `--attention` selects)."""
     import functools
 
     import torch
 
     from wan_spmd.caches import LruCache
     from wan_spmd.compiling import compile_blocks, resolve_compile
+    from wan_spmd.kernels import quantize_fp8, select_attention
     from wan_spmd.models import Dtypes, load_components
     from wan_spmd.parallel import CfgParallel, build_mesh, parallelize
     from wan_spmd.parallel.vae import split_vae
@@ -187,19 +195,27 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions, attend: Att
         info, d.device, dtypes, mesh=mesh.tp_mesh, load_format=options.load_format, loras=options.loras
     )
     compiled = resolve_compile(options.compile, d.device)
-    experts = []
+    kernel_line = "attention: given by the caller"
+    if attend is None:
+        attend, kernel_line = select_attention(options.attention, d.device)
+    experts, quant_lines = [], []
     for expert in components.experts:
         experts.append(parallelize(expert, mesh, attend, per_token_timesteps=info.family.expand_timesteps))
+        if options.quant == "fp8":
+            # after LoRA fusion (load) and TP's slicing (parallelize), before compile
+            quant_lines.append(quantize_fp8(expert).summary())
         if compiled:
             compile_blocks(experts[-1], options.compile_backend)
     log.info(
-        "loaded %s on %d rank(s) (%s%s) in %.1f s%s",
+        "loaded %s on %d rank(s) (%s%s) in %.1f s%s; %s; quant %s",
         info.path or info.config_name,
         d.world_size,
         layout.describe(),
         ", blocks compiled" if compiled else "",
         time.perf_counter() - start,
         "".join(f"; fused LoRA {spec.describe()}" for spec in options.loras),
+        kernel_line,
+        options.quant + "".join(f" (expert {i + 1}: {line})" for i, line in enumerate(quant_lines)),
     )
     # the VAE is whole on every rank: encode and decode split its rows over the world
     vae_split = split_vae(components.vae, d.world_size, d.rank)
