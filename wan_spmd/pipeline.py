@@ -382,8 +382,10 @@ class WanVideoPipeline:
                         video = unpatchify(video, patch_size=vae.config.patch_size)
                     video = video.clamp(-1.0, 1.0)
                     video = (video / 2 + 0.5).clamp(0, 1)
-                    # (1, 3, f, H, W) -> (f, H, W, 3); diffusers' numpy_to_pil rounds the same way
-                    yield (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
+                    # (1, 3, f, H, W) -> (f, H, W, 3); diffusers' numpy_to_pil rounds the same way.
+                    # Made contiguous on the device: the GPU transposes in microseconds what the
+                    # host (np.ascontiguousarray in the writer) took ~0.3 s per 720p chunk to do
+                    yield (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8).contiguous()
         finally:
             vae.clear_cache()
 
