@@ -87,6 +87,9 @@ def main() -> None:
     sync(device)
     result: dict = {"versions": versions(), "load_s": time.perf_counter() - start, "rows": {}}
     expert = comps.transformer
+    del comps  # one expert is measured: the other, the text encoder and the VAE leave room (80 GB cards)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     config = info.transformer_config
     dtype = next(expert.parameters()).dtype
     mesh = build_mesh(ParallelLayout(), device)

@@ -153,6 +153,19 @@ OffloadOpt = Annotated[
         "prompts), or experts (also each expert on the card only while it runs)."
     ),
 ]
+PromptCacheOpt = Annotated[
+    int, typer.Option(help="Prompt embeddings kept across requests (4 MiB each in bf16); 0 disables.")
+]
+VaeEncodeReuseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--vae-encode-reuse/--no-vae-encode-reuse",
+        help="Reuse repeated work inside the I2V condition's encode (exact; holds ~6.5 GB more at 720p fp32).",
+    ),
+]
+ConditionCacheOpt = Annotated[
+    int, typer.Option(help="I2V image conditions kept across requests (24 MB each at 720p); 0 disables.")
+]
 LoraOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -238,6 +251,9 @@ class RunFlags:
     vae_dtype: str
     gpu_memory: str
     offload: str
+    prompt_cache: int
+    condition_cache: int
+    vae_encode_reuse: bool
     lora: list[str] | None
     lora_high: list[str] | None
     lora_low: list[str] | None
@@ -269,6 +285,9 @@ RUN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("vae_dtype", VaeDtypeOpt, "fp32"),
     ("gpu_memory", GpuMemoryOpt, "auto"),
     ("offload", OffloadOpt, "auto"),
+    ("prompt_cache", PromptCacheOpt, 16),
+    ("condition_cache", ConditionCacheOpt, 8),
+    ("vae_encode_reuse", VaeEncodeReuseOpt, True),
     ("lora", LoraOpt, None),
     ("lora_high", LoraHighOpt, None),
     ("lora_low", LoraLowOpt, None),
@@ -336,6 +355,9 @@ def _engine_options(
 
     if run.vae_dtype not in VAE_DTYPES:
         raise ValueError(f"--vae-dtype must be one of {', '.join(VAE_DTYPES)}, got {run.vae_dtype!r}")
+    for flag, entries in (("--prompt-cache", run.prompt_cache), ("--condition-cache", run.condition_cache)):
+        if entries < 0:
+            raise ValueError(f"{flag} must be >= 0 entries (0 disables it), got {entries}")
     shapes = None
     if run.warmup_shapes is not None:
         shapes = parse_warmup_shapes(run.warmup_shapes, info.spatial_multiple, run.max_frames)
@@ -359,6 +381,9 @@ def _engine_options(
         warmup_shapes=shapes,
         auto_warmup_shapes=tuple(dict.fromkeys(shape for shape in auto_warmup if shape is not None)),
         vae_dtype=run.vae_dtype,
+        prompt_cache=run.prompt_cache,
+        condition_cache=run.condition_cache,
+        vae_encode_reuse=run.vae_encode_reuse,
         loras=parse_lora_specs(info, lora=run.lora, lora_high=run.lora_high, lora_low=run.lora_low),
         memory_plan=_memory_plan(info, layout, run),
     )

@@ -76,6 +76,13 @@ class EngineOptions:
     """auto|sdpa|fa3|fa3-fp8 (`kernels.select_attention`): auto is FA3 bf16 where it runs (Hopper)."""
     quant: str = "none"
     """none|fp8: fp8 rowwise linears in the experts' blocks (torchao), after LoRA fusion and TP slicing."""
+    prompt_cache: int = 16
+    """Prompt embeddings kept across requests (`caches`); 0: none."""
+    condition_cache: int = 8
+    """I2V condition latents kept across requests (`caches`); 0: none."""
+    vae_encode_reuse: bool = True
+    """The I2V condition's encode reuses a stage's output where its input and cache repeat (exact;
+    `vae_reuse`); False: diffusers' encode as it is."""
 
     @property
     def heartbeat_s(self) -> float:
@@ -176,6 +183,11 @@ def build_pipeline(
     """Load this rank's part of the model and parallelize it as the layout says; every attention in
     the experts goes through `attend` (a kernel backend of `AttentionFn`'s signature; None: the
     one `--attention` selects)."""
+    import functools
+
+    import torch
+
+    from wan_spmd.caches import LruCache
     from wan_spmd.compiling import compile_blocks, resolve_compile
     from wan_spmd.kernels import quantize_fp8, select_attention
     from wan_spmd.models import Dtypes, load_components
@@ -184,6 +196,7 @@ def build_pipeline(
     from wan_spmd.pipeline import WanVideoPipeline, serial_cfg
     from wan_spmd.placement import make_placement
     from wan_spmd.tiny import quiet_hub_logging
+    from wan_spmd.vae_reuse import reuse_encode_mode
 
     quiet_hub_logging()
     start = time.perf_counter()
@@ -217,18 +230,31 @@ def build_pipeline(
         options.quant + "".join(f" (expert {i + 1}: {line})" for i, line in enumerate(quant_lines)),
     )
     plan = options.memory_plan
-    return WanVideoPipeline(
+    # the VAE is whole on every rank: encode and decode split its rows over the world
+    vae_split = split_vae(components.vae, d.world_size, d.rank)
+    pipe = WanVideoPipeline(
         components,
         info,
         d.device,
         predict_noise=CfgParallel(mesh.mesh) if layout.cfg > 1 else serial_cfg,
         cfg_branch=mesh.cfg_branch,
         experts=experts,
-        # the VAE is whole on every rank: encode and decode split its rows over the world
-        vae_split=split_vae(components.vae, d.world_size, d.rank),
+        vae_split=vae_split,
         is_main=d.is_main,
         placement=make_placement(components, d.device, plan.placement) if plan is not None else None,
     )
+    if options.vae_encode_reuse:  # the I2V condition's encode, split or not
+        if vae_split is not None:
+            vae_split.band_encoder = functools.partial(reuse_encode_mode, agree=vae_split.all_true)
+        else:
+            pipe.condition_encoder = reuse_encode_mode
+    # across requests; a row-split encode is collective, so there every rank agrees on each lookup
+    agree = None
+    if vae_split is not None:
+        agree = lambda hit: vae_split.all_true(torch.tensor(hit, device=d.device))  # noqa: E731
+    pipe.prompt_cache = LruCache("prompt", options.prompt_cache) if options.prompt_cache else None
+    pipe.condition_cache = LruCache("condition", options.condition_cache, agree) if options.condition_cache else None
+    return pipe
 
 
 def warm_up(pipe: WanVideoPipeline, shapes: tuple[WarmupShape, ...]) -> float:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from wan_spmd.caches import COUNT_KEYS
 from wan_spmd.memory import MIB, PeakMemory
 
 # Stage latencies run from milliseconds (tiny model on CPU) to many minutes (A14B at 720p).
@@ -92,6 +93,14 @@ class ServerMetrics:
             self.peak_memory.labels(kind=kind).set(mib * MIB)
             self.max_peak_memory.labels(kind=kind).set(self._max_peak[kind])
 
+        self.cache_lookups = Counter(
+            "wan_spmd_cache_lookups",
+            "Lookups in the caches kept across requests (prompt embeddings, I2V conditions), by result "
+            "(hit: no encode at all; miss).",
+            ["cache", "result"],
+            registry=self.registry,
+        )
+
     def count(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(endpoint=endpoint, outcome=outcome).inc()
 
@@ -100,6 +109,10 @@ class ServerMetrics:
 
     def observe(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
+            if stage in COUNT_KEYS:  # a count of cache lookups, not a latency
+                cache, result = COUNT_KEYS[stage]
+                self.cache_lookups.labels(cache=cache, result=result).inc(ms)
+                continue
             self.stage_seconds.labels(stage=stage).observe(ms / 1000.0)
 
     def render(self) -> bytes:
