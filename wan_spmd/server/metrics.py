@@ -85,14 +85,6 @@ class ServerMetrics:
             registry=self.registry,
         )
         self._max_peak: dict[str, float] = {}
-
-    def observe_memory(self, peak: PeakMemory) -> None:
-        """The last completed job's peak GPU memory (max over ranks), and the largest since start."""
-        for kind, mib in (("allocated", peak.allocated_mb), ("reserved", peak.reserved_mb)):
-            self._max_peak[kind] = max(self._max_peak.get(kind, 0.0), mib * MIB)
-            self.peak_memory.labels(kind=kind).set(mib * MIB)
-            self.max_peak_memory.labels(kind=kind).set(self._max_peak[kind])
-
         self.cache_lookups = Counter(
             "wan_spmd_cache_lookups",
             "Lookups in the caches kept across requests (prompt embeddings, I2V conditions), by result "
@@ -100,6 +92,13 @@ class ServerMetrics:
             ["cache", "result"],
             registry=self.registry,
         )
+
+    def observe_memory(self, peak: PeakMemory) -> None:
+        """The last completed job's peak GPU memory (max over ranks), and the largest since start."""
+        for kind, mib in (("allocated", peak.allocated_mb), ("reserved", peak.reserved_mb)):
+            self._max_peak[kind] = max(self._max_peak.get(kind, 0.0), mib * MIB)
+            self.peak_memory.labels(kind=kind).set(mib * MIB)
+            self.max_peak_memory.labels(kind=kind).set(self._max_peak[kind])
 
     def count(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(endpoint=endpoint, outcome=outcome).inc()
