@@ -30,7 +30,7 @@ from tests.conftest import ROOT, cli_env
 from tests.e2e.test_serve import UPLOAD_LIMIT, Server, _form, _metric, _png, _start, _stop
 from wan_spmd.params import Limits
 from wan_spmd.server.body import body_cap
-from wan_spmd.server.routes import FAULT_ENV
+from wan_spmd.server.routes.videos import FAULT_ENV
 
 MAX_CONNECTIONS = 16
 HEADER_TIMEOUT_S = 2

@@ -29,6 +29,8 @@ TORCH_FREE = (
     "wan_spmd.server.app",
     "wan_spmd.server.context",
     "wan_spmd.server.routes",
+    "wan_spmd.server.routes.videos",
+    "wan_spmd.server.routes.system",
     "wan_spmd.server.body",
     "wan_spmd.server.wire",
     "wan_spmd.server.queue",
@@ -37,7 +39,6 @@ TORCH_FREE = (
     "wan_spmd.server.http",
     "wan_spmd.server.options",
     "wan_spmd.server.videos",
-    "wan_spmd.server.job_routes",
 )
 
 

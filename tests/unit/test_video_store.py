@@ -10,7 +10,7 @@ import pytest
 from starlette.datastructures import Headers
 
 from wan_spmd.params import GenerationParams
-from wan_spmd.server.routes import wants_async
+from wan_spmd.server.routes.videos import wants_async
 from wan_spmd.server.videos import RESTARTED, VideoRecord, VideoStore, check_replica_name, default_replica_name
 
 

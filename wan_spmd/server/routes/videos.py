@@ -1,4 +1,17 @@
-"""The routers: videos (POST /v1/videos, /v1/videos/sync) and system (health, models, metrics)."""
+"""The videos resource: every route under /v1/videos.
+
+    POST /v1/videos                make a video (answer when done, or a queued job at once)
+    POST /v1/videos/sync           make a video, answer the raw mp4 bytes
+    GET /v1/videos                 list (limit, after, order)
+    GET /v1/videos/{id}            the video object: status, progress, error
+    GET /v1/videos/{id}/content    variant=video (mp4, the default) or thumbnail (JPEG of the first frame)
+    DELETE /v1/videos/{id}         a queued job never runs, a running one stops at its next step,
+                                   a finished one's files go; the id is unknown afterwards
+
+OpenAI's endpoints that make videos from other videos (remix, edits, extensions, characters) answer
+404 saying they are not served. Query parameters are read by hand so that a bad one gets the one
+error shape (FastAPI's own validation would answer 422 in another shape).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +23,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import Headers
 
 from wan_spmd.params import GenerationParams, RequestError, resolve_params
@@ -19,7 +32,15 @@ from wan_spmd.server.context import ARRIVED, ServerContext
 from wan_spmd.server.errors import ApiError, scrub_paths
 from wan_spmd.server.queue import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
 from wan_spmd.server.videos import VideoRecord
-from wan_spmd.server.wire import ErrorResponse, Health, ModelCard, ModelList, VideoData, VideoForm, VideoResponse
+from wan_spmd.server.wire import (
+    ErrorResponse,
+    Video,
+    VideoData,
+    VideoDeleted,
+    VideoForm,
+    VideoList,
+    VideoResponse,
+)
 
 log = logging.getLogger("wan_spmd")
 
@@ -61,7 +82,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 videos_router = APIRouter(tags=["videos"])
-system_router = APIRouter(tags=["system"])
 
 
 def _ctx(request: Request) -> ServerContext:
@@ -289,30 +309,127 @@ async def create_video_sync(request: Request) -> Response:
     return Response(answer.mp4, media_type="video/mp4", headers=headers)
 
 
-@system_router.get("/health", response_model=Health, responses={503: {"model": Health}})
-async def health(request: Request) -> JSONResponse:
-    """200 once every rank has loaded the model; 503 while loading or stopping."""
-    ctx = _ctx(request)
-    body = Health(status=ctx.status, ranks=ctx.settings.world_size).model_dump()
-    return JSONResponse(body, status_code=200 if ctx.ready.is_set() else 503)
+# ---------------------------------------------------------------------------------------------
+# Video jobs: list, retrieve, download, delete
 
-
-@system_router.get("/v1/models", response_model=ModelList, responses=ERRORS)
-async def models(request: Request) -> ModelList:
-    settings = _ctx(request).settings
-    card = ModelCard(
-        id=settings.served_model_name,
-        created=int(time.time()),
-        root=settings.info.path.name if settings.info.path else None,  # the folder's name, never where it is
-        pipeline=settings.info.family.pipeline_class,
-        family=settings.info.family.name,
-        loras=list(settings.loras),
+VARIANTS = {"video": "video/mp4", "thumbnail": "image/jpeg"}
+MAX_LIMIT = 100
+JOB_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "A query parameter is invalid (error.param names it)."),
+        (401, "Missing or wrong API key."),
+        (404, "No such video here (never made on this replica, deleted or expired), or no content yet."),
     )
-    return ModelList(data=[card])
+}
+UNSERVED = "this server makes videos from a prompt (and an image) only; OpenAI's {what} is not served here"
 
 
-@system_router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(request: Request) -> Response:
-    from prometheus_client import CONTENT_TYPE_LATEST
+def _record(ctx: ServerContext, video_id: str) -> VideoRecord:
+    record = ctx.videos.get(video_id)
+    if record is None:
+        raise ApiError(404, f"no video {video_id!r} on this server (never made here, deleted or expired)", "video_id")
+    return record
 
-    return Response(_ctx(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer, got {text!r}", name) from None
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be within {low}..{high}, got {value}", name)
+    return value
+
+
+# Registered before /v1/videos/{video_id}, which would otherwise take `characters` for an id.
+@videos_router.post("/v1/videos/{video_id}/remix", responses={404: {"model": ErrorResponse}}, include_in_schema=False)
+async def remix_video(video_id: str) -> None:
+    raise ApiError(404, UNSERVED.format(what="remix"))
+
+
+@videos_router.post("/v1/videos/edits", responses={404: {"model": ErrorResponse}}, include_in_schema=False)
+async def edit_video() -> None:
+    raise ApiError(404, UNSERVED.format(what="video edits"))
+
+
+@videos_router.post("/v1/videos/extensions", responses={404: {"model": ErrorResponse}}, include_in_schema=False)
+async def extend_video() -> None:
+    raise ApiError(404, UNSERVED.format(what="video extensions"))
+
+
+@videos_router.api_route("/v1/videos/characters", methods=["GET", "POST"], include_in_schema=False)
+@videos_router.api_route("/v1/videos/characters/{character_id}", methods=["GET", "DELETE"], include_in_schema=False)
+async def characters(request: Request) -> None:
+    raise ApiError(404, UNSERVED.format(what="characters API"))
+
+
+@videos_router.get("/v1/videos", response_model=VideoList, responses=JOB_ERRORS, summary="List this replica's videos")
+async def list_videos(request: Request) -> JSONResponse:
+    """Newest first by default (`order=asc` for oldest first); `after` is the last id of the previous page."""
+    ctx = _ctx(request)
+    limit = _query_int(request, "limit", 20, 1, MAX_LIMIT)
+    order = request.query_params.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, f"order must be 'asc' or 'desc', got {order!r}", "order")
+    after = request.query_params.get("after") or None
+    try:
+        records, has_more = ctx.videos.page(limit, after, order)
+    except KeyError:
+        raise ApiError(400, f"after names no video on this server: {after!r} (deleted or expired?)", "after") from None
+    data = [r.public() for r in records]
+    body = VideoList(
+        data=data,
+        first_id=data[0]["id"] if data else None,
+        last_id=data[-1]["id"] if data else None,
+        has_more=has_more,
+    )
+    return JSONResponse(body.model_dump())
+
+
+@videos_router.get("/v1/videos/{video_id}", response_model=Video, responses=JOB_ERRORS, summary="A video's status")
+async def retrieve_video(request: Request, video_id: str) -> JSONResponse:
+    return JSONResponse(_record(_ctx(request), video_id).public())
+
+
+@videos_router.get(
+    "/v1/videos/{video_id}/content",
+    responses={200: {"content": {"video/mp4": {}, "image/jpeg": {}}}, **JOB_ERRORS},
+    response_class=FileResponse,
+    summary="Download a finished video (variant=video) or a JPEG of its first frame (variant=thumbnail)",
+)
+async def video_content(request: Request, video_id: str) -> FileResponse:
+    ctx = _ctx(request)
+    variant = request.query_params.get("variant", "video")
+    if variant not in VARIANTS:
+        raise ApiError(400, f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}", "variant")
+    record = _record(ctx, video_id)
+    if record.status != "completed":
+        raise ApiError(404, f"video {video_id} is {record.status}: it has no content (only completed videos do)")
+    if variant == "thumbnail":
+        path = await asyncio.to_thread(ctx.videos.thumbnail, video_id)  # ffmpeg: off the event loop
+    else:
+        path = ctx.videos.video_file(record)
+    if path is None or not path.is_file():
+        raise ApiError(404, f"video {video_id} was deleted or expired", "video_id")
+    suffix = "mp4" if variant == "video" else "jpg"
+    return FileResponse(path, media_type=VARIANTS[variant], filename=f"{video_id}.{suffix}")
+
+
+@videos_router.delete(
+    "/v1/videos/{video_id}", response_model=VideoDeleted, responses=JOB_ERRORS, summary="Cancel or remove a video"
+)
+async def delete_video(request: Request, video_id: str) -> JSONResponse:
+    ctx = _ctx(request)
+    _record(ctx, video_id)
+    pending = ctx.live.get(video_id)
+    if pending is not None:
+        # withdrawn first: queued, it is dropped now; running, the loop stops it at its next step
+        # (on every rank, by the step agreement) and its outcome finds no record to update
+        ctx.queue.withdraw(pending, "deleted")
+    if ctx.videos.delete(video_id) is None:
+        raise ApiError(404, f"no video {video_id!r} on this server (deleted meanwhile)", "video_id")
+    return JSONResponse(VideoDeleted(id=video_id).model_dump())
