@@ -564,8 +564,7 @@ def serve(
             loras=tuple(spec.card() for spec in engine.loras),
             async_videos=async_videos,
         )
-        # torch loads only once the arguments are known to be good
-        from wan_spmd.serve import ServeOptions, run_server
+        from wan_spmd.serve import ServeFront, ServeOptions
 
         options = ServeOptions(
             host=host,
@@ -578,10 +577,7 @@ def serve(
             keep_jobs=keep_jobs,
             job_ttl_s=job_ttl,
         )
-    _check_loras(info, engine)
-    _note_tiny(run.model)
-    with user_errors():
-        code = run_server(settings, options, engine)
+    code = _run(run.model, info, engine, lambda: ServeFront(settings, options))
     # main() ends the rank with finish_process, skipping interpreter finalisation under torchrun
     if code:
         raise CliExit("", code=code)

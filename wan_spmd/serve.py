@@ -31,7 +31,6 @@ from wan_spmd.server.queue import Closed, JobFailed, JobQueue, PendingVideo, Una
 from wan_spmd.server.videos import VideoStore, default_replica_name
 
 if TYPE_CHECKING:
-    from wan_spmd.engine import EngineOptions
     from wan_spmd.server.app import ServerSettings
 
 log = logging.getLogger("wan_spmd")
@@ -179,6 +178,7 @@ class ServeFront:
         """Read back the jobs of earlier runs, then listen at once, so /health answers 503 while the
         model loads."""
         try:
+            self.options.output_dir.mkdir(parents=True, exist_ok=True)
             jobs = self.ctx.videos.load()
         except OSError as exc:
             raise ValueError(f"cannot read the job records under --output-dir: {exc}") from None
@@ -221,14 +221,3 @@ class ServeFront:
         log.info("stopped after %d job(s)%s", jobs, f": {stop}" if stop else "")
         return 0
 
-
-def run_server(settings: ServerSettings, options: ServeOptions, engine: EngineOptions) -> int:
-    """Every rank: the engine's lifecycle; rank 0 also serves HTTP. Returns the exit status:
-    0 after a stop every rank agreed to, 1 when a rank was lost or could not start."""
-    from wan_spmd.engine import run_engine
-    from wan_spmd.env import torchrun_env
-
-    if torchrun_env()[0] == 0:
-        options.output_dir.mkdir(parents=True, exist_ok=True)
-    front = ServeFront(settings, options) if torchrun_env()[0] == 0 else None
-    return run_engine(settings.info, engine, front)
