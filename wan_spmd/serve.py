@@ -220,4 +220,3 @@ class ServeFront:
         stop = self.source.stop_reason
         log.info("stopped after %d job(s)%s", jobs, f": {stop}" if stop else "")
         return 0
-

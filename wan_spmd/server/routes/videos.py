@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import os
 import time
 from typing import Any
 
@@ -47,9 +46,6 @@ log = logging.getLogger("wan_spmd")
 PIPELINE_STAGES = ("TextEncoding", "LatentPreparation", "Denoising", "Decoding", "PipelineWall")
 SERVER_STAGES = ("Receive", "Validation", "Queue", "Dispatch", "Mp4Encoding", "Base64")
 RETRY_AFTER_S = "5"
-# Debugging and tests only (README, "Tests"): a request whose prompt equals this variable's value
-# fails with an unexpected exception, the one path no client input reaches any more (issue 20).
-FAULT_ENV = "WAN_SPMD_FAULT_PROMPT"
 
 # The request body is read by hand (so every field error comes from the one schema), so the OpenAPI
 # page is told what it looks like.
@@ -122,8 +118,6 @@ async def _generate(
             raise ApiError(
                 404, f"model {model!r} is not served here; this server serves {settings.served_model_name!r}", "model"
             )
-        if os.environ.get(FAULT_ENV) and fields.get("prompt") == os.environ[FAULT_ENV]:
-            raise RuntimeError(f"fault injected by {FAULT_ENV} (a test of the unexpected-error path)")
         try:
             # in a worker thread: decoding an image takes up to seconds, and the event loop serves
             # /health and every other connection meanwhile (images.DECODE_SLOTS bounds the decodes)
