@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from wan_spmd.jobs import Job, OfflineFront, Outcome, StopLoop
+from wan_spmd.jobs import Job, OfflineFront, Outcome, SourceBase, StopLoop
 from wan_spmd.params import PARAM_KEYS, GenerationParams, Limits, RequestError, read_image_file, resolve_params
 
 if TYPE_CHECKING:
@@ -447,7 +447,7 @@ class Summary:
         )
 
 
-class BatchSource:
+class BatchSource(SourceBase):
     """Feeds a JSONL file's lines to the SPMD loop one job at a time, on rank 0 only.
 
     Built before the process group starts: it reads what earlier runs finished and counts this
@@ -519,28 +519,23 @@ class BatchSource:
         return StopLoop
 
     def output_path(self, job: Job) -> Path:
-        return self.out_dir / job.meta["output"]
-
-    def is_cancelled(self, job: Job) -> bool:
-        return self.stop_reason is not None or job.overdue()
-
-    def request_stop(self, reason: str) -> None:
-        self.stop_reason = reason
+        assert job.output is not None
+        return self.out_dir / job.output
 
     def on_step(self, job: Job, step: int, total: int) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(f"line {job.meta['line']} step {step}/{total}", refresh=True)
+            self._bar.set_postfix_str(f"line {job.line} step {step}/{total}", refresh=True)
 
     def finish(self, outcome: Outcome) -> None:
         """The engine has put the verified video in place; record its ok line (or why not)."""
         job = outcome.job
         entry = self._current
         assert entry is not None, "finish without a job from next_job"
-        if outcome.cancelled and self.stop_reason is None and job.overdue():
-            self._record(entry, "failed", error=job.deadline_error())
+        if outcome.status == "deadline":
+            self._record(entry, "failed", error=outcome.stop.reason)
             return
-        if outcome.cancelled:
-            self._record(entry, "interrupted", error=f"{self.stop_reason or 'cancelled'}: {outcome.error}")
+        if outcome.stop is not None:  # SIGTERM/SIGINT: the rerun does this line
+            self._record(entry, "interrupted", error=f"{outcome.stop.reason}: {outcome.error}")
             return
         if not outcome.ok:
             self._record(entry, "failed", error=outcome.error or "failed")
@@ -616,7 +611,7 @@ class BatchSource:
             log.error("line %d: validation failed unexpectedly", entry.line, exc_info=True)
             return self._record(entry, "failed", error=f"cannot be validated ({type(exc).__name__}: {exc})")
         remove_stale_parts(path)  # a run killed mid-write left these; this job's rerun replaces them
-        return Job(entry.id, params, meta={"line": entry.line, "output": str(entry.output)})
+        return Job(entry.id, params, line=entry.line, output=str(entry.output))
 
     def _validate(self, request: dict[str, Any]) -> Any:
         return validate_line(request, self.base_dir, self.info, self.defaults, self.limits)

@@ -411,8 +411,8 @@ def generate(
     from wan_spmd.generate import GenerateFront
     from wan_spmd.jobs import Job
 
-    meta = {"frames_dir": str(frames_dir)} if frames_dir is not None else {}
-    code = _run(run.model, info, engine, lambda: GenerateFront(Job("generate", params, meta), output))
+    job = Job("generate", params, frames_dir=str(frames_dir) if frames_dir is not None else None)
+    code = _run(run.model, info, engine, lambda: GenerateFront(job, output))
     if code:
         raise CliExit("", code=code)
 

@@ -130,16 +130,18 @@ class JobRunner:
             fault("start", job, rank)
             agreed = control
 
-            def control(step: int, total: int) -> bool:
-                fault(f"step {step}", job, rank)
-                return agreed(step, total)
+            def control(step: int, total: int, stage: str = "step") -> bool:
+                fault(f"{stage} {step}", job, rank)
+                return agreed(step, total, stage)
 
         state = self.pipe.generate_latents(job.params, control=control, on_step=on_step)
         if new_graphs := compiled_graphs() - graphs_before:
             # warm-up did not cover this shape (or the recompile limit was reached): say so
             log.warning("job %s paid for compiling %d new graph(s) (%s)", job.id, new_graphs, job.params.size)
             state.timer.ms["NewCompiledGraphs"] = float(new_graphs)
-        chunks = self.pipe.timed_decode(state, self.decoder(self.pipe, state.latents))
+        # the stop is checked between decoded chunks too (agreed as the steps are): a deadline,
+        # DELETE or SIGTERM lands within one chunk, not after the whole decode
+        chunks = self.pipe.timed_decode(state, self.decoder(self.pipe, state.latents, control))
         if output is None:  # not rank 0: take part in the decoder's collectives, keep nothing
             for _ in chunks:
                 pass
@@ -147,8 +149,8 @@ class JobRunner:
         try:
             if fault is not None:
                 fault("deliver", job, rank)
-            frames_dir = job.meta.get("frames_dir")
-            path, writer_ms = deliver(chunks, output, job.params, Path(frames_dir) if frames_dir else None)
+            frames_dir = Path(job.frames_dir) if job.frames_dir else None
+            path, writer_ms = deliver(chunks, output, job.params, frames_dir)
         except Exception:
             # a parallel decoder's other ranks are inside its collectives until the last chunk:
             # finish the decode with them, then report the failure

@@ -55,12 +55,13 @@ class JobCancelled(RuntimeError):
 
 
 class StepControl(Protocol):
-    """Called before each denoising step on every rank; returns False to stop the job.
+    """Called before each denoising step, and between decoded chunks (`stage` "decode"), on every
+    rank that runs the loop; returns False to stop the job.
 
-    The runtime's implementation agrees across ranks, so all ranks stop at the same step.
+    The runtime's implementation agrees across ranks, so all ranks stop at the same step or chunk.
     """
 
-    def __call__(self, step: int, total: int) -> bool: ...
+    def __call__(self, step: int, total: int, stage: str = "step") -> bool: ...
 
 
 class NoisePredictor(Protocol):
@@ -305,14 +306,26 @@ class WanVideoPipeline:
             return self.c.experts[0], params.guidance_scale
         return self.c.experts[1], params.guidance_scale_2  # low-noise stage
 
+    def decode_chunk_count(self, latents: torch.Tensor) -> int:
+        return -(-latents.shape[2] // self.decode_latent_frames)
+
+    def follow_decode(self, latents: torch.Tensor, control: StepControl | None) -> Iterator[torch.Tensor]:
+        """A rank that decodes nothing (rank 0 decodes alone) still joins every chunk's stop check."""
+        total = self.decode_chunk_count(latents)
+        for done in range(1, total):
+            if control is not None and not control(done, total, "decode"):
+                raise JobCancelled(f"stopped while decoding, after chunk {done} of {total}")
+        yield from ()
+
     @torch.inference_mode()
-    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_chunks(self, latents: torch.Tensor, control: StepControl | None = None) -> Iterator[torch.Tensor]:
         """Latents -> uint8 frames (f, H, W, 3) on the device, a few latent frames at a time.
 
         Wan's VAE decodes latent frame by latent frame with a causal cache (diffusers' `_decode`
         loop); we run the same loop and hand out each chunk as soon as it exists, so the mp4 writer
         encodes while the rest decodes. Element-wise post-processing per chunk gives the same bytes
-        as decoding the whole video at once.
+        as decoding the whole video at once. `control` is asked between chunks (not after the last),
+        so a stop lands within one chunk.
         """
         vae = self.c.vae
         latents = latents.to(vae.dtype)
@@ -339,6 +352,9 @@ class WanVideoPipeline:
                     video = (video / 2 + 0.5).clamp(0, 1)
                     # (1, 3, f, H, W) -> (f, H, W, 3); diffusers' numpy_to_pil rounds the same way
                     yield (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
+                    done, total = i // self.decode_latent_frames + 1, self.decode_chunk_count(latents)
+                    if control is not None and done < total and not control(done, total, "decode"):
+                        raise JobCancelled(f"stopped while decoding, after chunk {done} of {total}")
         finally:
             vae.clear_cache()
 

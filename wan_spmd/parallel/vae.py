@@ -41,15 +41,19 @@ from torch import nn
 
 log = logging.getLogger("wan_spmd")
 
-Decoder = Callable[["WanVideoPipeline", torch.Tensor], Iterator[torch.Tensor]]  # noqa: F821
+Decoder = Callable[..., Iterator[torch.Tensor]]
+"""decoder(pipe, latents, control=None): the frame chunks (rank 0); `control` is the pipeline's
+StepControl, asked between chunks on every rank."""
 
 
 def single_rank_decoder(is_main: bool) -> Decoder:
-    """Rank 0 decodes the whole video with its own VAE; other ranks have nothing to do."""
+    """Rank 0 decodes the whole video with its own VAE; other ranks only join its stop checks."""
 
-    def decode(pipe, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode(pipe, latents: torch.Tensor, control=None) -> Iterator[torch.Tensor]:
         if is_main:
-            yield from pipe.decode_chunks(latents)
+            yield from pipe.decode_chunks(latents, control)
+        else:
+            yield from pipe.follow_decode(latents, control)
 
     return decode
 
@@ -137,13 +141,13 @@ class RowSplit:
     def decoder(self, is_main: bool) -> Decoder:
         """The decode seam: each chunk decoded on bands, gathered to rank 0 as uint8."""
 
-        def decode(pipe, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        def decode(pipe, latents: torch.Tensor, control=None) -> Iterator[torch.Tensor]:
             rows = latents.shape[-2]
             if rows < self.size:  # fewer latent rows than ranks: rank 0 alone
-                yield from single_rank_decoder(is_main)(pipe, latents)
+                yield from single_rank_decoder(is_main)(pipe, latents, control)
                 return
             with self.split(rows) as (start, stop):
-                for chunk in pipe.decode_chunks(latents[..., start:stop, :]):
+                for chunk in pipe.decode_chunks(latents[..., start:stop, :], control):
                     whole = self.rows_to_main(chunk)
                     if whole is not None:
                         yield whole
