@@ -124,7 +124,11 @@ class Mp4Writer:
             "mp4",
             ffmpeg_path(self.tmp),
         ]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        # its own session: Ctrl-C or a supervisor's signal to our process group must reach the engine,
+        # which stops at the next chunk and aborts this write, not kill the encoder first
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True
+        )
         self._thread = threading.Thread(target=self._feed, name="mp4-writer", daemon=True)
         self._thread.start()
 
