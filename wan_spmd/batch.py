@@ -342,6 +342,27 @@ def iter_entries(path: Path) -> Iterator[Entry]:
                 yield entry
 
 
+def check_shared_outputs(requests: Path, shard: Shard) -> None:
+    """Refuse a sharded batch in which two lines of different shards name the same video (ids that
+    map to one file name, `a_b` and `a/b`, or one explicit `output` twice): each shard would write
+    it, and both would report ok. Every shard reads the whole file and gives the same one-line error
+    (ValueError) before any work. Within one shard the second line is recorded as failed instead,
+    as in an unsharded batch."""
+    if shard.count == 1:
+        return
+    first: dict[str, Entry] = {}
+    for entry in iter_entries(requests):
+        if entry.output is None or entry.error is not None:
+            continue
+        other = first.setdefault(str(entry.output), entry)
+        if other is not entry and shard_of(other, shard.count) != shard_of(entry, shard.count):
+            raise ValueError(
+                f"{requests}: lines {other.line} (id {_escaped(other.id, 40)}) and {entry.line} "
+                f"(id {_escaped(entry.id, 40)}) both write {_escaped(str(entry.output), 60)}, in different "
+                "shards; give one of them its own output"
+            )
+
+
 # ---------------------------------------------------------------------------------------------
 # Results: what earlier runs finished, and appending this run's lines
 

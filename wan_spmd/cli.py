@@ -445,10 +445,11 @@ def batch(
 ) -> None:
     """Generate a video per JSONL line; rerun to resume, shard over many runs. Exit 1 if any line
     failed or the run was interrupted (SIGTERM/SIGINT: the line in flight is recorded, the rerun does it)."""
-    from wan_spmd.batch import check_args
+    from wan_spmd.batch import check_args, check_shared_outputs
 
     with user_errors():
         shard = check_args(requests, output_dir, shard_index, num_shards)
+        check_shared_outputs(requests, shard)
         info, layout = _model(run)
         defaults = generation_defaults(info, run.config)
         limits = _limits(run)
