@@ -453,11 +453,8 @@ def batch(
         info, layout = _model(run)
         defaults = generation_defaults(info, run.config)
         limits = _limits(run)
-        from wan_spmd.batch import first_shapes
-
-        # only when they would be used (compiled, no explicit shapes): it validates lines
-        auto = first_shapes(requests, info, defaults, limits, shard) if run.warmup_shapes is None else ()
-        engine = _engine_options(info, layout, run, auto_warmup=auto)
+        # the file's own warm-up shapes come from rank 0's front (it validates lines, reading images)
+        engine = _engine_options(info, layout, run)
     # rank 0 alone reads the file
     from wan_spmd.batch import BatchFront, BatchSource
 

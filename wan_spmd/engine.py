@@ -64,7 +64,8 @@ class EngineOptions:
     """(width, height, frames) of the throwaway requests run before the ranks agree they are ready;
     None: `auto_warmup_shapes` when the blocks are compiled, none otherwise."""
     auto_warmup_shapes: tuple[WarmupShape, ...] = ()
-    """The command's own choice: serve the preset's shape, generate its job's, batch its file's first two."""
+    """The command's own choice: serve the preset's shape, generate its job's (batch's come from its
+    front on rank 0, `Front.warmup_shapes`)."""
     vae_dtype: str = "fp32"
     parallel_vae: bool = True
     """Split the VAE's encode and decode over every rank (rows of each frame, exact); False: rank 0
@@ -102,6 +103,10 @@ class Front(Protocol):
     def exit_code(self, jobs: int, signal_name: str | None) -> int:
         """The command's exit status after a clean stop (e.g. 1 if a job failed or was interrupted)."""
 
+    def warmup_shapes(self) -> tuple[WarmupShape, ...]:
+        """Shapes of the front's own work to warm up with when compiled (batch: its file's first two),
+        found on rank 0 alone (it may decode request images) and broadcast to the others."""
+
 
 Fault = Callable[[str, Job, int], None]
 """A test seam: called as fault(stage, job, rank) with stage "start", "step N" before each step's
@@ -117,9 +122,20 @@ class JobRunner:
         self.decoder = decoder
         self.rank = rank
         self.fault = fault
+        self.current: Job | None = None
+        """The job in hand (read by the shutdown watch's thread to say what a signal stops)."""
 
     def __call__(
-        self, job: Job, control: Callable[[int, int], bool], on_step: Callable[[int, int], None], output: Path | None
+        self, job: Job, control: Callable[..., bool], on_step: Callable[[int, int], None], output: Path | None
+    ) -> JobReport:
+        self.current = job
+        try:
+            return self._run(job, control, on_step, output)
+        finally:
+            self.current = None
+
+    def _run(
+        self, job: Job, control: Callable[..., bool], on_step: Callable[[int, int], None], output: Path | None
     ) -> JobReport:
         from wan_spmd.compiling import compiled_graphs
         from wan_spmd.deliver import deliver
@@ -267,6 +283,7 @@ class _Engine:
         self.front = front
         self.fault = fault
         self.signal_name: str | None = None
+        self.runner: JobRunner | None = None
 
     def run(self, watch: ShutdownWatch) -> int:
         from wan_spmd.compiling import resolve_compile
@@ -301,8 +318,12 @@ class _Engine:
             decoder = decoder_for(pipe.c.vae, d.is_main)
             warm_s = 0.0
             shapes = self.options.warmup_shapes
-            if shapes is None:
-                shapes = self.options.auto_warmup_shapes if resolve_compile(self.options.compile, d.device) else ()
+            if shapes is None and resolve_compile(self.options.compile, d.device):
+                # rank 0's front adds its own (every rank joins the broadcast)
+                mine = self.front.warmup_shapes() if self.front is not None else None
+                theirs = ControlPlane(d).broadcast(mine, "the warm-up shapes")
+                shapes = tuple(dict.fromkeys((*self.options.auto_warmup_shapes, *theirs)))
+            shapes = shapes or ()
             if shapes:
                 try:
                     warm_s = warm_up(pipe, decoder, shapes)
@@ -316,7 +337,7 @@ class _Engine:
                     return 1
             if self.front is not None:
                 self.front.ready(d.world_size, warm_s)
-            runner = JobRunner(pipe, decoder, d.rank, self.fault)
+            runner = self.runner = JobRunner(pipe, decoder, d.rank, self.fault)
             source = self.front.source if self.front is not None else None
             jobs = spmd_loop(d, runner, source, self.options.heartbeat_s)
             return self.front.exit_code(jobs, self.signal_name) if self.front is not None else 0
@@ -337,7 +358,11 @@ class _Engine:
         if self.front is None:
             log.warning("%s: waiting for rank 0 to stop the loop", name)
             return
-        log.info("%s: stopping at the running job's next step", name)
+        running = self.runner.current if self.runner is not None else None
+        if running is not None:
+            log.info("%s: stopping job %s at its next step or decoded chunk", name, running.id)
+        else:
+            log.info("%s: stopping (no job running)", name)
         self.front.on_signal(name)
 
     def on_expire(self, signal_name: str | None) -> None:

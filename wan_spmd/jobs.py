@@ -191,3 +191,6 @@ class OfflineFront:
 
     def stopped(self, lost: bool) -> None:
         pass
+
+    def warmup_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        return ()

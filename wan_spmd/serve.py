@@ -217,6 +217,9 @@ class ServeFront:
         time.sleep(0.5)  # let the HTTP thread write those answers before the process ends
         self.http.remove_socket()
 
+    def warmup_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        return ()  # the preset's shape comes with the engine options
+
     def exit_code(self, jobs: int, signal_name: str | None) -> int:
         stop = self.source.stop_reason
         log.info("stopped after %d job(s)%s", jobs, f": {stop}" if stop else "")

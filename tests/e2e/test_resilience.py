@@ -350,3 +350,4 @@ def test_signal_to_the_group_mid_decode_stops_within_a_chunk(tmp_path, tiny_i2v)
     record = json.loads((out / "jobs" / f"{video_id}.json").read_text())
     assert record["status"] == "failed" and record["error"]["code"] == "cancelled", record
     assert "VideoWriteError" not in log, log
+    assert f"SIGINT: stopping job {video_id} at its next step or decoded chunk" in log, log

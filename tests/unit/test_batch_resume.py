@@ -59,3 +59,21 @@ def test_remove_stale_parts_removes_what_a_killed_writer_left(tmp_path: Path):
     assert remove_stale_parts(tmp_path / "a.mp4") == [left[0]]
     assert left[1].exists() and (tmp_path / "a.mp4").exists()
     assert remove_stale_parts(tmp_path / "missing" / "z.mp4") == []
+
+
+def test_several_lines_for_one_id_the_last_counts(tmp_path: Path):
+    """A resumed run appends, so one id may have several lines: interrupted, then ok; or ok, then
+    (its video deleted) failed on the rerun. The last line per id is its state: the first job is
+    done, the second is not (its ok line is older than its failure and its video is gone). If this
+    fails, a resume redoes finished work or trusts an ok line its own later run contradicted."""
+    entry_a = scan_line(1, b'{"prompt": "cat", "id": "a"}')
+    entry_b = scan_line(2, b'{"prompt": "dog", "id": "b"}')
+    log = ResultsLog(tmp_path / "results.jsonl")
+    for entry, status in ((entry_a, "interrupted"), (entry_b, "ok"), (entry_a, "ok"), (entry_b, "failed")):
+        output = str(entry.output) if status == "ok" else None
+        log.append({"id": entry.id, "status": status, "output": output, "params_hash": entry.params_hash})
+    log.close()
+    (tmp_path / "a.mp4").write_bytes(b"video")  # b's video was deleted before the run that failed
+    done = read_done(tmp_path)
+    assert is_done(entry_a, done, tmp_path)
+    assert not is_done(entry_b, done, tmp_path)

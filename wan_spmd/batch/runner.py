@@ -297,6 +297,11 @@ class BatchFront(OfflineFront):
     def __init__(self, source: BatchSource) -> None:
         self.source = source
 
+    def warmup_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """The first two shapes of this shard's file, on rank 0 alone (validating reads images)."""
+        s = self.source
+        return first_shapes(s.requests, s.info, s.defaults, s.limits, s.shard)
+
     def stopped(self, lost: bool) -> None:
         self.source.close()
 
