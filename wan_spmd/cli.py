@@ -86,7 +86,8 @@ MaxPromptCharsOpt = Annotated[int, typer.Option(help="Longest prompt (and negati
 MaxWorkOpt = Annotated[
     int,
     typer.Option(
-        help="Most transformer tokens x denoising steps per job (the default admits 1280x720x81 at 52 steps)."
+        help="Most work per job: estimated token-steps, attention and decoding counted (the default admits "
+        "A14B 1280x720x81 at 54 steps)."
     ),
 ]
 MaxImagePixelsOpt = Annotated[int, typer.Option(help="Most pixels of an input image, checked before decoding.")]
@@ -94,7 +95,7 @@ JobDeadlineOpt = Annotated[
     float,
     typer.Option(
         help="Seconds a job of --max-work may run; a job of work W gets this x max(W / max-work, 0.1), "
-        "then it is stopped at its next step and fails."
+        "then it is stopped at its next step or decoded chunk and fails."
     ),
 ]
 LoadFormatOpt = Annotated[
