@@ -218,8 +218,8 @@ def test_stale_temporary_videos_are_removed_at_start_and_in_the_sweep(tmp_path):
     store.start(running.id)
     live_part = tmp_path / f".20261207-010203_{running.id}-{'2' * 12}.mp4.part"
     live_part.write_bytes(b"\x00" * 10)
-    store.prune()
+    store.sweep()
     assert live_part.exists()  # its writer is still at work
     store.fail(running.id, "cancelled", "stopped")  # killed before its writer could clean up
-    store.prune()
+    store.sweep()
     assert not live_part.exists() and other_replica.exists()
