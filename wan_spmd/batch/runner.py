@@ -191,6 +191,8 @@ class BatchSource(SourceBase):
         if self.summary.ended is None:
             self.summary.ended = time.perf_counter()
         if self._bar is not None:
+            if self.stop_reason is not None and not self._bar.disable:  # say why it ends short
+                self._bar.set_postfix_str(self.stop_reason, refresh=True)
             self._bar.close()
         if self._log is not None:
             self._log.close()
@@ -254,7 +256,7 @@ class BatchSource(SourceBase):
             self._write(f"line {entry.line}: {status}: {record['error']}")
         else:
             self.summary.duplicates += 1
-        if self._bar is not None:
+        if self._bar is not None and status != "interrupted":  # not done: the rerun does it
             self._bar.update(1)
         return status
 
