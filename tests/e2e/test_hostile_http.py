@@ -31,6 +31,7 @@ from tests.e2e.test_serve import UPLOAD_LIMIT, Server, _form, _metric, _png, _st
 from tests.fault_serve import FAULT_ENV, MESSAGE
 from wan_spmd.params import Limits
 from wan_spmd.server.body import body_cap
+from wan_spmd.server.errors import KINDS
 
 MAX_CONNECTIONS = 16
 HEADER_TIMEOUT_S = 2
@@ -164,7 +165,7 @@ def _error(status: int, headers: dict[str, str], body: bytes) -> dict:
     """The API's error shape, checked: JSON `{"error": {message, type, param, code}}` with the status."""
     assert headers["content-type"].startswith("application/json"), (status, headers, body[:200])
     error = json.loads(body)["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status and error["message"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == KINDS[status][1] and error["message"]
     assert not ABSOLUTE_PATH.search(error["message"]), error["message"]
     return error
 

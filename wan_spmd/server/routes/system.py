@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from wan_spmd.params import model_limits
 from wan_spmd.server.context import ServerContext
 from wan_spmd.server.routes.videos import ERRORS
 from wan_spmd.server.wire import Health, ModelCard, ModelList
@@ -28,16 +29,32 @@ async def health(request: Request) -> JSONResponse:
 
 @system_router.get("/v1/models", response_model=ModelList, responses=ERRORS)
 async def models(request: Request) -> ModelList:
+    """Every served name (aliases included) with what a request may ask of the model: clients read
+    the limits here instead of assuming a size."""
     settings = _ctx(request).settings
-    card = ModelCard(
-        id=settings.served_model_name,
-        created=int(time.time()),
-        root=settings.info.path.name if settings.info.path else None,  # the folder's name, never where it is
-        pipeline=settings.info.family.pipeline_class,
-        family=settings.info.family.name,
-        loras=list(settings.loras),
-    )
-    return ModelList(data=[card])
+    bounds = model_limits(settings.info, settings.limits)
+    defaults = settings.defaults
+    cards = [
+        ModelCard(
+            id=name,
+            created=int(time.time()),
+            root=settings.info.path.name if settings.info.path else None,  # the folder's name, never where it is
+            pipeline=settings.info.family.pipeline_class,
+            family=settings.info.family.name,
+            image=settings.info.family.image,
+            max_width=bounds.max_width,
+            max_height=bounds.max_height,
+            size_multiple=bounds.multiple,
+            max_frames=bounds.max_frames,
+            default_size=defaults.get("size"),
+            default_max_area=defaults.get("max_area"),
+            default_fps=defaults.get("fps"),
+            default_num_frames=defaults.get("num_frames"),
+            loras=list(settings.loras),
+        )
+        for name in settings.served_model_names
+    ]
+    return ModelList(data=cards)
 
 
 @system_router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
