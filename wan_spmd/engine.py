@@ -139,6 +139,7 @@ class JobRunner:
     ) -> JobReport:
         from wan_spmd.compiling import compiled_graphs
         from wan_spmd.deliver import deliver
+        from wan_spmd.pipeline import JobCancelled
 
         fault, rank = self.fault, self.rank
         graphs_before = compiled_graphs()
@@ -167,9 +168,12 @@ class JobRunner:
                 fault("deliver", job, rank)
             frames_dir = Path(job.frames_dir) if job.frames_dir else None
             path, writer_ms = deliver(chunks, output, job.params, frames_dir)
-        except Exception:
+        except JobCancelled:  # the agreed stop: every rank left the decode at the same chunk
+            raise
+        except Exception as exc:
             # a parallel decoder's other ranks are inside its collectives until the last chunk:
-            # finish the decode with them, then report the failure
+            # finish the decode with them (a stop agreed meanwhile ends it early), then report
+            log.warning("job %s: writing the video failed (%s: %s)", job.id, type(exc).__name__, exc)
             for _ in chunks:
                 pass
             raise
