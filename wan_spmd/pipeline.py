@@ -16,14 +16,13 @@ numbers match on the same weights and seed, quirks included:
   (of the image alone), while the scheduler keeps stepping its own copy, which is replaced once
   more after the last step. Without an image every token gets t and nothing is replaced.
 
-The pipeline is single-device code: it never calls torch.distributed. Under tensor parallelism the
-experts it is handed are already sharded (their collectives live inside them); three seams let the
-`parallel` package change the rest without the pipeline knowing: `NoisePredictor` (one guided
-noise prediction per step: serial CFG here, CFG-parallel there, with `cfg_branch` saying which
-prompt a rank's group needs), `decode_chunks` (the VAE's causal decode, latent frame by latent
-frame, as uint8 chunks: a parallel decoder hands it a band of rows) and `encode_video` (the I2V
-condition's VAE encode). The runtime passes a per-step
-`StepControl` that agrees across ranks whether to go on.
+The pipeline is single-device code: it never calls torch.distributed. It calls the objects the
+`parallel` package made, without knowing what they do: the `Expert`s (each a `ParallelExpert`
+in its layout, or a whole diffusers expert), the `NoisePredictor` (one guided noise prediction per
+step: serial CFG here, CFG-parallel there, with `cfg_branch` saying which prompt a rank's group
+needs) and the `VaeSplit` (the I2V condition's encode and the chunked decode, `decode_chunks`, split
+over the ranks; without one, rank 0 decodes alone). The runtime passes a per-step `StepControl`
+that agrees across ranks whether to go on.
 """
 
 from __future__ import annotations
@@ -34,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import ftfy
@@ -41,17 +41,15 @@ import regex as re
 import torch
 from diffusers.video_processor import VideoProcessor
 
+from wan_spmd.compat import decode_latent_frame, unpatchify
 from wan_spmd.config import ModelInfo
+from wan_spmd.jobs import JobCancelled
 from wan_spmd.models import Components
 from wan_spmd.params import GenerationParams
 
 log = logging.getLogger("wan_spmd")
 
 MAX_SEQUENCE_LENGTH = 512  # UMT5 context; the experts' cross-attention always sees 512 positions
-
-
-class JobCancelled(RuntimeError):
-    """The step control said stop (a client went away, the server is shutting down)."""
 
 
 class StepControl(Protocol):
@@ -64,13 +62,39 @@ class StepControl(Protocol):
     def __call__(self, step: int, total: int, stage: str = "step") -> bool: ...
 
 
+class Expert(Protocol):
+    """One expert's noise prediction: latents (B, C, T_lat, h, w), timestep (B,) or per token (B, S),
+    text embeddings (B, 512, D) -> (B, C_out, T_lat, h, w)."""
+
+    def __call__(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class WholeExpert:
+    """A diffusers expert called as diffusers' pipelines call it (one device, no layout)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            return_dict=False,
+        )[0]
+
+
 class NoisePredictor(Protocol):
     """One guided noise prediction: the conditional branch and, when `guidance` is not None, the
     unconditional one combined as `uncond + guidance * (cond - uncond)`."""
 
     def __call__(
         self,
-        model: torch.nn.Module,
+        model: Expert,
         model_input: torch.Tensor,
         timestep: torch.Tensor,
         prompt_embeds: torch.Tensor | None,
@@ -80,7 +104,7 @@ class NoisePredictor(Protocol):
 
 
 def serial_cfg(
-    model: torch.nn.Module,
+    model: Expert,
     model_input: torch.Tensor,
     timestep: torch.Tensor,
     prompt_embeds: torch.Tensor,
@@ -88,24 +112,24 @@ def serial_cfg(
     guidance: float | None,
 ) -> torch.Tensor:
     """Both branches on these ranks, one after the other, as diffusers runs them."""
-    noise_pred = model(
-        hidden_states=model_input, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False
-    )[0]
+    noise_pred = model(model_input, timestep, prompt_embeds)
     if guidance is None:
         return noise_pred
-    noise_uncond = model(
-        hidden_states=model_input, timestep=timestep, encoder_hidden_states=negative_embeds, return_dict=False
-    )[0]
+    noise_uncond = model(model_input, timestep, negative_embeds)
     return noise_uncond + guidance * (noise_pred - noise_uncond)
 
 
-VideoEncoder = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
-"""(vae, video (1, 3, F, H, W)) -> the latent mode (1, z, T_lat, H/8, W/8), not normalised."""
+class VaeSplit(Protocol):
+    """The VAE's encode and decode split over the ranks (`parallel.vae.RowSplit`)."""
 
+    def encode(self, vae: torch.nn.Module, video: torch.Tensor) -> torch.Tensor:
+        """(vae, video (1, 3, F, H, W)) -> the latent mode (1, z, T_lat, H/8, W/8), on every rank."""
 
-def vae_encode_mode(vae: torch.nn.Module, video: torch.Tensor) -> torch.Tensor:
-    """This rank's VAE encodes the whole video (diffusers' `encode(...).latent_dist.mode()`)."""
-    return vae.encode(video).latent_dist.mode()
+    def decode(
+        self, decode_chunks: Callable[[torch.Tensor], Iterator[torch.Tensor]], latents: torch.Tensor
+    ) -> Iterator[torch.Tensor]:
+        """Whole uint8 chunks (f, H, W, 3) on rank 0, nothing on the others; `decode_chunks` is
+        this pipeline's, handed each rank's part of the latents."""
 
 
 def prompt_clean(text: str) -> str:
@@ -136,7 +160,9 @@ class WanVideoPipeline:
         predict_noise: NoisePredictor = serial_cfg,
         decode_latent_frames: int = 4,
         cfg_branch: str | None = None,
-        encode_video: VideoEncoder | None = None,
+        experts: list[Expert] | None = None,
+        vae_split: VaeSplit | None = None,
+        is_main: bool = True,
     ) -> None:
         if len(components.experts) != info.family.experts:
             raise ValueError(f"{info.family.name} has {info.family.experts} expert(s), {len(components.experts)} given")
@@ -144,11 +170,16 @@ class WanVideoPipeline:
         self.info = info
         self.device = device
         self.predict_noise = predict_noise
+        self.experts: list[Expert] = experts or [WholeExpert(m) for m in components.experts]
+        """What each denoising step calls, in the components' order (`parallelize`'s objects under
+        a layout)."""
         self.cfg_branch = cfg_branch
         """Under CFG-parallel, the one guidance branch ("cond"/"uncond") this rank's group runs: the
         text encoder skips the other prompt. None: this rank runs both."""
-        self.encode_video = encode_video or vae_encode_mode
-        """The VAE encode seam (the I2V condition): this rank's VAE alone, or split over the ranks."""
+        self.vae_split = vae_split
+        """The VAE's encode and decode split over the ranks; None: this rank's VAE alone."""
+        self.is_main = is_main
+        """Whether this rank delivers the video (decodes it when the VAE is not split)."""
         self.decode_latent_frames = decode_latent_frames
         """Latent frames per decoded chunk (each is 4 video frames, the first 1)."""
         self.vae_scale_temporal = int(components.vae.config.scale_factor_temporal)
@@ -209,7 +240,11 @@ class WanVideoPipeline:
         video_condition = torch.cat(
             [image.unsqueeze(2), image.new_zeros(1, 3, params.num_frames - 1, params.height, params.width)], dim=2
         ).to(vae.dtype)
-        latent = self.encode_video(vae, video_condition).to(torch.float32)
+        if self.vae_split is not None:
+            latent = self.vae_split.encode(vae, video_condition)
+        else:
+            latent = vae.encode(video_condition).latent_dist.mode()
+        latent = latent.to(torch.float32)
         latent = (latent - self.latents_mean.to(latent)) * self.inv_latents_std.to(latent)
 
         t_scale = self.vae_scale_temporal
@@ -300,11 +335,11 @@ class WanVideoPipeline:
     def expert_for(self, t: torch.Tensor, boundary_timestep: float | None, params: GenerationParams):
         """(expert, guidance) for timestep t: the high-noise expert (`transformer`) while
         t >= boundary, the low-noise one (`transformer_2`) below; one expert runs every step."""
-        if len(self.c.experts) == 1 or boundary_timestep is None:
-            return self.c.experts[0], params.guidance_scale
+        if len(self.experts) == 1 or boundary_timestep is None:
+            return self.experts[0], params.guidance_scale
         if t >= boundary_timestep:  # high-noise stage
-            return self.c.experts[0], params.guidance_scale
-        return self.c.experts[1], params.guidance_scale_2  # low-noise stage
+            return self.experts[0], params.guidance_scale
+        return self.experts[1], params.guidance_scale_2  # low-noise stage
 
     def decode_chunk_count(self, latents: torch.Tensor) -> int:
         return -(-latents.shape[2] // self.decode_latent_frames)
@@ -336,17 +371,11 @@ class WanVideoPipeline:
             num_latent_frames = x.shape[2]
             pending = []
             for i in range(num_latent_frames):
-                vae._conv_idx = [0]
-                out = vae.decoder(
-                    x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0
-                )
-                pending.append(out)
+                pending.append(decode_latent_frame(vae, x[:, :, i : i + 1], first=i == 0))
                 if len(pending) == self.decode_latent_frames or i == num_latent_frames - 1:
                     video = torch.cat(pending, dim=2) if len(pending) > 1 else pending[0]  # (1, 3, f, H, W)
                     pending = []
                     if vae.config.patch_size is not None:
-                        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
                         video = unpatchify(video, patch_size=vae.config.patch_size)
                     video = video.clamp(-1.0, 1.0)
                     video = (video / 2 + 0.5).clamp(0, 1)
@@ -363,7 +392,7 @@ class WanVideoPipeline:
     def __call__(self, params: GenerationParams, control: StepControl | None = None) -> VideoResult:
         """The whole request in one piece on one device (tests, benchmarks): steps 1-4."""
         state = self.generate_latents(params, control)
-        frames = torch.cat([chunk.cpu() for chunk in self.timed_decode(state)])
+        frames = torch.cat([chunk.cpu() for chunk in self.timed_decode(state, self.decode_chunks(state.latents))])
         return VideoResult(frames=frames, timings_ms=state.timer.ms, latents=state.latents)
 
     def generate_latents(
@@ -399,12 +428,27 @@ class WanVideoPipeline:
             )
         return Latents(params, latents, timer)
 
-    def timed_decode(self, state: Latents, chunks: Iterator[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
-        """Step 4: the decoded chunks (this pipeline's own, or `chunks` from a parallel decoder),
-        timed as Decoding; PipelineWall ends with the last one, and one log line gives the stages."""
+    def decode_video(self, latents: torch.Tensor, control: StepControl | None = None) -> Iterator[torch.Tensor]:
+        """The video's uint8 chunks on the delivering rank (split over the ranks by the `VaeSplit`,
+        or decoded there alone); other ranks take part and get nothing. `control` is asked between
+        chunks on every rank (a rank that decodes nothing still joins the checks)."""
+        decode = partial(self.decode_chunks, control=control)
+        follow = partial(self.follow_decode, control=control)
+        if self.vae_split is not None:
+            yield from self.vae_split.decode(decode, latents, follow)
+        elif self.is_main:
+            yield from decode(latents)
+        else:
+            yield from follow(latents)
+
+    def timed_decode(
+        self, state: Latents, chunks: Iterator[torch.Tensor] | None = None, control: StepControl | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Step 4: the decoded chunks (`decode_video`'s, or `chunks`), timed as Decoding;
+        PipelineWall ends with the last one, and one log line gives the stages."""
         timer, params = state.timer, state.params
         timer.start("Decoding")
-        yield from self.decode_chunks(state.latents) if chunks is None else chunks
+        yield from self.decode_video(state.latents, control) if chunks is None else chunks
         timer.stop("Decoding")
         timer.stop("PipelineWall")
         log.info(

@@ -55,7 +55,8 @@ class ServerMetrics:
         self.connections_closed = Counter(
             "wan_spmd_connections_closed",
             "HTTP connections the server closed on its own, by reason (header_timeout, body_timeout, "
-            "evicted: idle, closed to make room; refused: over --max-connections with none idle).",
+            "send_timeout: its answer unread for --send-timeout; evicted: idle or its answer stalled, closed to "
+            "make room; refused: over --max-connections with none idle or stalled).",
             ["reason"],
             registry=self.registry,
         )

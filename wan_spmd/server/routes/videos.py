@@ -21,6 +21,7 @@ import base64
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -32,7 +33,8 @@ from wan_spmd.params import GenerationParams, RequestError, resolve_params
 from wan_spmd.server.body import read_video_request
 from wan_spmd.server.compat import adapt_request, parse_bool
 from wan_spmd.server.context import ARRIVED, ServerContext, ServerSettings
-from wan_spmd.server.errors import ApiError, scrub_paths
+from wan_spmd.server.errors import ApiError, quoted, scrub_paths
+from wan_spmd.server.files import OpenedFileResponse
 from wan_spmd.server.queue import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
 from wan_spmd.server.videos import VideoRecord, inference_ms
 from wan_spmd.server.wire import (
@@ -99,64 +101,55 @@ async def _generate(
     """Admit, parse, validate and await one request; the timings so far, in ms. A `detached`
     (asynchronous) request returns once it is queued, with no answer.
 
-    Admission comes first: a place in the queue is reserved before the body is read, so a full
-    queue answers 429 at once, and a request that fails to parse or validate gives its place back.
+    A full queue answers 429 before the body is read; a request takes its place in the queue only
+    once its body is complete and valid (so bodies that never come hold no place), and gets 429
+    then if the places went to others meanwhile.
     """
     ctx = _ctx(request)
     settings = ctx.settings
     if not ctx.ready.is_set():
         raise ApiError(503, f"the server is {ctx.status}; try again shortly", headers={"Retry-After": RETRY_AFTER_S})
     arrived = request.scope.get(ARRIVED, time.perf_counter())
+    _admit(ctx.queue.check_room)
+    fields, image = await read_video_request(request, settings.limits)
+    received = time.perf_counter()
+    model = served_model(settings, fields.pop("model", None))
+    strict = settings.strict_sizes
+    if fields.get(STRICT_FIELD) not in (None, ""):
+        strict = parse_bool(STRICT_FIELD, fields.pop(STRICT_FIELD))
+    fields.pop(STRICT_FIELD, None)
+    fields, image, notes = adapt_request(fields, image, settings.limits)
     try:
-        reservation = ctx.queue.reserve()
-    except QueueFull as exc:
-        raise ApiError(429, f"the server is busy: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
-    except Unavailable as exc:
-        raise ApiError(
-            503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
-        ) from None
-    with reservation:
-        fields, image = await read_video_request(request, settings.limits)
-        received = time.perf_counter()
-        model = served_model(settings, fields.pop("model", None))
-        strict = settings.strict_sizes
-        if fields.get(STRICT_FIELD) not in (None, ""):
-            strict = parse_bool(STRICT_FIELD, fields.pop(STRICT_FIELD))
-        fields.pop(STRICT_FIELD, None)
-        fields, image, notes = adapt_request(fields, image, settings.limits)
-        try:
-            # in a worker thread: decoding an image takes up to seconds, and the event loop serves
-            # /health and every other connection meanwhile (images.DECODE_SLOTS bounds the decodes)
-            params: GenerationParams = await asyncio.to_thread(
-                resolve_params,
-                fields,
-                info=settings.info,
-                defaults=settings.defaults,
-                limits=settings.limits,
-                image=image,
-                round_to_model=not strict,
-            )
-        except RequestError as exc:
-            raise ApiError(400, str(exc), exc.field) from None
-        if notes:
-            params = replace(params, warnings=(*params.warnings, *notes))
-        timings = {"Receive": (received - arrived) * 1000.0, "Validation": _ms(received)}
-        pending = PendingVideo(
-            id=ctx.videos.new_id(),
-            params=params,
-            created=int(time.time()),
-            detached=detached,
-            model=model,
-            seconds=seconds_as_sent(fields),
+        # in a worker thread: decoding an image takes up to seconds, and the event loop serves
+        # /health and every other connection meanwhile (images.DECODE_SLOTS bounds the decodes)
+        params: GenerationParams = await asyncio.to_thread(
+            resolve_params,
+            fields,
+            info=settings.info,
+            defaults=settings.defaults,
+            limits=settings.limits,
+            image=image,
+            round_to_model=not strict,
         )
-        ctx.track(pending)  # its record exists before the loop can take it
-        try:
-            reservation.submit(pending)
-        except Unavailable as exc:
-            ctx.untrack(pending.id)
-            raise ApiError(
-                503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
-            ) from None
+    except RequestError as exc:
+        raise ApiError(400, str(exc), exc.field) from None
+    if notes:
+        params = replace(params, warnings=(*params.warnings, *notes))
+    timings = {"Receive": (received - arrived) * 1000.0, "Validation": _ms(received)}
+    pending = PendingVideo(
+        id=ctx.videos.new_id(),
+        params=params,
+        created=int(time.time()),
+        detached=detached,
+        model=model,
+        seconds=seconds_as_sent(fields),
+    )
+    ctx.track(pending)  # its record exists before the loop can take it
+    try:
+        _admit(lambda: ctx.queue.submit(pending))
+    except ApiError:
+        ctx.untrack(pending.id)
+        raise
     if detached:
         return pending, None, timings
     try:
@@ -182,7 +175,7 @@ def served_model(settings: ServerSettings, name: Any) -> str:
     if name in (None, ""):
         return names[0]
     if not isinstance(name, str) or name not in names:
-        shown = repr(name) if isinstance(name, str) and len(name) <= 80 else "that name"
+        shown = quoted(name) if isinstance(name, str) else "that name"
         raise ApiError(400, f"model {shown} is not served here; this server serves {', '.join(names)}", "model")
     return name
 
@@ -196,6 +189,18 @@ def seconds_as_sent(fields: dict[str, Any]) -> str | None:
     if isinstance(value, str):
         return value.strip()[:32]
     return f"{value:g}" if isinstance(value, int | float) else None
+
+
+def _admit(step: Callable[[], object]) -> None:
+    """Run a queue step; QueueFull is 429 and Unavailable 503, both with Retry-After."""
+    try:
+        step()
+    except QueueFull as exc:
+        raise ApiError(429, f"the server is busy: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
+    except Unavailable as exc:
+        raise ApiError(
+            503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
+        ) from None
 
 
 async def _answer_or_disconnect(request: Request, pending: PendingVideo) -> VideoAnswer:
@@ -387,7 +392,8 @@ UNSERVED = "this server makes videos from a prompt (and an image) only; OpenAI's
 def _record(ctx: ServerContext, video_id: str) -> VideoRecord:
     record = ctx.videos.get(video_id)
     if record is None:
-        raise ApiError(404, f"no video {video_id!r} on this server (never made here, deleted or expired)", "video_id")
+        message = f"no video {quoted(video_id)} on this server (never made here, deleted or expired)"
+        raise ApiError(404, message, "video_id")
     return record
 
 
@@ -395,12 +401,12 @@ def _query_int(request: Request, name: str, default: int, low: int, high: int) -
     text = request.query_params.get(name)
     if text is None:
         return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ApiError(400, f"{name} must be an integer, got {text!r}", name) from None
+    if not (text.isascii() and text.isdigit()):  # int() would take "５", "1_0" and " 7"
+        raise ApiError(400, f"{name} must be a whole number in ASCII digits, got {quoted(text)}", name)
+    digits = text.lstrip("0") or "0"
+    value = int(digits) if len(digits) <= 9 else high + 1  # past any bound; never a 4300-digit int()
     if not low <= value <= high:
-        raise ApiError(400, f"{name} must be within {low}..{high}, got {value}", name)
+        raise ApiError(400, f"{name} must be within {low}..{high}, got {quoted(text)}", name)
     return value
 
 
@@ -439,7 +445,7 @@ async def list_videos(request: Request) -> JSONResponse:
     limit = _query_int(request, "limit", 20, 0, MAX_LIMIT)
     order = request.query_params.get("order", "desc").strip().lower()
     if order not in ("asc", "desc"):
-        raise ApiError(400, f"order must be 'asc' or 'desc', got {order[:40]!r}", "order")
+        raise ApiError(400, f"order must be 'asc' or 'desc', got {quoted(order)}", "order")
     after = request.query_params.get("after") or None
     try:
         records, has_more = ctx.videos.page(limit, after, order)
@@ -472,7 +478,7 @@ async def video_content(request: Request, video_id: str) -> FileResponse:
     if variant == "spritesheet":  # OpenAI's third variant: named, so a client learns it is not offered
         raise ApiError(400, "variant spritesheet is not offered by this server; ask for video or thumbnail", "variant")
     if variant not in VARIANTS:
-        raise ApiError(400, f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}", "variant")
+        raise ApiError(400, f"variant must be one of {', '.join(VARIANTS)}, got {quoted(variant)}", "variant")
     record = _record(ctx, video_id)
     if record.status == "failed":  # vllm-omni's status for it: the job exists, and will never have content
         raise ApiError(422, f"video {video_id} failed: it has no content; GET /v1/videos/{video_id} says why")
@@ -482,10 +488,13 @@ async def video_content(request: Request, video_id: str) -> FileResponse:
         path = await asyncio.to_thread(ctx.videos.thumbnail, video_id)  # ffmpeg: off the event loop
     else:
         path = ctx.videos.video_file(record)
-    if path is None or not path.is_file():
-        raise ApiError(404, f"video {video_id} was deleted or expired", "video_id")
     suffix = "mp4" if variant == "video" else "jpg"
-    return FileResponse(path, media_type=VARIANTS[variant], filename=f"{video_id}.{suffix}")
+    if path is not None:
+        try:  # opened now and sent from the open file: a DELETE meanwhile cannot cut the answer
+            return OpenedFileResponse(path, media_type=VARIANTS[variant], filename=f"{video_id}.{suffix}")
+        except FileNotFoundError:  # deleted or expired since
+            pass
+    raise ApiError(404, f"video {video_id} was deleted or expired", "video_id")
 
 
 @videos_router.delete(
@@ -500,5 +509,5 @@ async def delete_video(request: Request, video_id: str) -> JSONResponse:
         # (on every rank, by the step agreement) and its outcome finds no record to update
         ctx.queue.withdraw(pending, "deleted")
     if ctx.videos.delete(video_id) is None:
-        raise ApiError(404, f"no video {video_id!r} on this server (deleted meanwhile)", "video_id")
+        raise ApiError(404, f"no video {quoted(video_id)} on this server (deleted meanwhile)", "video_id")
     return JSONResponse(VideoDeleted(id=video_id).model_dump())
