@@ -86,7 +86,8 @@ MaxPromptCharsOpt = Annotated[int, typer.Option(help="Longest prompt (and negati
 MaxWorkOpt = Annotated[
     int,
     typer.Option(
-        help="Most transformer tokens x denoising steps per job (the default admits 1280x720x81 at 52 steps)."
+        help="Most work per job: estimated token-steps, attention and decoding counted (the default admits "
+        "A14B 1280x720x81 at 54 steps)."
     ),
 ]
 MaxImagePixelsOpt = Annotated[int, typer.Option(help="Most pixels of an input image, checked before decoding.")]
@@ -94,7 +95,7 @@ JobDeadlineOpt = Annotated[
     float,
     typer.Option(
         help="Seconds a job of --max-work may run; a job of work W gets this x max(W / max-work, 0.1), "
-        "then it is stopped at its next step and fails."
+        "then it is stopped at its next step or decoded chunk and fails."
     ),
 ]
 LoadFormatOpt = Annotated[
@@ -497,8 +498,8 @@ def generate(
     from wan_spmd.generate import GenerateFront
     from wan_spmd.jobs import Job
 
-    meta = {"frames_dir": str(frames_dir)} if frames_dir is not None else {}
-    code = _run(run.model, info, engine, lambda: GenerateFront(Job("generate", params, meta), output))
+    job = Job("generate", params, frames_dir=str(frames_dir) if frames_dir is not None else None)
+    code = _run(run.model, info, engine, lambda: GenerateFront(job, output))
     if code:
         raise CliExit("", code=code)
 
@@ -531,18 +532,16 @@ def batch(
 ) -> None:
     """Generate a video per JSONL line; rerun to resume, shard over many runs. Exit 1 if any line
     failed or the run was interrupted (SIGTERM/SIGINT: the line in flight is recorded, the rerun does it)."""
-    from wan_spmd.batch import check_args
+    from wan_spmd.batch import check_args, check_shared_outputs
 
     with user_errors():
         shard = check_args(requests, output_dir, shard_index, num_shards)
+        check_shared_outputs(requests, shard)
         info, layout = _model(run)
         defaults = generation_defaults(info, run.config)
         limits = _limits(run)
-        from wan_spmd.batch import first_shapes
-
-        # only when they would be used (compiled, no explicit shapes): it validates lines
-        auto = first_shapes(requests, info, defaults, limits, shard) if run.warmup_shapes is None else ()
-        engine = _engine_options(info, layout, run, auto_warmup=auto)
+        # the file's own warm-up shapes come from rank 0's front (it validates lines, reading images)
+        engine = _engine_options(info, layout, run)
     # rank 0 alone reads the file
     from wan_spmd.batch import BatchFront, BatchSource
 
@@ -686,8 +685,7 @@ def serve(
             sync_videos=sync_videos,
             strict_sizes=strict_sizes,
         )
-        # torch loads only once the arguments are known to be good
-        from wan_spmd.serve import ServeOptions, run_server
+        from wan_spmd.serve import ServeFront, ServeOptions
 
         options = ServeOptions(
             host=host,
@@ -701,10 +699,7 @@ def serve(
             job_ttl_s=job_ttl,
             job_lease_s=job_lease,
         )
-    _check_loras(info, engine)
-    _note_tiny(run.model)
-    with user_errors():
-        code = run_server(settings, options, engine)
+    code = _run(run.model, info, engine, lambda: ServeFront(settings, options))
     # main() ends the rank with finish_process, skipping interpreter finalisation under torchrun
     if code:
         raise CliExit("", code=code)

@@ -65,7 +65,8 @@ class EngineOptions:
     """(width, height, frames) of the throwaway requests run before the ranks agree they are ready;
     None: `auto_warmup_shapes` when the blocks are compiled, none otherwise."""
     auto_warmup_shapes: tuple[WarmupShape, ...] = ()
-    """The command's own choice: serve the preset's shape, generate its job's, batch its file's first two."""
+    """The command's own choice: serve the preset's shape, generate its job's (batch's come from its
+    front on rank 0, `Front.warmup_shapes`)."""
     vae_dtype: str = "fp32"
     loras: tuple[LoraSpec, ...] = ()
     """LoRA files fused into the experts' slices at load, before compile and warm-up."""
@@ -114,6 +115,10 @@ class Front(Protocol):
     def exit_code(self, jobs: int, signal_name: str | None) -> int:
         """The command's exit status after a clean stop (e.g. 1 if a job failed or was interrupted)."""
 
+    def warmup_shapes(self) -> tuple[WarmupShape, ...]:
+        """Shapes of the front's own work to warm up with when compiled (batch: its file's first two),
+        found on rank 0 alone (it may decode request images) and broadcast to the others."""
+
 
 Fault = Callable[[str, Job, int], None]
 """A test seam: called as fault(stage, job, rank) with stage "start", "step N" before each step's
@@ -129,12 +134,24 @@ class JobRunner:
         self.pipe = pipe
         self.rank = rank
         self.fault = fault
+        self.current: Job | None = None
+        """The job in hand (read by the shutdown watch's thread to say what a signal stops)."""
 
     def __call__(
-        self, job: Job, control: Callable[[int, int], bool], on_step: Callable[[int, int], None], output: Path | None
+        self, job: Job, control: Callable[..., bool], on_step: Callable[[int, int], None], output: Path | None
+    ) -> JobReport:
+        self.current = job
+        try:
+            return self._run(job, control, on_step, output)
+        finally:
+            self.current = None
+
+    def _run(
+        self, job: Job, control: Callable[..., bool], on_step: Callable[[int, int], None], output: Path | None
     ) -> JobReport:
         from wan_spmd.compiling import compiled_graphs
         from wan_spmd.deliver import deliver
+        from wan_spmd.pipeline import JobCancelled
         from wan_spmd.placement import reset_peak_memory
 
         fault, rank = self.fault, self.rank
@@ -144,16 +161,18 @@ class JobRunner:
             fault("start", job, rank)
             agreed = control
 
-            def control(step: int, total: int) -> bool:
-                fault(f"step {step}", job, rank)
-                return agreed(step, total)
+            def control(step: int, total: int, stage: str = "step") -> bool:
+                fault(f"{stage} {step}", job, rank)
+                return agreed(step, total, stage)
 
         state = self.pipe.generate_latents(job.params, control=control, on_step=on_step)
         if new_graphs := compiled_graphs() - graphs_before:
             # warm-up did not cover this shape (or the recompile limit was reached): say so
             log.warning("job %s paid for compiling %d new graph(s) (%s)", job.id, new_graphs, job.params.size)
             state.timer.ms["NewCompiledGraphs"] = float(new_graphs)
-        chunks = self.pipe.timed_decode(state)
+        # the stop is checked between decoded chunks too (agreed as the steps are): a deadline,
+        # DELETE or SIGTERM lands within one chunk, not after the whole decode
+        chunks = self.pipe.timed_decode(state, control=control)
         if output is None:  # not rank 0: take part in the decoder's collectives, keep nothing
             for _ in chunks:
                 pass
@@ -161,11 +180,14 @@ class JobRunner:
         try:
             if fault is not None:
                 fault("deliver", job, rank)
-            frames_dir = job.meta.get("frames_dir")
-            path, writer_ms = deliver(chunks, output, job.params, Path(frames_dir) if frames_dir else None)
-        except Exception:
+            frames_dir = Path(job.frames_dir) if job.frames_dir else None
+            path, writer_ms = deliver(chunks, output, job.params, frames_dir)
+        except JobCancelled:  # the agreed stop: every rank left the decode at the same chunk
+            raise
+        except Exception as exc:
             # a parallel decoder's other ranks are inside its collectives until the last chunk:
-            # finish the decode with them, then report the failure
+            # finish the decode with them (a stop agreed meanwhile ends it early), then report
+            log.warning("job %s: writing the video failed (%s: %s)", job.id, type(exc).__name__, exc)
             for _ in chunks:
                 pass
             raise
@@ -336,6 +358,7 @@ class _Engine:
         self.front = front
         self.fault = fault
         self.signal_name: str | None = None
+        self.runner: JobRunner | None = None
 
     def run(self, watch: ShutdownWatch) -> int:
         from wan_spmd.compiling import resolve_compile
@@ -368,8 +391,12 @@ class _Engine:
             # 4. Warm up together (compiles are paid here, not by the first request), agree, loop
             warm_s = 0.0
             shapes = self.options.warmup_shapes
-            if shapes is None:
-                shapes = self.options.auto_warmup_shapes if resolve_compile(self.options.compile, d.device) else ()
+            if shapes is None and resolve_compile(self.options.compile, d.device):
+                # rank 0's front adds its own (every rank joins the broadcast)
+                mine = self.front.warmup_shapes() if self.front is not None else None
+                theirs = ControlPlane(d).broadcast(mine, "the warm-up shapes")
+                shapes = tuple(dict.fromkeys((*self.options.auto_warmup_shapes, *theirs)))
+            shapes = shapes or ()
             if shapes:
                 try:
                     warm_s = warm_up(pipe, shapes)
@@ -384,7 +411,7 @@ class _Engine:
             report_resident(d, pipe, self.options.memory_plan)
             if self.front is not None:
                 self.front.ready(d.world_size, warm_s)
-            runner = JobRunner(pipe, d.rank, self.fault)
+            runner = self.runner = JobRunner(pipe, d.rank, self.fault)
             source = self.front.source if self.front is not None else None
             jobs = spmd_loop(d, runner, source, self.options.heartbeat_s)
             return self.front.exit_code(jobs, self.signal_name) if self.front is not None else 0
@@ -405,7 +432,11 @@ class _Engine:
         if self.front is None:
             log.warning("%s: waiting for rank 0 to stop the loop", name)
             return
-        log.info("%s: stopping at the running job's next step", name)
+        running = self.runner.current if self.runner is not None else None
+        if running is not None:
+            log.info("%s: stopping job %s at its next step or decoded chunk", name, running.id)
+        else:
+            log.info("%s: stopping (no job running)", name)
         self.front.on_signal(name)
 
     def on_expire(self, signal_name: str | None) -> None:

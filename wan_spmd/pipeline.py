@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import ftfy
@@ -53,12 +54,13 @@ MAX_SEQUENCE_LENGTH = 512  # UMT5 context; the experts' cross-attention always s
 
 
 class StepControl(Protocol):
-    """Called before each denoising step on every rank; returns False to stop the job.
+    """Called before each denoising step, and between decoded chunks (`stage` "decode"), on every
+    rank that runs the loop; returns False to stop the job.
 
-    The runtime's implementation agrees across ranks, so all ranks stop at the same step.
+    The runtime's implementation agrees across ranks, so all ranks stop at the same step or chunk.
     """
 
-    def __call__(self, step: int, total: int) -> bool: ...
+    def __call__(self, step: int, total: int, stage: str = "step") -> bool: ...
 
 
 class Expert(Protocol):
@@ -375,14 +377,26 @@ class WanVideoPipeline:
             return self.experts[0], params.guidance_scale
         return self.experts[1], params.guidance_scale_2  # low-noise stage
 
+    def decode_chunk_count(self, latents: torch.Tensor) -> int:
+        return -(-latents.shape[2] // self.decode_latent_frames)
+
+    def follow_decode(self, latents: torch.Tensor, control: StepControl | None) -> Iterator[torch.Tensor]:
+        """A rank that decodes nothing (rank 0 decodes alone) still joins every chunk's stop check."""
+        total = self.decode_chunk_count(latents)
+        for done in range(1, total):
+            if control is not None and not control(done, total, "decode"):
+                raise JobCancelled(f"stopped while decoding, after chunk {done} of {total}")
+        yield from ()
+
     @torch.inference_mode()
-    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_chunks(self, latents: torch.Tensor, control: StepControl | None = None) -> Iterator[torch.Tensor]:
         """Latents -> uint8 frames (f, H, W, 3) on the device, a few latent frames at a time.
 
         Wan's VAE decodes latent frame by latent frame with a causal cache (diffusers' `_decode`
         loop); we run the same loop and hand out each chunk as soon as it exists, so the mp4 writer
         encodes while the rest decodes. Element-wise post-processing per chunk gives the same bytes
-        as decoding the whole video at once.
+        as decoding the whole video at once. `control` is asked between chunks (not after the last),
+        so a stop lands within one chunk.
         """
         vae = self.c.vae
         latents = latents.to(vae.dtype)
@@ -405,6 +419,9 @@ class WanVideoPipeline:
                     # Made contiguous on the device: the GPU transposes in microseconds what the
                     # host (np.ascontiguousarray in the writer) took ~0.3 s per 720p chunk to do
                     yield (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8).contiguous()
+                    done, total = i // self.decode_latent_frames + 1, self.decode_chunk_count(latents)
+                    if control is not None and done < total and not control(done, total, "decode"):
+                        raise JobCancelled(f"stopped while decoding, after chunk {done} of {total}")
         finally:
             vae.clear_cache()
 
@@ -452,20 +469,27 @@ class WanVideoPipeline:
             )
         return Latents(params, latents, timer)
 
-    def decode_video(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_video(self, latents: torch.Tensor, control: StepControl | None = None) -> Iterator[torch.Tensor]:
         """The video's uint8 chunks on the delivering rank (split over the ranks by the `VaeSplit`,
-        or decoded there alone); other ranks take part and get nothing."""
+        or decoded there alone); other ranks take part and get nothing. `control` is asked between
+        chunks on every rank (a rank that decodes nothing still joins the checks)."""
+        decode = partial(self.decode_chunks, control=control)
+        follow = partial(self.follow_decode, control=control)
         if self.vae_split is not None:
-            yield from self.vae_split.decode(self.decode_chunks, latents)
+            yield from self.vae_split.decode(decode, latents, follow)
         elif self.is_main:
-            yield from self.decode_chunks(latents)
+            yield from decode(latents)
+        else:
+            yield from follow(latents)
 
-    def timed_decode(self, state: Latents, chunks: Iterator[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    def timed_decode(
+        self, state: Latents, chunks: Iterator[torch.Tensor] | None = None, control: StepControl | None = None
+    ) -> Iterator[torch.Tensor]:
         """Step 4: the decoded chunks (`decode_video`'s, or `chunks`), timed as Decoding;
         PipelineWall ends with the last one, and one log line gives the stages."""
         timer, params = state.timer, state.params
         timer.start("Decoding")
-        yield from self.decode_video(state.latents) if chunks is None else chunks
+        yield from self.decode_video(state.latents, control) if chunks is None else chunks
         timer.stop("Decoding")
         timer.stop("PipelineWall")
         log.info(

@@ -25,11 +25,17 @@ TORCH_FREE = (
     "wan_spmd.process",
     "wan_spmd.video",
     "wan_spmd.batch",
+    "wan_spmd.batch.lines",
+    "wan_spmd.batch.shards",
+    "wan_spmd.batch.results",
+    "wan_spmd.batch.runner",
     "wan_spmd.generate",
     "wan_spmd.serve",
     "wan_spmd.server.app",
     "wan_spmd.server.context",
     "wan_spmd.server.routes",
+    "wan_spmd.server.routes.videos",
+    "wan_spmd.server.routes.system",
     "wan_spmd.server.body",
     "wan_spmd.server.wire",
     "wan_spmd.server.queue",
@@ -38,7 +44,6 @@ TORCH_FREE = (
     "wan_spmd.server.http",
     "wan_spmd.server.options",
     "wan_spmd.server.videos",
-    "wan_spmd.server.job_routes",
 )
 
 

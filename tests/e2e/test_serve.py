@@ -78,11 +78,13 @@ def _start(
     uds: Path | None = None,
     headers: dict | None = None,
     torchrun: tuple[str, ...] = (),
+    entry: str = "wan_spmd",
     out: Path | None = None,
 ) -> Server:
+    """`torchrun -m ENTRY serve ...` (ENTRY: wan_spmd, or a test-only entry point such as tests.fault_serve)."""
     log, out = tmp / "serve.log", out or tmp / "videos"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *torchrun]
-    cmd += ["-m", "wan_spmd", "serve", "--model", "tiny", "--output-dir", str(out)]
+    cmd += ["-m", entry, "serve", "--model", "tiny", "--output-dir", str(out)]
     cmd += ["--max-upload-bytes", str(UPLOAD_LIMIT), "--max-queue", "4", *args]
     cmd += ["--uds", str(uds)] if uds else ["--port", "0"]
     with log.open("wb") as sink:
