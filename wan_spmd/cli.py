@@ -140,6 +140,20 @@ WarmupOpt = Annotated[
     ),
 ]
 VaeDtypeOpt = Annotated[str, typer.Option(help="VAE precision for encode and decode: fp32 or bf16.")]
+GpuMemoryOpt = Annotated[
+    str,
+    typer.Option(
+        help="GPU memory each card may use: GiB (e.g. 48), a fraction of the card (e.g. 0.9), or auto (all of it). "
+        "The placement (what stays on the card, what waits in host memory) is planned for it before loading."
+    ),
+]
+OffloadOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (the cheapest placement that fits --gpu-memory), none, text-encoder (to host memory between "
+        "prompts), or experts (also each expert on the card only while it runs)."
+    ),
+]
 PromptCacheOpt = Annotated[
     int, typer.Option(help="Prompt embeddings kept across requests (4 MiB each in bf16); 0 disables.")
 ]
@@ -236,6 +250,8 @@ class RunFlags:
     compile: bool | None
     warmup_shapes: str | None
     vae_dtype: str
+    gpu_memory: str
+    offload: str
     prompt_cache: int
     condition_cache: int
     vae_encode_reuse: bool
@@ -268,6 +284,8 @@ RUN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("compile", CompileOpt, None),
     ("warmup_shapes", WarmupOpt, None),
     ("vae_dtype", VaeDtypeOpt, "fp32"),
+    ("gpu_memory", GpuMemoryOpt, "auto"),
+    ("offload", OffloadOpt, "auto"),
     ("prompt_cache", PromptCacheOpt, 16),
     ("condition_cache", ConditionCacheOpt, 8),
     ("vae_encode_reuse", VaeEncodeReuseOpt, True),
@@ -368,6 +386,49 @@ def _engine_options(
         condition_cache=run.condition_cache,
         vae_encode_reuse=run.vae_encode_reuse,
         loras=parse_lora_specs(info, lora=run.lora, lora_high=run.lora_high, lora_low=run.lora_low),
+        memory_plan=_memory_plan(info, layout, run),
+    )
+
+
+def _card_bytes(device: str) -> int | None:
+    """This rank's GPU memory (torch loads here, after the other arguments passed); None on the CPU."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torchrun_env()[2] % torch.cuda.device_count()).total_memory
+
+
+def _memory_plan(info: ModelInfo, layout: ParallelLayout, run: RunFlags):
+    """The placement for --gpu-memory at the largest request planned for (the preset's shape within
+    the --max-* limits), decided before anything loads: a budget nothing fits is refused here with
+    the numbers. None on the CPU unless a budget or an offload was asked for."""
+    from wan_spmd.memory import NO_BUDGET, Request, parse_gpu_memory, plan_for
+    from wan_spmd.params import token_count
+
+    card = _card_bytes(run.device)
+    if card is None and run.gpu_memory == "auto" and run.offload == "auto":
+        return None
+    budget = NO_BUDGET if card is None and run.gpu_memory == "auto" else parse_gpu_memory(run.gpu_memory, card)
+    shape = preset_warmup_shape(generation_defaults(info, run.config)) or (run.max_width, run.max_height, 81)
+    width, height = min(shape[0], run.max_width), min(shape[1], run.max_height)
+    frames = min(shape[2], run.max_frames)
+    multiple = info.spatial_multiple
+    width, height = max(width // multiple * multiple, multiple), max(height // multiple * multiple, multiple)
+    tokens = min(token_count(info, width, height, frames), run.max_work)
+    request = Request(width, height, frames, tokens, info.family.conditioning == "channel_concat")
+    return plan_for(
+        info,
+        request,
+        budget,
+        tp=layout.tp,
+        ulysses=layout.ulysses,
+        world_size=layout.world_size,
+        quant=getattr(run, "quant", None) or "none",  # --quant, where the fp8 linears are offered
+        vae_dtype=run.vae_dtype,
+        offload=run.offload,
     )
 
 

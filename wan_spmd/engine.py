@@ -22,6 +22,7 @@ from wan_spmd.attention import AttentionFn
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
 from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
+from wan_spmd.memory import Plan
 from wan_spmd.runtime import (
     ControlPlane,
     ControlPlaneLost,
@@ -69,6 +70,9 @@ class EngineOptions:
     vae_dtype: str = "fp32"
     loras: tuple[LoraSpec, ...] = ()
     """LoRA files fused into the experts' slices at load, before compile and warm-up."""
+    memory_plan: Plan | None = None
+    """Where the weights live (memory.plan_for, decided before loading for --gpu-memory); None:
+    everything resident (the CPU without a budget)."""
     attention: str = "auto"
     """auto|sdpa|fa3|fa3-fp8 (`kernels.select_attention`): auto is FA3 bf16 where it runs (Hopper)."""
     quant: str = "none"
@@ -148,9 +152,11 @@ class JobRunner:
         from wan_spmd.compiling import compiled_graphs
         from wan_spmd.deliver import deliver
         from wan_spmd.pipeline import JobCancelled
+        from wan_spmd.placement import reset_peak_memory
 
         fault, rank = self.fault, self.rank
         graphs_before = compiled_graphs()
+        reset_peak_memory(self.pipe.device)  # this job's peak, not the warm-up's or the last job's
         if fault is not None:
             fault("start", job, rank)
             agreed = control
@@ -170,7 +176,7 @@ class JobRunner:
         if output is None:  # not rank 0: take part in the decoder's collectives, keep nothing
             for _ in chunks:
                 pass
-            return JobReport(timings_ms=state.timer.ms)
+            return JobReport(timings_ms=state.timer.ms, peak_memory=self._peak())
         try:
             if fault is not None:
                 fault("deliver", job, rank)
@@ -185,7 +191,12 @@ class JobRunner:
             for _ in chunks:
                 pass
             raise
-        return JobReport(path, {**state.timer.ms, **writer_ms})
+        return JobReport(path, {**state.timer.ms, **writer_ms}, peak_memory=self._peak())
+
+    def _peak(self):
+        from wan_spmd.placement import peak_memory
+
+        return peak_memory(self.pipe.device)
 
 
 def build_pipeline(
@@ -205,6 +216,7 @@ def build_pipeline(
     from wan_spmd.parallel import CfgParallel, build_mesh, parallelize
     from wan_spmd.parallel.vae import split_vae
     from wan_spmd.pipeline import WanVideoPipeline, serial_cfg
+    from wan_spmd.placement import make_placement
     from wan_spmd.tiny import quiet_hub_logging
     from wan_spmd.vae_reuse import reuse_encode_mode
 
@@ -239,6 +251,7 @@ def build_pipeline(
         kernel_line,
         options.quant + "".join(f" (expert {i + 1}: {line})" for i, line in enumerate(quant_lines)),
     )
+    plan = options.memory_plan
     # the VAE is whole on every rank: encode and decode split its rows over the world
     vae_split = split_vae(components.vae, d.world_size, d.rank)
     pipe = WanVideoPipeline(
@@ -250,6 +263,7 @@ def build_pipeline(
         experts=experts,
         vae_split=vae_split,
         is_main=d.is_main,
+        placement=make_placement(components, d.device, plan.placement) if plan is not None else None,
     )
     if options.vae_encode_reuse:  # the I2V condition's encode, split or not
         if vae_split is not None:
@@ -296,6 +310,21 @@ def warm_up(pipe: WanVideoPipeline, shapes: tuple[WarmupShape, ...]) -> float:
             pass
         log.info("warmed up %dx%dx%d", width, height, frames)
     return time.perf_counter() - start
+
+
+def report_resident(d: Dist, pipe: WanVideoPipeline, plan: Plan | None) -> None:
+    """At ready, rank 0 logs the memory plan and every rank's resident weights by component
+    (gathered on the control plane: other ranks log at WARNING only)."""
+    import os
+
+    from wan_spmd.placement import describe_resident, resident_weights
+
+    every = ControlPlane(d).gather_objects(resident_weights(pipe.c), "gathering resident weights")
+    if d.is_main:
+        if plan is not None:
+            log.info("%s", plan.describe(int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))))
+        for rank, weights in enumerate(every):
+            log.info("resident weights %s", describe_resident(rank, weights))
 
 
 def agree_all_ok(d: Dist, ok: bool) -> bool:
@@ -379,6 +408,7 @@ class _Engine:
                     if d.is_main:
                         log.error("not every rank warmed up; stopping")
                     return 1
+            report_resident(d, pipe, self.options.memory_plan)
             if self.front is not None:
                 self.front.ready(d.world_size, warm_s)
             runner = self.runner = JobRunner(pipe, d.rank, self.fault)

@@ -58,6 +58,8 @@ class OneJobSource(SourceBase):
         if outcome.job.frames_dir:
             print(f"wrote {params.num_frames} PNG frames to {outcome.job.frames_dir}")
         print(f"timings: {timings_line(outcome.timings_ms)}")
+        if outcome.peak_memory is not None:
+            print(f"memory: {outcome.peak_memory.describe()} (the maximum over ranks)")
         for warning in params.warnings:
             print(f"note: {warning}")
 

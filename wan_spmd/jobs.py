@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from wan_spmd.memory import PeakMemory
 from wan_spmd.params import GenerationParams
 
 StopKind = Literal["shutdown", "cancelled", "deadline"]
@@ -82,6 +83,8 @@ class Outcome:
     """What went wrong (failed), or where the job stopped (stopped: "cancelled at step 3 of 8")."""
     job_ms: float | None = None
     """Rank 0's wall time of the job inside the loop, from broadcast to outcome."""
+    peak_memory: PeakMemory | None = None
+    """The job's peak GPU memory, the maximum over ranks (None on the CPU, or unless ok)."""
 
     @property
     def ok(self) -> bool:

@@ -31,7 +31,7 @@ import html
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
@@ -120,6 +120,18 @@ def serial_cfg(
     return noise_uncond + guidance * (noise_pred - noise_uncond)
 
 
+class Placement(Protocol):
+    """Where the weights wait between their stages (placement.Offload): the text encoder is on the
+    device inside `encoding()`, expert `index` from `use_expert(index)` on, and `denoised()` says
+    the last step ran."""
+
+    def encoding(self) -> AbstractContextManager[None]: ...
+
+    def use_expert(self, index: int) -> None: ...
+
+    def denoised(self) -> None: ...
+
+
 class VaeSplit(Protocol):
     """The VAE's encode and decode split over the ranks (`parallel.vae.RowSplit`)."""
 
@@ -164,6 +176,7 @@ class WanVideoPipeline:
         experts: list[Expert] | None = None,
         vae_split: VaeSplit | None = None,
         is_main: bool = True,
+        placement: Placement | None = None,
     ) -> None:
         if len(components.experts) != info.family.experts:
             raise ValueError(f"{info.family.name} has {info.family.experts} expert(s), {len(components.experts)} given")
@@ -181,6 +194,8 @@ class WanVideoPipeline:
         """The VAE's encode and decode split over the ranks; None: this rank's VAE alone."""
         self.is_main = is_main
         """Whether this rank delivers the video (decodes it when the VAE is not split)."""
+        self.placement = placement
+        """Where the weights wait between their stages (placement.Offload); None: all resident."""
         self.decode_latent_frames = decode_latent_frames
         """Latent frames per decoded chunk (each is 4 video frames, the first 1)."""
         self.prompt_cache: LruCache[torch.Tensor] | None = None
@@ -334,6 +349,8 @@ class WanVideoPipeline:
             if control is not None and not control(i, total):
                 raise JobCancelled(f"cancelled at step {i} of {total}")
             model, guidance = self.expert_for(t, boundary_timestep, params)
+            if self.placement is not None:  # the expert switch: this step's expert on the device
+                self.placement.use_expert(0 if model is self.experts[0] else 1)
             model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
             if first_frame is not None:  # the model sees the image's latent as the first frame
                 model_input = (1 - mask) * first_frame + mask * latents
@@ -347,6 +364,8 @@ class WanVideoPipeline:
                 on_step(i + 1, total)
         if first_frame is not None:  # the scheduler stepped its own first frame; the image's is kept
             latents = (1 - mask) * first_frame + mask * latents
+        if self.placement is not None:
+            self.placement.denoised()
         return latents
 
     def expert_for(self, t: torch.Tensor, boundary_timestep: float | None, params: GenerationParams):
@@ -428,7 +447,7 @@ class WanVideoPipeline:
         do_cfg = params.guidance_scale > 1.0
         # 1. Encode prompts: the negative one only when CFG will run, and under CFG-parallel only
         #    the one this rank's branch needs (None for the other)
-        with timer("TextEncoding"):
+        with timer("TextEncoding"), self.placement.encoding() if self.placement is not None else nullcontext():
             wants_cond = not do_cfg or self.cfg_branch != "uncond"
             wants_uncond = do_cfg and self.cfg_branch != "cond"
             prompt_embeds = self.encode_prompt(params.prompt) if wants_cond else None

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from wan_spmd.jobs import Job, JobCancelled, JobSource, Outcome, StopLoop
+from wan_spmd.memory import PeakMemory
 from wan_spmd.process import torchrun_env
 
 log = logging.getLogger("wan_spmd")
@@ -228,6 +229,8 @@ class JobReport:
 
     video_path: Path | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    peak_memory: PeakMemory | None = None
+    """This rank's peak GPU memory during the job (None on the CPU: nothing to measure)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,15 +274,26 @@ class ControlPlane:
             self._call(what, lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group))
         return bool(flags[0]), bool(flags[1])
 
+    def max_peak_memory(self, peak: PeakMemory | None) -> PeakMemory | None:
+        """The job's peak GPU memory, the maximum over ranks (every rank calls this after a job that
+        every rank finished; None where no rank measured one: the CPU)."""
+        values = torch.tensor([-1.0, -1.0] if peak is None else [peak.allocated_mb, peak.reserved_mb])
+        if self.d.world_size > 1:
+            group = self.d.control_after_job
+            self._call("the peak-memory reduction", lambda: dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group))
+        allocated, reserved = values.tolist()
+        return None if reserved < 0 else PeakMemory(allocated, reserved)
+
     def gather_errors(self, error: str | None) -> list[str | None]:
         """Every rank's error text, on rank 0 (an empty list elsewhere)."""
+        return self.gather_objects(error, "gathering errors")
+
+    def gather_objects(self, obj: Any, what: str) -> list[Any]:
+        """Every rank's `obj` (small, picklable), on rank 0 (an empty list elsewhere)."""
         if self.d.world_size == 1:
-            return [error]
+            return [obj]
         out: list[Any] = [None] * self.d.world_size if self.d.is_main else []
-        self._call(
-            "gathering errors",
-            lambda: dist.gather_object(error, out if self.d.is_main else None, dst=0, group=self.d.control),
-        )
+        self._call(what, lambda: dist.gather_object(obj, out if self.d.is_main else None, dst=0, group=self.d.control))
         return out
 
 
@@ -349,7 +363,11 @@ def run_agreed(
         return Outcome.settle(job, stopped=True, error=error)
     any_failed = agreement.finish(local_failed)
     if not any_failed and report is not None:
-        return Outcome.settle(job, video_path=report.video_path, timings_ms=report.timings_ms)
+        outcome = Outcome.settle(job, video_path=report.video_path, timings_ms=report.timings_ms)
+        # every rank is here (the agreement said none failed); the CPU has no peak to reduce
+        if plane.d.device.type != "cpu":
+            outcome.peak_memory = plane.max_peak_memory(report.peak_memory)
+        return outcome
     errors = plane.gather_errors(error if local_failed else None)
     if not plane.d.is_main:
         return Outcome.settle(job, error=error or "failed on another rank")

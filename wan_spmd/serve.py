@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wan_spmd.jobs import Job, Outcome, SourceBase, StopLoop
+from wan_spmd.memory import PeakMemory
 from wan_spmd.server.http import HttpThread
 from wan_spmd.server.options import HttpOptions
 from wan_spmd.server.queue import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
@@ -48,12 +49,15 @@ class QueueJobSource(SourceBase):
         output_dir: Path,
         videos: VideoStore | None = None,
         observe: Callable[[dict[str, float]], None] | None = None,
+        observe_memory: Callable[[PeakMemory], None] | None = None,
     ) -> None:
         self.queue = queue
         self.output_dir = output_dir
         self.videos = videos if videos is not None else VideoStore(None, default_replica_name())
         self.observe = observe
         """Stage latencies of asynchronous jobs (a synchronous request's route reports its own)."""
+        self.observe_memory = observe_memory
+        """Every completed job's peak GPU memory (the /metrics gauges)."""
         self.stop_reason: str | None = None
         """Set (from a signal handler too) to stop: the running job is stopped, the queue closed."""
         self._running: dict[str, PendingVideo] = {}
@@ -123,11 +127,20 @@ class QueueJobSource(SourceBase):
             pending.resolve(error=JobFailed(error))
             return
         # the record first, so a waiting client that reads it finds the job completed
-        if self.videos.complete(pending.id, outcome.video_path, timings) and pending.detached:
-            log.info("video %s completed -> %s", pending.id, outcome.video_path.name)
-            if self.observe is not None:
-                self.observe(timings)
-        pending.resolve(VideoAnswer(mp4=mp4, path=str(outcome.video_path), timings_ms=timings))
+        peak = outcome.peak_memory
+        if self.videos.complete(pending.id, outcome.video_path, timings, peak.peak_memory_mb if peak else None):
+            if self.observe_memory is not None and peak is not None:
+                self.observe_memory(peak)
+            if pending.detached:
+                log.info(
+                    "video %s completed -> %s%s",
+                    pending.id,
+                    outcome.video_path.name,
+                    f"; {peak.describe()}" if peak else "",
+                )
+                if self.observe is not None:
+                    self.observe(timings)
+        pending.resolve(VideoAnswer(mp4=mp4, path=str(outcome.video_path), timings_ms=timings, peak_memory=peak))
 
     def close(self, reason: str) -> None:
         """Answer whatever is still waiting or running (the loop may have ended mid-job)."""
@@ -178,7 +191,9 @@ class ServeFront:
         )
         self.ctx = ServerContext(settings, JobQueue(options.max_queue), videos=videos)
         videos.on_remote_delete = self._deleted_elsewhere
-        self.source = QueueJobSource(self.ctx.queue, options.output_dir, videos, self.ctx.metrics.observe)
+        self.source = QueueJobSource(
+            self.ctx.queue, options.output_dir, videos, self.ctx.metrics.observe, self.ctx.metrics.observe_memory
+        )
         self.http = HttpThread(create_app(self.ctx), options.host, options.port, options.uds, options.http)
 
     def start(self) -> None:

@@ -162,6 +162,7 @@ def test_mixed_file_under_torchrun(tiny_i2v, tmp_path: Path):
         assert rec[n]["status"] == "failed" and message in rec[n]["error"], rec[n]
     assert rec[3]["id"] is None and rec[2]["id"] == "dog"
     assert set(rec[1]["timings_ms"]) >= {"Denoising", "Decoding", "PipelineWall"}
+    assert rec[1]["peak_memory_mb"] is None  # the CPU: no peak GPU memory, never a made-up one
     assert rec[2]["warnings"] == ["ignored unknown keys: extra"]
 
     assert rec[1]["output"] == f"{rec[1]['id']}.mp4" and rec[2]["output"] == "sub/dog.mp4"

@@ -162,6 +162,8 @@ class BatchSource(SourceBase):
             entry,
             "ok",
             timings_ms={k: round(v, 1) for k, v in outcome.timings_ms.items()},
+            # peak GPU memory (MiB, max over ranks); null on the CPU
+            **(outcome.peak_memory.fields() if outcome.peak_memory else {"peak_memory_mb": None}),
             job_s=round(elapsed, 3),
             seed=params.seed,
             size=params.size,

@@ -139,7 +139,7 @@ class VideoRecord:
     stage_durations: dict[str, float] = field(default_factory=dict)
     """The timings in seconds (vllm-omni's field and unit), once completed."""
     peak_memory_mb: float | None = None
-    """Not measured yet: null."""
+    """The job's peak GPU memory reserved, MiB, the maximum over ranks, once completed (null on the CPU)."""
     inference_time_s: float | None = None
     """Seconds from the loop starting the job to the mp4 in place, once completed."""
 
@@ -382,7 +382,9 @@ class VideoStore:
         if self._delete_requested(video_id):
             self._carry_out_delete(video_id)
 
-    def complete(self, video_id: str, video: Path, timings: dict[str, float]) -> bool:
+    def complete(
+        self, video_id: str, video: Path, timings: dict[str, float], peak_memory_mb: float | None = None
+    ) -> bool:
         """The mp4 is in place. False (and the file removed) if the job was deleted meanwhile."""
         with self._lock:
             record = self._records.get(video_id)
@@ -395,6 +397,7 @@ class VideoStore:
             record.stage_durations = {k: round(v / 1000.0, 4) for k, v in timings.items()}
             record.inference_time_s = round(inference_ms(timings) / 1000.0, 4)
             record.file_name = f"{record.id}.mp4"
+            record.peak_memory_mb = None if peak_memory_mb is None else round(peak_memory_mb, 1)
             self._finish(record)
             return True
 

@@ -249,7 +249,7 @@ def _done(request: Request, pending: PendingVideo, answer: VideoAnswer, timings:
     ctx.metrics.observe(timings)
     p = pending.params
     log.info(
-        "video %s %s %s x%d frames %d steps -> %s: %s",
+        "video %s %s %s x%d frames %d steps -> %s: %s%s",
         pending.id,
         request.url.path,
         p.size,
@@ -257,7 +257,15 @@ def _done(request: Request, pending: PendingVideo, answer: VideoAnswer, timings:
         p.num_inference_steps,
         answer.path,
         " ".join(f"{k}={v:.0f}ms" for k, v in timings.items()),
+        f"; {answer.peak_memory.describe()}" if answer.peak_memory else "",
     )
+
+
+def _memory_headers(answer: VideoAnswer) -> dict[str, str]:
+    """X-Peak-Memory-MB (vllm-omni's header): the job's peak GPU memory reserved, MiB, the maximum
+    over ranks; absent on the CPU, where there is nothing to measure."""
+    peak = answer.peak_memory
+    return {} if peak is None else {"X-Peak-Memory-MB": f"{peak.peak_memory_mb:.1f}"}
 
 
 def _server_timing(timings: dict[str, float]) -> str:
@@ -285,7 +293,7 @@ async def create_video(request: Request) -> JSONResponse:
     video = _video_object(ctx, pending, "completed")
     body = VideoResponse(**{**video, "timings": timings}, created=pending.created, data=[VideoData(b64_json=b64)])
     _done(request, pending, answer, timings)
-    return JSONResponse(body.model_dump(), headers=answer_headers(pending, timings))
+    return JSONResponse(body.model_dump(), headers=answer_headers(pending, timings, answer))
 
 
 def wants_async(headers: Headers, sync_videos: bool) -> bool:
@@ -326,14 +334,15 @@ def _id_headers(pending: PendingVideo) -> dict[str, str]:
     return headers
 
 
-def answer_headers(pending: PendingVideo, timings: dict[str, float]) -> dict[str, str]:
+def answer_headers(pending: PendingVideo, timings: dict[str, float], answer: VideoAnswer) -> dict[str, str]:
     """The headers of a synchronous answer, as vllm-omni's /v1/videos/sync sends them, plus ours:
-    X-Stage-Durations is a JSON object of seconds; X-Peak-Memory-MB is left out (not measured)."""
+    X-Stage-Durations is a JSON object of seconds; X-Peak-Memory-MB only where it was measured (a GPU)."""
     return {
         **_id_headers(pending),
         "X-Inference-Time-S": f"{inference_ms(timings) / 1000.0:.3f}",
         "X-Stage-Durations": json.dumps({k: round(v / 1000.0, 4) for k, v in timings.items()}, separators=(",", ":")),
         "Server-Timing": _server_timing(timings),
+        **_memory_headers(answer),
     }
 
 
@@ -361,7 +370,7 @@ async def create_video_sync(request: Request) -> Response:
     _done(request, pending, answer, timings)
     p = pending.params
     headers = {
-        **answer_headers(pending, timings),
+        **answer_headers(pending, timings, answer),
         "X-Video-Id": pending.id,
         "X-Num-Frames": str(p.num_frames),
         "X-Size": p.size,
