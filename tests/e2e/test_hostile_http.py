@@ -5,7 +5,8 @@ bound it must hold, measured from outside: bytes a client got to send, temp byte
 connections rank 0 holds (its descriptors joined with /proc/net), lines it logged.
 
 Two servers: `server` (TCP, no key, small limits) for most tests, and `keyed` (a Unix socket made
-while the umask is 0, the key in a file, a 256-descriptor ulimit) where a flag has to differ."""
+while the umask is 0, the key in a file, a 256-descriptor ulimit) where a flag has to differ; each
+is shared for the session with test_serve (its `tcp_server` and `uds_server`)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, cli_env
-from tests.e2e.test_serve import UPLOAD_LIMIT, Server, _form, _metric, _png, _start, _stop
+from tests.e2e.test_serve import API_KEY, UPLOAD_LIMIT, Server, _form, _metric, _png, _start
 from wan_spmd.params import Limits
 from wan_spmd.server.body import body_cap
 from wan_spmd.server.routes import FAULT_ENV
@@ -36,40 +37,41 @@ MAX_CONNECTIONS = 16
 HEADER_TIMEOUT_S = 2
 BODY_TIMEOUT_S = 4
 BUDGET = body_cap(Limits(max_upload_bytes=UPLOAD_LIMIT))  # every body's byte budget on these servers
-KEY = "k3y-from-a-file"
+KEY = API_KEY  # the keyed server is test_serve's Unix-socket server too
 FAULT_PROMPT = "fail unexpectedly (test)"
 ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[\w.-]+/")  # "/tmp/", "/work/..." in an answer's text
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
+def start_http(tmp: Path) -> Server:
+    """The session's TCP server (test_serve's `tcp_server` too): no key, small limits."""
     # the one unexpected exception left to provoke is injected (no client value reaches one any more)
     os.environ[FAULT_ENV] = FAULT_PROMPT
     try:
-        s = _start(
-            tmp_path_factory.mktemp("hostile"),
+        return _start(
+            tmp,
             *("--max-connections", str(MAX_CONNECTIONS), "--max-queue", "2"),
             *("--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S)),
         )
     finally:
         del os.environ[FAULT_ENV]
-    yield s
-    s.client.close()
-    _stop(s.proc)
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
+def server(servers, tiny_i2v) -> Server:
+    return servers.get("http", start_http)
+
+
+def start_keyed(tmp: Path) -> Server:
     """A Unix-socket server whose key comes from a file, started with umask 0 and `ulimit -n 256`
-    (both inherited from this process for the start only), and room for more connections than that."""
-    tmp = tmp_path_factory.mktemp("hostile-uds")
+    (both inherited from this process for the start only), and room for more connections than that.
+    test_serve's `uds_server` is the same one."""
     key_file = tmp / "key"
     key_file.write_text(KEY + "\n")
     umask = os.umask(0)
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, limits[1]))
     try:
-        s = _start(
+        return _start(
             tmp,
             *("--api-key-file", str(key_file), "--max-connections", "1000"),
             *("--header-timeout", str(HEADER_TIMEOUT_S)),
@@ -79,9 +81,11 @@ def keyed(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
         os.umask(umask)
-    yield s
-    s.client.close()
-    _stop(s.proc)
+
+
+@pytest.fixture(scope="module")
+def keyed(servers, tiny_i2v) -> Server:
+    return servers.get("keyed", start_keyed)
 
 
 # -- measuring from outside -----------------------------------------------------------------------

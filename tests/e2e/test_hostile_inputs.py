@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import EXAMPLE_IMAGE, run_cli
 from tests.e2e.test_batch import FAST, by_line, read_results
-from tests.e2e.test_serve import Server, _start, _stop
+from tests.e2e.test_serve import Server
 from tests.images_util import bomb_png, encode, gradient
 
 BAD_LINES = {
@@ -132,11 +132,11 @@ UPLOAD = 1024 * 1024  # --max-upload-bytes of this module's server: room for the
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
-    s = _start(tmp_path_factory.mktemp("hostile-values"), "--max-upload-bytes", str(UPLOAD), "--max-queue", "4")
-    yield s
-    s.client.close()
-    _stop(s.proc)
+def server(servers, tiny_i2v) -> Server:
+    """The session's keyed TCP server (test_video_jobs' `server`; its client sends the key)."""
+    from tests.e2e.test_video_jobs import start_jobs
+
+    return servers.get("jobs", start_jobs)
 
 
 def _vm_hwm_kib(pid: int) -> int:
