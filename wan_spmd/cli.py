@@ -525,9 +525,17 @@ def serve(
     replica_name: Annotated[
         str | None,
         typer.Option(
-            help="Put in every job id (video_NAME_...) so a balancer can route polls; default: the host name."
+            help="Put in every job id (video_NAME_...) so a balancer can route polls; default: the host name. "
+            "Replicas sharing --output-dir need different names."
         ),
     ] = None,
+    job_lease: Annotated[
+        float,
+        typer.Option(
+            help="Replicas sharing --output-dir: seconds without renewing its lease after which a replica is "
+            "taken for dead and the others fail its unfinished jobs."
+        ),
+    ] = 60.0,
 ) -> None:
     """Serve the model over HTTP (rank 0 answers; every rank runs each job)."""
     rank, world_size, _ = torchrun_env()
@@ -551,6 +559,8 @@ def serve(
         if job_ttl is not None and not job_ttl > 0:
             raise ValueError(f"--job-ttl must be a positive number of seconds, got {job_ttl:g}")
         replica_name = check_replica_name(replica_name) if replica_name is not None else default_replica_name()
+        if not job_lease > 0:
+            raise ValueError(f"--job-lease must be a positive number of seconds, got {job_lease:g}")
         defaults = generation_defaults(info, run.config)
         engine = _engine_options(info, layout, run, auto_warmup=(preset_warmup_shape(defaults),))
         limits = _limits(run, max_upload_bytes)
@@ -577,6 +587,7 @@ def serve(
             replica_name=replica_name,
             keep_jobs=keep_jobs,
             job_ttl_s=job_ttl,
+            job_lease_s=job_lease,
         )
     _check_loras(info, engine)
     _note_tiny(run.model)
@@ -646,7 +657,14 @@ def make_tiny_cmd(
     dest: Annotated[Path, typer.Argument(help="Folder to write.")],
     variant: Annotated[str, typer.Option(help="i2v, t2v or ti2v.")] = "i2v",
 ) -> None:
-    """Write a tiny random Wan2.2 checkpoint in the real diffusers layout (noise, not art)."""
+    """Write a tiny random Wan2.2 checkpoint in the real diffusers layout (noise, not art). The folder
+    must be new, empty, or a tiny checkpoint already (which is overwritten)."""
+    from wan_spmd.config import is_tiny_folder
+
+    if dest.exists() and not dest.is_dir():
+        raise CliExit(f"error: {dest} is a file, not a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not is_tiny_folder(dest):
+        raise CliExit(f"error: {dest} is not empty and holds no tiny checkpoint; give a new or empty folder")
     from wan_spmd.tiny import VARIANTS, make_tiny
 
     if variant not in VARIANTS:

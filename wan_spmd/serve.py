@@ -28,7 +28,7 @@ from wan_spmd.jobs import Job, Outcome, StopLoop
 from wan_spmd.server.http import HttpThread
 from wan_spmd.server.options import HttpOptions
 from wan_spmd.server.queue import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
-from wan_spmd.server.videos import VideoStore, default_replica_name
+from wan_spmd.server.videos import LEASE_S, VideoStore, default_replica_name
 
 if TYPE_CHECKING:
     from wan_spmd.engine import EngineOptions
@@ -160,6 +160,9 @@ class ServeOptions:
     """Finished jobs kept (records and files); the oldest finished goes first."""
     job_ttl_s: float | None = None
     """Seconds a finished job is kept; None: until --keep-jobs evicts it."""
+    job_lease_s: float = LEASE_S
+    """Replicas sharing --output-dir: a replica that has not renewed its lease for this long is
+    taken for dead and its unfinished jobs are failed by the others."""
 
 
 class ServeFront:
@@ -170,8 +173,11 @@ class ServeFront:
 
         self.settings = settings
         self.options = options
-        videos = VideoStore(options.output_dir, options.replica_name, options.keep_jobs, options.job_ttl_s)
+        videos = VideoStore(
+            options.output_dir, options.replica_name, options.keep_jobs, options.job_ttl_s, lease_s=options.job_lease_s
+        )
         self.ctx = ServerContext(settings, JobQueue(options.max_queue), videos=videos)
+        videos.on_remote_delete = self._deleted_elsewhere
         self.source = QueueJobSource(self.ctx.queue, options.output_dir, videos, self.ctx.metrics.observe)
         self.http = HttpThread(create_app(self.ctx), options.host, options.port, options.uds, options.http)
 
@@ -184,8 +190,16 @@ class ServeFront:
             raise ValueError(f"cannot read the job records under --output-dir: {exc}") from None
         if jobs:
             log.info("%d job(s) from earlier runs in %s", jobs, self.options.output_dir)
+        self.ctx.videos.keep_lease()
         address = self.http.start()
         log.info("listening on %s (503 on /health until %d rank(s) have loaded)", address, self.settings.world_size)
+
+    def _deleted_elsewhere(self, video_id: str) -> None:
+        """Another replica took a DELETE for one of our jobs: as our own DELETE route does, a queued
+        job leaves the queue, a running one stops at its next step."""
+        pending = self.ctx.live.get(video_id)
+        if pending is not None:
+            self.ctx.queue.withdraw(pending, "deleted")
 
     def ready(self, world_size: int, warmup_s: float) -> None:
         self.ctx.mark_ready()
@@ -208,11 +222,13 @@ class ServeFront:
         """Answer everything still waiting, stop HTTP (removing the socket)."""
         self.ctx.mark_stopping("failed" if lost else "stopping")
         self.source.close(LOST if lost else self.source.stop_reason or "the server is shutting down")
+        self.ctx.videos.close()
         self.http.stop()
 
     def on_expire(self, signal_name: str | None) -> None:
         self.ctx.mark_stopping("failed")
         self.source.abandon(self.source.stop_reason if signal_name and self.source.stop_reason else LOST)
+        self.ctx.videos.close()
         time.sleep(0.5)  # let the HTTP thread write those answers before the process ends
         self.http.remove_socket()
 

@@ -133,3 +133,23 @@ def test_ti2v_bad_size_or_frames_exit_2_with_one_line(cache_home, tiny_ti2v, ext
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_make_tiny_refuses_a_folder_holding_other_files(tiny_i2v, tmp_path):
+    """`make-tiny` into a folder with other files (or onto a file) exits 2 with one line and leaves
+    them as they were; into a tiny checkpoint it writes again. If this fails, a mistyped path
+    silently mixes random weights into a real model folder."""
+    import shutil
+
+    precious = tmp_path / "weights"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    for dest in (precious, precious / "notes.txt"):
+        proc = run_cli(["make-tiny", str(dest)])
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "error:" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"] and (precious / "notes.txt").read_text() == "mine"
+    again = tmp_path / "tiny"
+    shutil.copytree(tiny_i2v, again)
+    proc = run_cli(["make-tiny", str(again)])
+    assert proc.returncode == 0, proc.stderr

@@ -126,7 +126,7 @@ def test_create_and_poll_download_and_thumbnail(server, tmp_path):
     assert (picture.format, picture.size) == ("JPEG", (64, 48))
     with pytest.raises(openai.BadRequestError) as bad:
         sdk.videos.download_content(video.id, variant="spritesheet")
-    assert bad.value.body["param"] == "variant"
+    assert bad.value.body["param"] == "variant" and "spritesheet is not offered" in bad.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         sdk.videos.retrieve("video_r1_000000000000000000000000")
 

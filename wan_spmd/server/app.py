@@ -168,6 +168,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
         title="wan_spmd",
         version="0.1.0",
         summary="Wan2.2 video generation served by one torchrun SPMD program.",
+        # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, a blank page offline.
+        # /openapi.json stays, for any OpenAPI viewer or client generator.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.ctx = ctx
     app.include_router(videos_router)

@@ -2,7 +2,8 @@
 
     GET /v1/videos                 list (limit, after, order)
     GET /v1/videos/{id}            the video object: status, progress, error
-    GET /v1/videos/{id}/content    variant=video (mp4, the default) or thumbnail (JPEG of the first frame)
+    GET /v1/videos/{id}/content    variant=video (mp4, the default) or thumbnail (JPEG of the first frame);
+                                   OpenAI's spritesheet is a 400 saying it is not offered
     DELETE /v1/videos/{id}         a queued job never runs, a running one stops at its next step,
                                    a finished one's files go; the id is unknown afterwards
 
@@ -33,7 +34,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in (
         (400, "A query parameter is invalid (error.param names it)."),
         (401, "Missing or wrong API key."),
-        (404, "No such video here (never made on this replica, deleted or expired), or no content yet."),
+        (404, "No such video (never made, deleted or expired), or no content yet."),
     )
 }
 UNSERVED = "this server makes videos from a prompt (and an image) only; OpenAI's {what} is not served here"
@@ -85,7 +86,12 @@ async def characters(request: Request) -> None:
     raise ApiError(404, UNSERVED.format(what="characters API"))
 
 
-@jobs_router.get("/v1/videos", response_model=VideoList, responses=ERRORS, summary="List this replica's videos")
+@jobs_router.get(
+    "/v1/videos",
+    response_model=VideoList,
+    responses=ERRORS,
+    summary="List the videos (of every replica sharing the job store)",
+)
 async def list_videos(request: Request) -> JSONResponse:
     """Newest first by default (`order=asc` for oldest first); `after` is the last id of the previous page."""
     ctx = _ctx(request)
@@ -122,6 +128,8 @@ async def retrieve_video(request: Request, video_id: str) -> JSONResponse:
 async def video_content(request: Request, video_id: str) -> FileResponse:
     ctx = _ctx(request)
     variant = request.query_params.get("variant", "video")
+    if variant == "spritesheet":  # OpenAI's third variant: named, so a client learns it is not offered
+        raise ApiError(400, "variant spritesheet is not offered by this server; ask for video or thumbnail", "variant")
     if variant not in VARIANTS:
         raise ApiError(400, f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}", "variant")
     record = _record(ctx, video_id)

@@ -47,7 +47,7 @@ class VideoData(BaseModel):
 class VideoError(BaseModel):
     code: str = Field(
         description='"cancelled" (deleted, shutdown, a synchronous client gone), "server_restarted", '
-        'or "generation_failed".'
+        '"replica_lost" (its replica stopped renewing its lease on the shared job store), or "generation_failed".'
     )
     message: str
 
