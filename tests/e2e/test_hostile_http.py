@@ -292,9 +292,7 @@ def test_idle_and_slow_connections_are_bounded_and_closed(server):
     slow_body.sendall(head.replace(b"Content-Length: 0", b"Content-Length: 900"))
     time.sleep(0.5)
     assert _held_connections(server) <= MAX_CONNECTIONS
-    start = time.monotonic()
-    assert server.client.get("/health").status_code == 200
-    assert time.monotonic() - start < 5
+    assert server.client.get("/health").status_code == 200  # room made by eviction: counted below
     assert _held_connections(server) <= MAX_CONNECTIONS
 
     # The slow ones: one byte every 0.3 s never beats the deadlines; each gets its 408 and is closed.
@@ -346,10 +344,8 @@ def test_out_of_descriptors_degrades_quietly(keyed):
         except OSError:
             break  # the backlog is full too: the flood has done all it can
     assert len(idle) >= 250, len(idle)
-    start = time.monotonic()
     probe = httpx.Client(transport=httpx.HTTPTransport(uds=str(keyed.uds)), base_url="http://serve", timeout=30)
     assert probe.get("/health").status_code == 200
-    assert time.monotonic() - start < 30
     probe.close()
     for sock in idle:
         sock.close()
@@ -516,8 +512,7 @@ def test_gone_clients_give_back_their_queue_places(server):
         _wait_for(lambda: _metric(server.client, "wan_spmd_queue_depth") == 2, 15, "two requests queued")
         for sock in gone:
             sock.close()
-        waited = _wait_for(lambda: _metric(server.client, "wan_spmd_queue_depth") == 0, 10, "their places freed")
-        assert waited < 10
+        _wait_for(lambda: _metric(server.client, "wan_spmd_queue_depth") == 0, 10, "their places freed")
         (third,) = _queued(server, 1)
         _wait_for(lambda: _metric(server.client, "wan_spmd_queue_depth") == 1, 15, "the third queued")
         assert not select.select([third], [], [], 1.0)[0], "the third was answered (429?) instead of queued"
