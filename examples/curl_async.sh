@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Image-to-video as an asynchronous job with curl: create it (`Prefer: respond-async` gets the queued
-# job at once), poll GET /v1/videos/{id} until it is completed or failed, then download its content.
+# Image-to-video as an asynchronous job with curl, as OpenAI's and vllm-omni's APIs work: create it
+# (POST /v1/videos answers the queued job at once; `Prefer: respond-async` keeps it so on a server
+# started with --sync-videos too), poll GET /v1/videos/{id} until it is completed or failed, then
+# download its content.
 # Start a server first (see curl_client.sh), then:  examples/curl_async.sh [image] [out.mp4]
 # Environment: BASE_URL (default http://localhost:8000), API_KEY (when the server runs with --api-key),
 # SIZE (default: the model's own, from the image's aspect) and NUM_INFERENCE_STEPS (default: the

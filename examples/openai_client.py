@@ -9,7 +9,8 @@ SIZE (default: the model's own, from the image's aspect), SECONDS (default 4), N
 
 The SDK's types list Sora's sizes and seconds only ("720x1280", ..., "4", "8", "12"): other sizes and
 our own fields (num_inference_steps, seed, ...) go in `extra_body`, which the SDK sends as form fields.
-The SDK's requests carry X-Stainless-* headers, so the server answers `create` with a queued job at once.
+`create` answers a queued job at once (as OpenAI's API does, for every client); `create_and_poll` then
+polls it, so a job longer than any client timeout is never lost or started twice.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main() -> int:
         print(f"video {video.id} {video.status}: {video.error.message if video.error else ''}", file=sys.stderr)
         return 1
     client.videos.download_content(video.id).write_to_file(out)
-    print(f"wrote {out} ({video.id}, {video.size}, {video.seconds} s)")
+    print(f"wrote {out} ({video.id}, {video.size}, {video.model_extra.get('duration_s', video.seconds)} s)")
     return 0
 
 

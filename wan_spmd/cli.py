@@ -494,7 +494,12 @@ def serve(
     api_key_file: Annotated[
         Path | None, typer.Option(help="Read the API key from this file (its first line), out of sight of ps.")
     ] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="Name in /v1/models (default: --model).")] = None,
+    served_model_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Name in /v1/models (default: --model); give it again for more names (aliases) a request may use."
+        ),
+    ] = None,
     max_upload_bytes: Annotated[int, typer.Option(help="Largest image upload; 413 beyond.")] = Limits.max_upload_bytes,
     max_connections: Annotated[
         int, typer.Option(help="HTTP connections held at once; when full, the one idle longest is closed.")
@@ -508,11 +513,20 @@ def serve(
     uds_mode: Annotated[
         str, typer.Option(help="Octal permissions of the --uds socket file, e.g. 660 to let a group connect.")
     ] = "600",
-    async_videos: Annotated[
+    sync_videos: Annotated[
         bool,
         typer.Option(
-            help="POST /v1/videos answers a queued job at once for every client (without it: for `Prefer: "
-            "respond-async` and the OpenAI SDK; others wait for the video)."
+            help="POST /v1/videos from a plain client waits and answers the mp4 as base64 (vllm-omni's earlier API); "
+            "the OpenAI SDK and `Prefer: respond-async` still get a queued job. Default: every client gets one."
+        ),
+    ] = False,
+    async_videos: Annotated[
+        bool, typer.Option(help="Deprecated, does nothing: POST /v1/videos is asynchronous by default.")
+    ] = False,
+    strict_sizes: Annotated[
+        bool,
+        typer.Option(
+            help="A size not a multiple of the model's, or frames not 4k+1, is a 400 (default: rounded and reported)."
         ),
     ] = False,
     keep_jobs: Annotated[
@@ -544,6 +558,12 @@ def serve(
         from wan_spmd.server.videos import check_replica_name, default_replica_name
 
         api_key = _api_key(api_key, api_key_file)
+        if async_videos and rank == 0:
+            print(
+                "warning: --async-videos is deprecated and does nothing: POST /v1/videos is asynchronous by default "
+                "(--sync-videos restores the synchronous answer)",
+                file=sys.stderr,
+            )
         http = _http_options(max_connections, header_timeout, body_timeout, uds_mode)
         if uds is not None:
             _check_uds_free(Path(uds).expanduser())
@@ -567,12 +587,14 @@ def serve(
         settings = ServerSettings(
             info=info,
             defaults=defaults,
-            served_model_name=served_model_name or run.model,
+            served_model_name=(served_model_name or [run.model])[0],
+            model_aliases=tuple(served_model_name or ())[1:],
             limits=limits,
             api_key=api_key,
             world_size=world_size,
             loras=tuple(spec.card() for spec in engine.loras),
-            async_videos=async_videos,
+            sync_videos=sync_videos,
+            strict_sizes=strict_sizes,
         )
         # torch loads only once the arguments are known to be good
         from wan_spmd.serve import ServeOptions, run_server

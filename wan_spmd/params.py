@@ -148,6 +148,8 @@ class GenerationParams:
     """Transformer tokens x denoising steps: what `Limits.max_work` bounds."""
     deadline_s: float | None = None
     """Seconds the job may run once started (Limits.deadline_s of its work); None: no deadline."""
+    adjusted: tuple[tuple[str, str, str], ...] = ()
+    """(field, requested, used) for each value rounded to what the model takes (lenient fronts only)."""
 
     @property
     def size(self) -> str:
@@ -250,6 +252,39 @@ def read_image_file(path: str | Path, field: str = "image", max_bytes: int = Lim
         raise RequestError(f"cannot read {field} {_shown(str(path), 120)}: {exc}", field) from None
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """The largest frame and frame count one model can take under the flags' limits."""
+
+    max_width: int
+    max_height: int
+    max_frames: int
+    multiple: int
+    """Width and height are multiples of this."""
+
+
+def model_limits(info: ModelInfo, limits: Limits = Limits()) -> ModelLimits:
+    """The flags' limits, lowered to what the model's rotary table covers: diffusers' Wan transformer
+    precomputes `rope_max_seq_len` positions per axis (latent frames, rows, columns after the patch),
+    so a larger grid fails inside the first forward (the tiny model's 32 positions: 512 px, 125 frames)."""
+    positions = int(info.transformer_config.get("rope_max_seq_len", 1024))
+    multiple = info.spatial_multiple
+    frames = (positions - 1) * info.family.vae_stride_temporal + 1
+    return ModelLimits(
+        max_width=min(limits.max_width, positions * multiple),
+        max_height=min(limits.max_height, positions * multiple),
+        max_frames=min(limits.max_frames, frames),
+        multiple=multiple,
+    )
+
+
+def _over_limit(value: int, limit: int, flag_limit: int, flag: str) -> str:
+    """Which limit a value ran into, for the error: the flag's, or the model's own (its rotary table)."""
+    if value > flag_limit:
+        return f"over the limit {flag_limit} ({flag})"
+    return f"over this model's limit {limit} (its rotary position table is that short)"
+
+
 def token_count(info: ModelInfo, width: int, height: int, num_frames: int) -> int:
     """Transformer tokens of one video: latent frames x latent rows x latent columns, after the patch."""
     family = info.family
@@ -297,14 +332,20 @@ def resolve_params(
     limits: Limits = Limits(),
     image: bytes | None = None,
     image_field: str = "input_reference",
+    round_to_model: bool = False,
 ) -> GenerationParams:
     """Validate one request against the limits and the model, filling in defaults.
 
     Explicit values the model cannot take are errors; derived values (frames from seconds x fps,
     I2V size from the image) are rounded and reported in `warnings`. `image_field` is what the
     front calls the image in its errors (`input_reference` over HTTP, `image` in the CLI and JSONL).
+    `round_to_model` (the HTTP front, unless strict): an explicit size or frame count the model cannot
+    take is rounded as diffusers rounds (each side down to the model's multiple; frames to
+    `n // 4 * 4 + 1`), reported in `warnings` and `adjusted`, instead of refused.
     """
     warnings: list[str] = []
+    adjusted: list[tuple[str, str, str]] = []
+    bounds = model_limits(info, limits)
     unknown = [k for k in request if k not in PARAM_KEYS and k not in FRONT_KEYS]
     if unknown:
         # bounded: a body may carry a million keys, and the warning goes into the answer and the log
@@ -369,11 +410,19 @@ def resolve_params(
         size_field = "size"
     else:
         raise RequestError("size is required (e.g. 1280x720)", "size")
-    for value, dim, limit in ((width, "width", limits.max_width), (height, "height", limits.max_height)):
+    if round_to_model and (width % multiple or height % multiple) and width >= multiple and height >= multiple:
+        used = (width // multiple * multiple, height // multiple * multiple)
+        adjusted.append((size_field if size_field == "size" else "width", f"{width}x{height}", f"{used[0]}x{used[1]}"))
+        warnings.append(f"size {width}x{height} rounded down to {used[0]}x{used[1]} (multiples of {multiple})")
+        width, height = used
+    for value, dim, limit, flag_limit in (
+        (width, "width", bounds.max_width, limits.max_width),
+        (height, "height", bounds.max_height, limits.max_height),
+    ):
         if value < multiple or value % multiple:
             raise RequestError(f"{dim} {value} must be a positive multiple of {multiple}", size_field)
         if value > limit:
-            raise RequestError(f"{dim} {value} is over the limit {limit}", size_field)
+            raise RequestError(f"{dim} {value} is {_over_limit(value, limit, flag_limit, '--max-' + dim)}", size_field)
 
     # 4. Frames: num_frames wins over seconds x fps
     fps = _as_int("fps", pick("fps") if pick("fps") is not None else 16)
@@ -381,6 +430,11 @@ def resolve_params(
         raise RequestError(f"fps {fps} must be between 1 and {limits.max_fps}", "fps")
     if "num_frames" in req or "seconds" not in req:
         num_frames = _as_int("num_frames", pick("num_frames"))
+        if round_to_model and num_frames >= 1 and num_frames % 4 != 1:
+            used_frames = derive_num_frames(num_frames, 1)
+            adjusted.append(("num_frames", str(num_frames), str(used_frames)))
+            warnings.append(f"num_frames {num_frames} rounded to {used_frames} (4k+1, as diffusers rounds)")
+            num_frames = used_frames
         if num_frames < 1 or num_frames % 4 != 1:
             raise RequestError(f"num_frames {num_frames} must be 4k+1 (e.g. 81, 121)", "num_frames")
         frames_field = "num_frames"
@@ -391,8 +445,9 @@ def resolve_params(
         num_frames = derive_num_frames(seconds, fps)
         frames_field = "seconds"
         warnings.append(f"num_frames {num_frames} from {seconds:g} s x {fps} fps (rounded to 4k+1)")
-    if num_frames > limits.max_frames:
-        raise RequestError(f"num_frames {num_frames} is over the limit {limits.max_frames}", frames_field)
+    if num_frames > bounds.max_frames:
+        where = _over_limit(num_frames, bounds.max_frames, limits.max_frames, "--max-frames")
+        raise RequestError(f"num_frames {num_frames} is {where}", frames_field)
 
     # 5. Sampling
     steps = _as_int("num_inference_steps", pick("num_inference_steps"))
@@ -452,6 +507,7 @@ def resolve_params(
         seed=seed,
         scheduler=scheduler,
         warnings=tuple(warnings),
+        adjusted=tuple(adjusted),
         work=work,
         deadline_s=limits.deadline_s(work),
     )

@@ -5,8 +5,8 @@ bound it must hold, measured from outside: bytes a client got to send, temp byte
 connections rank 0 holds (its descriptors joined with /proc/net), lines it logged.
 
 Two servers: `server` (TCP, no key, small limits) for most tests, and `keyed` (a Unix socket made
-while the umask is 0, the key in a file, a 256-descriptor ulimit) where a flag has to differ; each
-is shared for the session with test_serve (its `tcp_server` and `uds_server`)."""
+while the umask is 0, the key in a file, a 256-descriptor ulimit) where a flag has to differ; the
+first is shared for the session with test_serve (its `tcp_server`) and test_readme."""
 
 from __future__ import annotations
 
@@ -28,16 +28,17 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, cli_env
-from tests.e2e.test_serve import API_KEY, UPLOAD_LIMIT, Server, _form, _metric, _png, _start
+from tests.e2e.test_serve import UPLOAD_LIMIT, Server, _form, _metric, _png, _start
 from wan_spmd.params import Limits
 from wan_spmd.server.body import body_cap
+from wan_spmd.server.errors import KINDS
 from wan_spmd.server.routes import FAULT_ENV
 
 MAX_CONNECTIONS = 16
 HEADER_TIMEOUT_S = 2
 BODY_TIMEOUT_S = 4
 BUDGET = body_cap(Limits(max_upload_bytes=UPLOAD_LIMIT))  # every body's byte budget on these servers
-KEY = API_KEY  # the keyed server is test_serve's Unix-socket server too
+KEY = "k3y-from-a-file"
 FAULT_PROMPT = "fail unexpectedly (test)"
 ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[\w.-]+/")  # "/tmp/", "/work/..." in an answer's text
 
@@ -63,8 +64,7 @@ def server(servers, tiny_i2v) -> Server:
 
 def start_keyed(tmp: Path) -> Server:
     """A Unix-socket server whose key comes from a file, started with umask 0 and `ulimit -n 256`
-    (both inherited from this process for the start only), and room for more connections than that.
-    test_serve's `uds_server` is the same one."""
+    (both inherited from this process for the start only), and room for more connections than that."""
     key_file = tmp / "key"
     key_file.write_text(KEY + "\n")
     umask = os.umask(0)
@@ -166,7 +166,7 @@ def _error(status: int, headers: dict[str, str], body: bytes) -> dict:
     """The API's error shape, checked: JSON `{"error": {message, type, param, code}}` with the status."""
     assert headers["content-type"].startswith("application/json"), (status, headers, body[:200])
     error = json.loads(body)["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status and error["message"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == KINDS[status][1] and error["message"]
     assert not ABSOLUTE_PATH.search(error["message"]), error["message"]
     return error
 

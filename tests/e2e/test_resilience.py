@@ -145,8 +145,8 @@ def test_overload_gets_429_and_the_admitted_finish(steady):
 
 def _post_and_hang_up(server: Server, steps: int, after_s: float) -> None:
     """A raw HTTP client that sends a whole request, then closes its socket without reading."""
-    request = httpx.Request("POST", "http://serve/v1/videos", data=_form(steps), files=_files())
-    head = "POST /v1/videos HTTP/1.1\r\nHost: serve\r\n"
+    request = httpx.Request("POST", "http://serve/v1/videos/sync", data=_form(steps), files=_files())
+    head = "POST /v1/videos/sync HTTP/1.1\r\nHost: serve\r\n"  # a synchronous request: its client waits
     head += "".join(f"{k}: {v}\r\n" for k, v in request.headers.items() if k.lower() != "host")
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(str(server.uds))
@@ -160,14 +160,14 @@ def test_client_that_hangs_up_cancels_its_job(steady):
     disconnected, and the next request succeeds. If this fails, abandoned requests keep the GPUs
     busy (or break the loop)."""
     c = steady.client
-    gone = _metric(c, "wan_spmd_requests_total", endpoint="/v1/videos", outcome="disconnected")
+    gone = _metric(c, "wan_spmd_requests_total", endpoint="/v1/videos/sync", outcome="disconnected")
     videos = set(steady.output_dir.glob("*.mp4"))
     _post_and_hang_up(steady, steps=40, after_s=1.5)
     r = c.post("/v1/videos/sync", data=_form(2), files=_files())  # waits behind the cancelled job
     assert r.status_code == 200, r.text
     found = re.search(r"cancelled at step (\d+) of 40: the client went away", steady.log_text())
     assert found and 0 < int(found.group(1)) < 40, steady.log_text()
-    assert _metric(c, "wan_spmd_requests_total", endpoint="/v1/videos", outcome="disconnected") == gone + 1
+    assert _metric(c, "wan_spmd_requests_total", endpoint="/v1/videos/sync", outcome="disconnected") == gone + 1
     assert len(set(steady.output_dir.glob("*.mp4")) - videos) == 1  # only the later request's
 
 

@@ -26,7 +26,9 @@ def _files() -> dict:
 @pytest.fixture
 def ctx(tiny_i2v) -> ServerContext:
     info = inspect_model_folder(tiny_i2v)
-    settings = ServerSettings(info=info, defaults=generation_defaults(info), served_model_name="tiny", limits=Limits())
+    settings = ServerSettings(
+        info=info, defaults=generation_defaults(info), served_model_name="tiny", limits=Limits(), sync_videos=True
+    )  # the synchronous answer's shape is what these tests read
     return ServerContext(settings, JobQueue(max_size=1))
 
 
@@ -57,7 +59,7 @@ def test_health_and_videos_are_503_until_ready(ctx, client):
     are refused with 503 + Retry-After rather than queued behind a load that may fail."""
     assert client.get("/health").status_code == 503
     r = client.post("/v1/videos", data=FORM, files=_files())
-    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == 503
+    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["code"] == "unavailable"
     ctx.mark_ready()
     assert client.get("/health").json() == {"status": "ok", "ranks": 1}
 
@@ -170,7 +172,7 @@ def test_without_key_only_own_host_and_origin_come_in(ctx, server, host, origin,
 def test_ti2v_server_names_its_family_and_takes_a_prompt_alone():
     """A TI2V-5B server lists its family in /v1/models (its folder's pipeline class, `WanPipeline`,
     is T2V-A14B's too), admits a request with no image (text-to-video) and refuses 1280x720 (not a
-    multiple of 32) with a 400 naming `size`."""
+    multiple of 32) with a 400 naming `size` when strict, else rounds it down to 1280x704 and says so."""
     from wan_spmd.config import REAL_MODELS
 
     info = REAL_MODELS["wan2.2-ti2v-5b"]
@@ -182,12 +184,15 @@ def test_ti2v_server_names_its_family_and_takes_a_prompt_alone():
     with TestClient(create_app(ctx)) as client:
         (card,) = client.get("/v1/models").json()["data"]
         assert (card["id"], card["family"], card["pipeline"]) == ("ti2v", "wan2.2-ti2v-5b", "WanPipeline")
-        r = client.post("/v1/videos/sync", data={**FORM, "size": "1280x720"})
+        r = client.post("/v1/videos/sync", data={**FORM, "size": "1280x720", "strict": "true"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "size", r.text
         assert "multiple of 32" in r.json()["error"]["message"]
+        r = client.post("/v1/videos/sync", data={**FORM, "size": "1280x720", "num_frames": "8"})
+        assert r.status_code == 200 and r.headers["x-adjusted"] == "size=1280x720->1280x704, num_frames=8->9", r.text
         r = client.post("/v1/videos/sync", data={**FORM, "size": "64x32"})
         assert r.status_code == 200 and r.content == mp4, r.text
     ctx.queue.close("test over")
-    (job,) = loop.seen
+    rounded, job = loop.seen
+    assert (rounded.params.size, rounded.params.num_frames) == ("1280x704", 9)
     assert job.params.image is None and (job.params.width, job.params.height) == (64, 32)
     assert job.params.num_inference_steps == 2 and job.params.fps == 24  # the request's, then the preset's

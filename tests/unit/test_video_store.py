@@ -71,7 +71,10 @@ def test_record_fields_ids_and_progress(tmp_path):
     assert video_id.startswith("video_r1_") and len(video_id) == len("video_r1_") + 24
     public = store.get(video_id).public()
     assert (public["object"], public["status"], public["progress"]) == ("video", "queued", 0)
-    assert public["seconds"] == "4.125"  # 33 frames / 8 fps
+    # 33 frames / 8 fps: whole seconds in `seconds` (clients call int() on it), the truth in duration_s
+    assert (public["seconds"], public["duration_s"]) == ("4", 4.125)
+    assert (public["file_name"], public["peak_memory_mb"], public["quality"]) == (None, None, "default")
+    assert VideoRecord.new("v", _params(), "tiny", 0.0, seconds="5").public()["seconds"] == "5"  # as sent
     assert public["created_at"] == 1_800_000_000 and public["error"] is None and "video" not in public
     store.start(video_id)
     for step in range(1, 5):
@@ -181,18 +184,21 @@ def test_replica_names():
 
 
 @pytest.mark.parametrize(
-    ("headers", "server_default", "expected"),
+    ("headers", "sync_videos", "expected"),
     [
-        ({}, False, False),
-        ({}, True, True),
-        ({"Prefer": "respond-async"}, False, True),
-        ({"Prefer": "return=minimal, Respond-Async; wait=10"}, False, True),
-        ({"Prefer": "wait=10"}, False, False),
-        ({"X-Stainless-Lang": "python"}, False, True),
-        ({"User-Agent": "curl/8", "Accept": "application/json"}, False, False),
+        ({}, False, True),
+        ({"User-Agent": "curl/8", "Accept": "application/json"}, False, True),
+        ({}, True, False),
+        ({"Prefer": "respond-async"}, True, True),
+        ({"Prefer": "return=minimal, Respond-Async; wait=10"}, True, True),
+        ({"Prefer": "wait=10"}, True, False),
+        ({"X-Stainless-Lang": "python"}, True, True),
+        ({"User-Agent": "curl/8", "Accept": "application/json"}, True, False),
     ],
 )
-def test_wants_async(headers, server_default, expected):
-    """Who gets a queued job at once: if this fails, curl clients lose their synchronous answer, or
-    the OpenAI SDK's create blocks (and retries) for the whole video."""
-    assert wants_async(Headers(headers), server_default) is expected
+def test_wants_async(headers, sync_videos, expected):
+    """Who gets a queued job at once: everyone by default; with --sync-videos, only a client that asks
+    (Prefer: respond-async) and the OpenAI SDK. If this fails, plain clients wait for the whole video
+    (and lose it to their timeouts), curl | jq scripts lose their synchronous answer under
+    --sync-videos, or the SDK's create blocks (and retries) for the whole video."""
+    assert wants_async(Headers(headers), sync_videos) is expected

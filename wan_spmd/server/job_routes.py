@@ -35,6 +35,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (400, "A query parameter is invalid (error.param names it)."),
         (401, "Missing or wrong API key."),
         (404, "No such video (never made, deleted or expired), or no content yet."),
+        (422, "The video failed: it will never have content (its object says why)."),
     )
 }
 UNSERVED = "this server makes videos from a prompt (and an image) only; OpenAI's {what} is not served here"
@@ -93,17 +94,18 @@ async def characters(request: Request) -> None:
     summary="List the videos (of every replica sharing the job store)",
 )
 async def list_videos(request: Request) -> JSONResponse:
-    """Newest first by default (`order=asc` for oldest first); `after` is the last id of the previous page."""
+    """Newest first by default (`order=asc` for oldest first); `after` is the last id of the previous
+    page (an unknown one gives an empty page); `limit` 0..100 (0: no records, has_more says if any)."""
     ctx = _ctx(request)
-    limit = _query_int(request, "limit", 20, 1, MAX_LIMIT)
-    order = request.query_params.get("order", "desc")
+    limit = _query_int(request, "limit", 20, 0, MAX_LIMIT)
+    order = request.query_params.get("order", "desc").strip().lower()
     if order not in ("asc", "desc"):
-        raise ApiError(400, f"order must be 'asc' or 'desc', got {order!r}", "order")
+        raise ApiError(400, f"order must be 'asc' or 'desc', got {order[:40]!r}", "order")
     after = request.query_params.get("after") or None
     try:
         records, has_more = ctx.videos.page(limit, after, order)
-    except KeyError:
-        raise ApiError(400, f"after names no video on this server: {after!r} (deleted or expired?)", "after") from None
+    except KeyError:  # as vllm-omni answers: nothing after an id this server does not know
+        records, has_more = [], False
     data = [r.public() for r in records]
     body = VideoList(
         data=data,
@@ -133,8 +135,10 @@ async def video_content(request: Request, video_id: str) -> FileResponse:
     if variant not in VARIANTS:
         raise ApiError(400, f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}", "variant")
     record = _record(ctx, video_id)
+    if record.status == "failed":  # vllm-omni's status for it: the job exists, and will never have content
+        raise ApiError(422, f"video {video_id} failed: it has no content; GET /v1/videos/{video_id} says why")
     if record.status != "completed":
-        raise ApiError(404, f"video {video_id} is {record.status}: it has no content (only completed videos do)")
+        raise ApiError(404, f"video {video_id} is {record.status}: it has no content yet (only completed videos do)")
     if variant == "thumbnail":
         path = await asyncio.to_thread(ctx.videos.thumbnail, video_id)  # ffmpeg: off the event loop
     else:

@@ -12,6 +12,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Any
 
 from wan_spmd.params import GenerationParams
 
@@ -57,6 +58,13 @@ class PendingVideo:
     """Why it was cancelled (the client went away, deleted), for the answer and the job's record."""
     detached: bool = False
     """An asynchronous job: nobody awaits the future, so the finished mp4 is not read into memory."""
+    model: str | None = None
+    """The served name the request gave (an alias, perhaps); None: the server's first name."""
+    seconds: str | None = None
+    """`seconds` as the client wrote it, for the job's record; None: the duration, whole seconds."""
+    admitted: dict[str, Any] | None = None
+    """The job's video object as it was admitted (queued): the answer to an asynchronous create,
+    whatever the loop has done with the job since."""
 
     def resolve(self, answer: VideoAnswer | None = None, error: BaseException | None = None) -> None:
         """Deliver the answer or the error, once; a future the waiter already dropped is left alone."""

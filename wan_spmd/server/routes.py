@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
-from wan_spmd.params import GenerationParams, RequestError, resolve_params
+from wan_spmd.params import GenerationParams, RequestError, model_limits, resolve_params
 from wan_spmd.server.body import read_video_request
-from wan_spmd.server.context import ARRIVED, ServerContext
+from wan_spmd.server.compat import adapt_request, parse_bool
+from wan_spmd.server.context import ARRIVED, ServerContext, ServerSettings
 from wan_spmd.server.errors import ApiError, scrub_paths
 from wan_spmd.server.queue import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
-from wan_spmd.server.videos import VideoRecord
-from wan_spmd.server.wire import ErrorResponse, Health, ModelCard, ModelList, VideoData, VideoForm, VideoResponse
+from wan_spmd.server.videos import VideoRecord, inference_ms
+from wan_spmd.server.wire import (
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    Video,
+    VideoData,
+    VideoForm,
+    VideoResponse,
+)
 
 log = logging.getLogger("wan_spmd")
 
@@ -29,6 +41,8 @@ RETRY_AFTER_S = "5"
 # Debugging and tests only (README, "Tests"): a request whose prompt equals this variable's value
 # fails with an unexpected exception, the one path no client input reaches any more (issue 20).
 FAULT_ENV = "WAN_SPMD_FAULT_PROMPT"
+STRICT_FIELD = "strict"
+"""A request's own choice: true makes a size or frame count the model cannot take a 400 (not rounded)."""
 
 # The request body is read by hand (so every field error comes from the one schema), so the OpenAPI
 # page is told what it looks like.
@@ -46,10 +60,9 @@ REQUEST_BODY = {
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
-        (400, "A field is invalid (error.param names it)."),
         (401, "Missing or wrong API key."),
         (403, "Without --api-key: the Host is not this server's address, or the Origin is another site."),
-        (404, "The request names a model this server does not serve."),
+        (400, "A field is invalid or not supported (error.param names it), or the model is not served here."),
         (408, "The request's headers or body did not arrive within --header-timeout / --body-timeout."),
         (413, "The image upload is over --max-upload-bytes, or the body over its byte budget."),
         (415, "The body is neither multipart/form-data nor JSON."),
@@ -97,11 +110,12 @@ async def _generate(
     with reservation:
         fields, image = await read_video_request(request, settings.limits)
         received = time.perf_counter()
-        model = fields.get("model")
-        if model not in (None, "") and model != settings.served_model_name:
-            raise ApiError(
-                404, f"model {model!r} is not served here; this server serves {settings.served_model_name!r}", "model"
-            )
+        model = served_model(settings, fields.pop("model", None))
+        strict = settings.strict_sizes
+        if fields.get(STRICT_FIELD) not in (None, ""):
+            strict = parse_bool(STRICT_FIELD, fields.pop(STRICT_FIELD))
+        fields.pop(STRICT_FIELD, None)
+        fields, image, notes = adapt_request(fields, image, settings.limits)
         if os.environ.get(FAULT_ENV) and fields.get("prompt") == os.environ[FAULT_ENV]:
             raise RuntimeError(f"fault injected by {FAULT_ENV} (a test of the unexpected-error path)")
         try:
@@ -114,11 +128,21 @@ async def _generate(
                 defaults=settings.defaults,
                 limits=settings.limits,
                 image=image,
+                round_to_model=not strict,
             )
         except RequestError as exc:
             raise ApiError(400, str(exc), exc.field) from None
+        if notes:
+            params = replace(params, warnings=(*params.warnings, *notes))
         timings = {"Receive": (received - arrived) * 1000.0, "Validation": _ms(received)}
-        pending = PendingVideo(id=ctx.videos.new_id(), params=params, created=int(time.time()), detached=detached)
+        pending = PendingVideo(
+            id=ctx.videos.new_id(),
+            params=params,
+            created=int(time.time()),
+            detached=detached,
+            model=model,
+            seconds=seconds_as_sent(fields),
+        )
         ctx.track(pending)  # its record exists before the loop can take it
         try:
             reservation.submit(pending)
@@ -143,6 +167,29 @@ async def _generate(
     for warning in params.warnings:
         log.info("video %s: %s", pending.id, warning)
     return pending, answer, {**answer.timings_ms, **timings}
+
+
+def served_model(settings: ServerSettings, name: Any) -> str:
+    """The served name a request gives (an alias included); none means the server's first name; any
+    other is a 400 that lists the served names (as vllm-omni answers a mismatch)."""
+    names = settings.served_model_names
+    if name in (None, ""):
+        return names[0]
+    if not isinstance(name, str) or name not in names:
+        shown = repr(name) if isinstance(name, str) and len(name) <= 80 else "that name"
+        raise ApiError(400, f"model {shown} is not served here; this server serves {', '.join(names)}", "model")
+    return name
+
+
+def seconds_as_sent(fields: dict[str, Any]) -> str | None:
+    """`seconds` as the client wrote it ("4" stays "4", a JSON 4 or 4.0 becomes "4") when it decided
+    the frame count; None when num_frames did (or neither came): the record then says whole seconds."""
+    value = fields.get("seconds")
+    if fields.get("num_frames") not in (None, "") or value in (None, "") or isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        return value.strip()[:32]
+    return f"{value:g}" if isinstance(value, int | float) else None
 
 
 async def _answer_or_disconnect(request: Request, pending: PendingVideo) -> VideoAnswer:
@@ -208,15 +255,16 @@ def _server_timing(timings: dict[str, float]) -> str:
 
 @videos_router.post(
     "/v1/videos",
-    response_model=VideoResponse,
+    response_model=Video,
     responses=ERRORS,
     openapi_extra=REQUEST_BODY,
-    summary="Create a video: by default answer once it exists (the video object, completed, with the mp4 as "
-    "base64); queued at once for `Prefer: respond-async`, the OpenAI SDK, or a server run with --async-videos",
+    summary="Create a video job: the video object, queued, at once (OpenAI's API); poll GET /v1/videos/{id}. "
+    "With --sync-videos a plain client (not the OpenAI SDK, no `Prefer: respond-async`) waits and gets the "
+    "completed object with the mp4 as base64",
 )
 async def create_video(request: Request) -> JSONResponse:
     ctx = _ctx(request)
-    if wants_async(request.headers, ctx.settings.async_videos):
+    if wants_async(request.headers, ctx.settings.sync_videos):
         return await _create_detached(request)
     pending, answer, timings = await _generate(request)
     start = time.perf_counter()
@@ -226,15 +274,15 @@ async def create_video(request: Request) -> JSONResponse:
     video = _video_object(ctx, pending, "completed")
     body = VideoResponse(**{**video, "timings": timings}, created=pending.created, data=[VideoData(b64_json=b64)])
     _done(request, pending, answer, timings)
-    return JSONResponse(body.model_dump(), headers={"Server-Timing": _server_timing(timings)})
+    return JSONResponse(body.model_dump(), headers=answer_headers(pending, timings))
 
 
-def wants_async(headers: Headers, server_default: bool) -> bool:
-    """Whether POST /v1/videos answers a queued job at once: the server says so for everyone
-    (--async-videos), the client asks (RFC 7240's `Prefer: respond-async`), or the client is the
-    OpenAI SDK (its `X-Stainless-*` headers), whose `create` expects a queued job and retries a
-    request that outlasts its 600 s timeout, which would start a long video again and again."""
-    if server_default:
+def wants_async(headers: Headers, sync_videos: bool) -> bool:
+    """Whether POST /v1/videos answers a queued job at once: always, unless the server runs with
+    --sync-videos; then still for a client that asks (RFC 7240's `Prefer: respond-async`) and for
+    the OpenAI SDK (its `X-Stainless-*` headers), whose `create` expects a queued job and retries a
+    request that outlasts its timeout, which would start a long video again and again."""
+    if not sync_videos:
         return True
     for value in headers.getlist("prefer"):
         if any(token.split("=")[0].strip().lower() == "respond-async" for token in value.replace(";", ",").split(",")):
@@ -243,17 +291,39 @@ def wants_async(headers: Headers, server_default: bool) -> bool:
 
 
 async def _create_detached(request: Request) -> JSONResponse:
-    """Admit and queue the job; answer its video object (queued) without waiting for it."""
+    """Admit and queue the job; answer its video object (queued) without waiting for it. A client
+    that hangs up afterwards changes nothing: the job runs and can be fetched by id."""
     ctx = _ctx(request)
     pending, _, _ = await _generate(request, detached=True)
     ctx.metrics.count(request.url.path, "accepted")
     for warning in pending.params.warnings:
         log.info("video %s: %s", pending.id, warning)
-    video = _video_object(ctx, pending, "queued")
+    video = pending.admitted or _video_object(ctx, pending, "queued")  # as admitted, as OpenAI answers
     log.info(
         "video %s queued (asynchronous): %s x%d frames", pending.id, pending.params.size, pending.params.num_frames
     )
-    return JSONResponse(video, headers={"Preference-Applied": "respond-async"})
+    headers = {**_id_headers(pending), "Preference-Applied": "respond-async"}
+    return JSONResponse(video, headers=headers)
+
+
+def _id_headers(pending: PendingVideo) -> dict[str, str]:
+    """X-Request-Id and X-Model (vllm-omni's names), and X-Adjusted when a value was rounded to what
+    the model takes (`size=854x480->848x480, num_frames=80->81`)."""
+    headers = {"X-Request-Id": pending.id, "X-Model": pending.model or ""}
+    if pending.params.adjusted:
+        headers["X-Adjusted"] = ", ".join(f"{name}={asked}->{used}" for name, asked, used in pending.params.adjusted)
+    return headers
+
+
+def answer_headers(pending: PendingVideo, timings: dict[str, float]) -> dict[str, str]:
+    """The headers of a synchronous answer, as vllm-omni's /v1/videos/sync sends them, plus ours:
+    X-Stage-Durations is a JSON object of seconds; X-Peak-Memory-MB is left out (not measured)."""
+    return {
+        **_id_headers(pending),
+        "X-Inference-Time-S": f"{inference_ms(timings) / 1000.0:.3f}",
+        "X-Stage-Durations": json.dumps({k: round(v / 1000.0, 4) for k, v in timings.items()}, separators=(",", ":")),
+        "Server-Timing": _server_timing(timings),
+    }
 
 
 def _video_object(ctx: ServerContext, pending: PendingVideo, status: str) -> dict[str, Any]:
@@ -261,7 +331,8 @@ def _video_object(ctx: ServerContext, pending: PendingVideo, status: str) -> dic
     already (deleted, or evicted by retention, in the instant since)."""
     record = ctx.videos.get(pending.id)
     if record is None:
-        record = VideoRecord.new(pending.id, pending.params, ctx.settings.served_model_name, float(pending.created))
+        model = pending.model or ctx.settings.served_model_name
+        record = VideoRecord.new(pending.id, pending.params, model, float(pending.created), seconds=pending.seconds)
         record.status, record.progress = status, 100 if status == "completed" else 0
     return record.public()
 
@@ -279,7 +350,7 @@ async def create_video_sync(request: Request) -> Response:
     _done(request, pending, answer, timings)
     p = pending.params
     headers = {
-        "Server-Timing": _server_timing(timings),
+        **answer_headers(pending, timings),
         "X-Video-Id": pending.id,
         "X-Num-Frames": str(p.num_frames),
         "X-Size": p.size,
@@ -299,16 +370,32 @@ async def health(request: Request) -> JSONResponse:
 
 @system_router.get("/v1/models", response_model=ModelList, responses=ERRORS)
 async def models(request: Request) -> ModelList:
+    """Every served name (aliases included) with what a request may ask of the model: clients read
+    the limits here instead of assuming a size."""
     settings = _ctx(request).settings
-    card = ModelCard(
-        id=settings.served_model_name,
-        created=int(time.time()),
-        root=settings.info.path.name if settings.info.path else None,  # the folder's name, never where it is
-        pipeline=settings.info.family.pipeline_class,
-        family=settings.info.family.name,
-        loras=list(settings.loras),
-    )
-    return ModelList(data=[card])
+    bounds = model_limits(settings.info, settings.limits)
+    defaults = settings.defaults
+    cards = [
+        ModelCard(
+            id=name,
+            created=int(time.time()),
+            root=settings.info.path.name if settings.info.path else None,  # the folder's name, never where it is
+            pipeline=settings.info.family.pipeline_class,
+            family=settings.info.family.name,
+            image=settings.info.family.image,
+            max_width=bounds.max_width,
+            max_height=bounds.max_height,
+            size_multiple=bounds.multiple,
+            max_frames=bounds.max_frames,
+            default_size=defaults.get("size"),
+            default_max_area=defaults.get("max_area"),
+            default_fps=defaults.get("fps"),
+            default_num_frames=defaults.get("num_frames"),
+            loras=list(settings.loras),
+        )
+        for name in settings.served_model_names
+    ]
+    return ModelList(data=cards)
 
 
 @system_router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

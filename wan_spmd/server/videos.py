@@ -76,6 +76,12 @@ def owner_of(video_id: str) -> str | None:
     return found.group(1) if found else None
 
 
+def inference_ms(timings: dict[str, float]) -> float:
+    """From the loop starting the job to the mp4 in place: the pipeline, the loop's own share, and
+    the encoding not overlapped with decoding (what vllm-omni's inference_time_s measures)."""
+    return sum(timings.get(k, 0.0) for k in ("PipelineWall", "Dispatch", "Mp4Encoding"))
+
+
 def default_replica_name() -> str:
     """The host name's first label, with anything a DNS label may not hold turned into '-'."""
     label = socket.gethostname().split(".")[0]
@@ -101,7 +107,8 @@ class VideoRecord:
     model: str
     size: str
     seconds: str
-    """OpenAI's type: a string ("4"); ours is num_frames / fps, so it may be "4.125"."""
+    """OpenAI's type, a string: as the client sent it ("4"), else the duration in whole seconds
+    (clients call int() on it); the true duration is `duration_s`."""
     prompt: str
     num_frames: int
     fps: int
@@ -121,16 +128,34 @@ class VideoRecord:
     warnings: list[str] = field(default_factory=list)
     created: float = 0.0
     """Unix time with sub-second precision: the list's order (created_at is whole seconds)."""
+    duration_s: float = 0.0
+    """num_frames / fps: the video's true length."""
+    adjusted: dict[str, dict[str, str]] = field(default_factory=dict)
+    """{field: {requested, used}} for a size or frame count rounded to what the model takes."""
+    quality: str = "default"
+    """vllm-omni's field; one quality here."""
+    file_name: str | None = None
+    """The mp4's name as downloads give it (`<id>.mp4`), once completed."""
+    stage_durations: dict[str, float] = field(default_factory=dict)
+    """The timings in seconds (vllm-omni's field and unit), once completed."""
+    peak_memory_mb: float | None = None
+    """Not measured yet: null."""
+    inference_time_s: float | None = None
+    """Seconds from the loop starting the job to the mp4 in place, once completed."""
 
     @classmethod
-    def new(cls, video_id: str, params: GenerationParams, model: str, now: float) -> VideoRecord:
+    def new(
+        cls, video_id: str, params: GenerationParams, model: str, now: float, seconds: str | None = None
+    ) -> VideoRecord:
         return cls(
             id=video_id,
             status="queued",
             created_at=int(now),
             model=model,
             size=params.size,
-            seconds=f"{params.seconds:g}",
+            seconds=seconds if seconds is not None else str(max(1, round(params.seconds))),
+            duration_s=round(params.seconds, 6),
+            adjusted={name: {"requested": asked, "used": used} for name, asked, used in params.adjusted},
             prompt=params.prompt,
             num_frames=params.num_frames,
             fps=params.fps,
@@ -367,6 +392,9 @@ class VideoStore:
             record.status, record.progress, record.error = "completed", 100, None
             record.video = video.name if self.root is not None and video.parent == self.root else str(video)
             record.timings = {k: round(v, 3) for k, v in timings.items()}
+            record.stage_durations = {k: round(v / 1000.0, 4) for k, v in timings.items()}
+            record.inference_time_s = round(inference_ms(timings) / 1000.0, 4)
+            record.file_name = f"{record.id}.mp4"
             self._finish(record)
             return True
 
