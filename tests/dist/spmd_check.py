@@ -370,6 +370,10 @@ def run_many(d, out: Path, specs: list[str]) -> int:
         mode, _, arg = spec.partition(":")
         folder = out / mode
         folder.mkdir(parents=True, exist_ok=True)
+        if "torch._dynamo" in sys.modules:
+            # each mode compiles as a process of its own would: dynamo's recompile limits count per
+            # code object, and the blocks of every mode share theirs
+            sys.modules["torch._dynamo"].reset()
         try:
             MODES[mode](d, folder, *([arg] if arg else []))
         except BaseException:
