@@ -23,12 +23,14 @@ README = ROOT / "README.md"
 # First line of a block -> "run" (a test below runs it) or why it is not run here.
 BLOCKS = {
     "./launch.sh generate": "run",
+    "./launch.sh test": "skip: the test suite itself (this test is part of it)",
     "# CPU only": "skip: downloads torch from PyTorch's index (no network in tests); its pins are checked",
     "# NVIDIA GPUs": "skip: a CUDA wheel for a GPU machine (no network, no GPU here); its pins are checked",
     'wan_spmd generate --prompt "..."': "skip: a synopsis with placeholders; its flags are checked",
     "torchrun --nproc-per-node 2 -m wan_spmd serve --model DIR --config": "skip: needs the A14B weights and LoRA "
     "files (a GPU); its flags are checked",
-    "wan_spmd/families.py": "skip: the source layout, not a command",
+    "pip install huggingface_hub": "skip: downloads a model from the Hugging Face Hub (no network in tests); "
+    "its flags are checked",
     "torchrun --nproc-per-node 8": "skip: 8 ranks on a model folder (a GPU host); its flags are checked",
     "from openai import OpenAI": "run",
 }
