@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from wan_spmd.compile_cache import parse_compile_cache
 from wan_spmd.config import TINY_NOTE, ModelFolderError, ModelInfo, generation_defaults
 from wan_spmd.launch import (
     VAE_DTYPES,
@@ -134,8 +135,18 @@ CompileOpt = Annotated[
 WarmupOpt = Annotated[
     str | None,
     typer.Option(
-        help="WxHxF,... throwaway requests before ready (default with --compile: serve the preset's shape, "
+        help="WxHxF,... shapes whose transformer forwards compile before ready (default with --compile: serve "
+        "the preset's shape, "
         "generate/batch their jobs' shapes; 'none' for none)."
+    ),
+]
+CompileCacheOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="DIR|none",
+        help="Keep what --compile compiles here across restarts, one subfolder per torch/GPU/layout/model/"
+        "attention/quant key; ranks and replicas may share it (default: $XDG_CACHE_HOME/wan_spmd/compile; "
+        "'none': no cache).",
     ),
 ]
 VaeDtypeOpt = Annotated[str, typer.Option(help="VAE precision for encode and decode: fp32 or bf16.")]
@@ -221,6 +232,7 @@ class RunFlags:
     load_timeout: float
     compile: bool | None
     warmup_shapes: str | None
+    compile_cache: str | None
     vae_dtype: str
     lora: list[str] | None
     lora_high: list[str] | None
@@ -250,6 +262,7 @@ RUN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("load_timeout", LoadTimeoutOpt, 1800.0),
     ("compile", CompileOpt, None),
     ("warmup_shapes", WarmupOpt, None),
+    ("compile_cache", CompileCacheOpt, None),
     ("vae_dtype", VaeDtypeOpt, "fp32"),
     ("lora", LoraOpt, None),
     ("lora_high", LoraHighOpt, None),
@@ -339,6 +352,7 @@ def _engine_options(
         load_timeout_s=run.load_timeout,
         compile=run.compile,
         warmup_shapes=shapes,
+        compile_cache=parse_compile_cache(run.compile_cache),
         auto_warmup_shapes=tuple(dict.fromkeys(shape for shape in auto_warmup if shape is not None)),
         vae_dtype=run.vae_dtype,
         loras=parse_lora_specs(info, lora=run.lora, lora_high=run.lora_high, lora_low=run.lora_low),

@@ -14,14 +14,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from wan_spmd.attention import AttentionFn
+from wan_spmd.compile_cache import CompileCache, default_compile_cache
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
 from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
+from wan_spmd.process import process_age_s
 from wan_spmd.runtime import (
     ControlPlane,
     ControlPlaneLost,
@@ -72,6 +74,9 @@ class EngineOptions:
     """auto|sdpa|fa3|fa3-fp8 (`kernels.select_attention`): auto is FA3 bf16 where it runs (Hopper)."""
     quant: str = "none"
     """none|fp8: fp8 rowwise linears in the experts' blocks (torchao), after LoRA fusion and TP slicing."""
+    compile_cache: Path | None = field(default_factory=default_compile_cache)
+    """--compile-cache: the folder torch's compile caches persist in, one subfolder per key
+    (`compile_cache`); None: torch's caches off."""
 
     @property
     def heartbeat_s(self) -> float:
@@ -87,8 +92,8 @@ class Front(Protocol):
     def start(self) -> None:
         """Before loading (serve listens here, so /health says 503 while loading); ValueError to fail."""
 
-    def ready(self, world_size: int, warmup_s: float) -> None:
-        """Every rank has loaded and warmed up (in `warmup_s` seconds)."""
+    def ready(self, world_size: int, startup: Startup) -> None:
+        """Every rank has loaded and warmed up; `startup` says where the time went."""
 
     def on_signal(self, name: str) -> None:
         """SIGTERM/SIGINT arrived (shutdown watch's thread): stop admitting; the source's
@@ -102,6 +107,33 @@ class Front(Protocol):
 
     def exit_code(self, jobs: int, signal_name: str | None) -> int:
         """The command's exit status after a clean stop (e.g. 1 if a job failed or was interrupted)."""
+
+
+@dataclass
+class Startup:
+    """Where rank 0's start-up went, for the ready line."""
+
+    before_load_s: float = 0.0
+    """Process start to loading: imports, the process group, the front."""
+    load_s: float = 0.0
+    """Weights read (or made), parallelized, quantized."""
+    warmup_s: float = 0.0
+    compile_s: float = 0.0
+    """Of warmup_s: dynamo's tracing and the backend's compiles (or loads from the cache)."""
+    graphs: int = 0
+    cache_hits: int = 0
+    cache: CompileCache | None = None
+
+    def describe(self) -> str:
+        """imports 4.1 s, load 2.3 s, compile 12.0 s (4 graphs, 4 from the cache), warm-up compute 3.1 s"""
+        parts = [f"imports {self.before_load_s:.1f} s", f"load {self.load_s:.1f} s"]
+        if self.cache is not None:
+            cached = "no cache" if self.cache.folder is None else f"{self.cache_hits} from the cache"
+            parts.append(f"compile {self.compile_s:.1f} s ({self.graphs} graph(s), {cached})")
+            parts.append(f"warm-up compute {max(self.warmup_s - self.compile_s, 0.0):.1f} s")
+        elif self.warmup_s:
+            parts.append(f"warm-up {self.warmup_s:.1f} s")
+        return ", ".join(parts)
 
 
 Fault = Callable[[str, Job, int], None]
@@ -160,13 +192,14 @@ class JobRunner:
 
 
 def build_pipeline(
-    d: Dist, info: ModelInfo, options: EngineOptions, attend: AttentionFn | None = None
+    d: Dist, info: ModelInfo, options: EngineOptions, attend: AttentionFn | None = None, startup: Startup | None = None
 ) -> WanVideoPipeline:
     """Load this rank's part of the model and parallelize it as the layout says; every attention in
     the experts goes through `attend` (a kernel backend of `AttentionFn`'s signature; None: the
-    one `--attention` selects)."""
+    one `--attention` selects). `startup` gets the load's seconds and the compile cache."""
+    from wan_spmd.compile_cache import CachedBackend, open_compile_cache, runtime_key
     from wan_spmd.compiling import compile_blocks, resolve_compile
-    from wan_spmd.kernels import quantize_fp8, select_attention
+    from wan_spmd.kernels import BACKENDS, quantize_fp8, select_attention
     from wan_spmd.models import Dtypes, load_components
     from wan_spmd.parallel import CfgParallel, build_mesh, parallelize
     from wan_spmd.parallel.vae import split_vae
@@ -185,6 +218,15 @@ def build_pipeline(
     kernel_line = "attention: given by the caller"
     if attend is None:
         attend, kernel_line = select_attention(options.attention, d.device)
+    backend: CachedBackend | str = options.compile_backend
+    if compiled:  # before the first compile: torch's caches under --compile-cache, keyed
+        attention = next((name for name, fn in BACKENDS.items() if fn is attend), getattr(attend, "__name__", "?"))
+        key = runtime_key(
+            d.device, layout.describe(), info.family.name, dtypes.transformer, attention, options.quant, backend
+        )
+        backend = CachedBackend(options.compile_backend, open_compile_cache(options.compile_cache, key))
+        if startup is not None:
+            startup.cache = backend.cache
     experts, quant_lines = [], []
     for expert in components.experts:
         experts.append(parallelize(expert, mesh, attend, per_token_timesteps=info.family.expand_timesteps))
@@ -192,13 +234,15 @@ def build_pipeline(
             # after LoRA fusion (load) and TP's slicing (parallelize), before compile
             quant_lines.append(quantize_fp8(expert).summary())
         if compiled:
-            compile_blocks(experts[-1], options.compile_backend)
+            compile_blocks(experts[-1], backend)
+    if startup is not None:
+        startup.load_s = time.perf_counter() - start
     log.info(
         "loaded %s on %d rank(s) (%s%s) in %.1f s%s; %s; quant %s",
         info.path or info.config_name,
         d.world_size,
         layout.describe(),
-        ", blocks compiled" if compiled else "",
+        f", blocks compiled ({backend.cache.describe()})" if compiled else "",
         time.perf_counter() - start,
         "".join(f"; fused LoRA {spec.describe()}" for spec in options.loras),
         kernel_line,
@@ -217,37 +261,22 @@ def build_pipeline(
     )
 
 
-def warm_up(pipe: WanVideoPipeline, shapes: tuple[WarmupShape, ...]) -> float:
-    """One throwaway request per shape on every rank (text encode, VAE encode, a step of each
-    expert with CFG, decode), so compiles, autotuning and allocator growth are paid before the
-    ranks agree they are ready. Returns the seconds it took."""
-    from wan_spmd.images import Pixels
-    from wan_spmd.params import GenerationParams
+def measure_warm_up(pipe: WanVideoPipeline, shapes: tuple[WarmupShape, ...], startup: Startup) -> None:
+    """`warmup.warm_up`, with its compiles counted: graphs, cache hits, and dynamo's seconds."""
+    from torch._dynamo.utils import compilation_time_metrics
 
-    start = time.perf_counter()
-    two_experts = len(pipe.c.experts) == 2
-    for width, height, frames in shapes:
-        params = GenerationParams(
-            prompt="warm-up",
-            negative_prompt="",
-            image=Pixels(width, height, bytes([128]) * (width * height * 3)) if pipe.info.family.takes_image else None,
-            width=width,
-            height=height,
-            num_frames=frames,
-            fps=16,
-            num_inference_steps=2,
-            guidance_scale=5.0,  # CFG on: both branches (and the cfg-parallel exchange) run
-            guidance_scale_2=5.0,
-            # flow_shift 1 puts the 2 timesteps at 999 and 500: one on each side of 750
-            boundary_ratio=0.75 if two_experts else None,
-            flow_shift=1.0,
-            seed=0,
-        )
-        state = pipe.generate_latents(params)
-        for _ in pipe.timed_decode(state):
-            pass
-        log.info("warmed up %dx%dx%d", width, height, frames)
-    return time.perf_counter() - start
+    from wan_spmd.compile_cache import cache_hits
+    from wan_spmd.compiling import compiled_graphs
+    from wan_spmd.warmup import warm_up
+
+    def dynamo_s() -> float:
+        return sum(compilation_time_metrics.get("_compile.compile_inner", ()))
+
+    graphs, hits, compile_s = compiled_graphs(), cache_hits()[0], dynamo_s()
+    startup.warmup_s = warm_up(pipe, shapes)
+    startup.graphs = compiled_graphs() - graphs
+    startup.cache_hits = cache_hits()[0] - hits
+    startup.compile_s = dynamo_s() - compile_s
 
 
 def agree_all_ok(d: Dist, ok: bool) -> bool:
@@ -298,9 +327,10 @@ class _Engine:
             #    collectives (mesh set-up), and rank 0 has just spent a moment on its front
             wait_for_all(d, self.options.load_timeout_s)
             pipe = None
+            startup = Startup(before_load_s=process_age_s())
             if ok:
                 try:
-                    pipe = build_pipeline(d, self.info, self.options)
+                    pipe = build_pipeline(d, self.info, self.options, startup=startup)
                 except Exception:
                     log.exception("rank %d could not load the model", d.rank)
                     ok = False
@@ -311,13 +341,12 @@ class _Engine:
                     log.error("not every rank loaded the model; stopping")
                 return 1
             # 4. Warm up together (compiles are paid here, not by the first request), agree, loop
-            warm_s = 0.0
             shapes = self.options.warmup_shapes
             if shapes is None:
                 shapes = self.options.auto_warmup_shapes if resolve_compile(self.options.compile, d.device) else ()
             if shapes:
                 try:
-                    warm_s = warm_up(pipe, shapes)
+                    measure_warm_up(pipe, shapes, startup)
                 except Exception:
                     log.exception("rank %d could not warm up", d.rank)
                     ok = False
@@ -327,7 +356,7 @@ class _Engine:
                         log.error("not every rank warmed up; stopping")
                     return 1
             if self.front is not None:
-                self.front.ready(d.world_size, warm_s)
+                self.front.ready(d.world_size, startup)
             runner = JobRunner(pipe, d.rank, self.fault)
             source = self.front.source if self.front is not None else None
             jobs = spmd_loop(d, runner, source, self.options.heartbeat_s)

@@ -31,7 +31,7 @@ from wan_spmd.server.queue import Closed, JobFailed, JobQueue, PendingVideo, Una
 from wan_spmd.server.videos import LEASE_S, VideoStore, default_replica_name
 
 if TYPE_CHECKING:
-    from wan_spmd.engine import EngineOptions
+    from wan_spmd.engine import EngineOptions, Startup
     from wan_spmd.server.app import ServerSettings
 
 log = logging.getLogger("wan_spmd")
@@ -201,14 +201,14 @@ class ServeFront:
         if pending is not None:
             self.ctx.queue.withdraw(pending, "deleted")
 
-    def ready(self, world_size: int, warmup_s: float) -> None:
+    def ready(self, world_size: int, startup: Startup) -> None:
         self.ctx.mark_ready()
         loras = self.settings.loras  # named by file, scale and content hash, never by path
         log.info(
-            "ready: %s on %d rank(s)%s, writing videos to %s%s",
+            "ready: %s on %d rank(s) in %s, writing videos to %s%s",
             self.settings.served_model_name,
             world_size,
-            f" after {warmup_s:.1f} s of warm-up" if warmup_s else "",
+            startup.describe(),
             self.options.output_dir,
             "".join(f"; LoRA {c['name']} x{c['scale']:g} ({c['experts']}, sha256 {c['sha256']})" for c in loras),
         )
