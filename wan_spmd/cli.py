@@ -389,6 +389,9 @@ def _run(model: str, info: ModelInfo, engine: EngineOptions, make_front: Callabl
     after the arguments were checked."""
     _check_loras(info, engine)
     _note_tiny(model)
+    from wan_spmd.prefetch import prefetch_weights
+
+    prefetch_weights(info.path, engine.load_format)  # read ahead while torch imports
     from wan_spmd.engine import run_engine
 
     front = make_front() if torchrun_env()[0] == 0 else None

@@ -18,26 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from wan_spmd.attention import AttentionFn
 from wan_spmd.compile_cache import CompileCache, default_compile_cache
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
 from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
 from wan_spmd.process import process_age_s
-from wan_spmd.runtime import (
-    ControlPlane,
-    ControlPlaneLost,
-    Dist,
-    JobReport,
-    ShutdownWatch,
-    init_dist,
-    shutdown,
-    spmd_loop,
-    wait_for_all,
-)
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch: imported when the engine runs, so a server listens before it loads
+    from wan_spmd.attention import AttentionFn
     from wan_spmd.pipeline import WanVideoPipeline
+    from wan_spmd.runtime import Dist, JobReport, ShutdownWatch
 
 log = logging.getLogger("wan_spmd")
 
@@ -156,6 +146,7 @@ class JobRunner:
     ) -> JobReport:
         from wan_spmd.compiling import compiled_graphs
         from wan_spmd.deliver import deliver
+        from wan_spmd.runtime import JobReport
 
         fault, rank = self.fault, self.rank
         graphs_before = compiled_graphs()
@@ -272,16 +263,18 @@ def measure_warm_up(pipe: WanVideoPipeline, shapes: tuple[WarmupShape, ...], sta
     def dynamo_s() -> float:
         return sum(compilation_time_metrics.get("_compile.compile_inner", ()))
 
-    graphs, hits, compile_s = compiled_graphs(), cache_hits()[0], dynamo_s()
+    graphs, hits, compile_s = compiled_graphs(), cache_hits(), dynamo_s()
     startup.warmup_s = warm_up(pipe, shapes)
     startup.graphs = compiled_graphs() - graphs
-    startup.cache_hits = cache_hits()[0] - hits
+    startup.cache_hits = cache_hits() - hits
     startup.compile_s = dynamo_s() - compile_s
 
 
 def agree_all_ok(d: Dist, ok: bool) -> bool:
     """One control-plane all-reduce after start-up: it returns only once every rank got here, and
     says whether every rank is ready (loaded, and on rank 0 its front started)."""
+    from wan_spmd.runtime import ControlPlane
+
     failed, _ = ControlPlane(d).any_flags(not ok, False)
     return not failed
 
@@ -292,6 +285,8 @@ def run_engine(info: ModelInfo, options: EngineOptions, front: Front | None, fau
     `front` is rank 0's (None elsewhere). 0 after a clean stop unless the front says otherwise,
     1 when a rank was lost or could not start.
     """
+    from wan_spmd.runtime import ShutdownWatch, init_dist
+
     d = init_dist(options.device, options.collective_timeout_s, options.heartbeat_timeout_s)
     engine = _Engine(d, info, options, front if d.is_main else None, fault)
     with ShutdownWatch(engine.on_signal, engine.on_expire, grace_s=options.stop_grace_s) as watch:
@@ -313,6 +308,7 @@ class _Engine:
 
     def run(self, watch: ShutdownWatch) -> int:
         from wan_spmd.compiling import resolve_compile
+        from wan_spmd.runtime import ControlPlaneLost, shutdown, spmd_loop, wait_for_all
 
         d, ok, lost = self.d, True, False
         try:

@@ -180,18 +180,31 @@ class ServeFront:
         videos.on_remote_delete = self._deleted_elsewhere
         self.source = QueueJobSource(self.ctx.queue, options.output_dir, videos, self.ctx.metrics.observe)
         self.http = HttpThread(create_app(self.ctx), options.host, options.port, options.uds, options.http)
+        self._start_error: ValueError | None = None
+        self._started = False
 
     def start(self) -> None:
         """Read back the jobs of earlier runs, then listen at once, so /health answers 503 while the
-        model loads."""
+        model loads. `run_server` calls it before torch is imported and the engine again: the
+        second call only raises the first one's error, for the engine to agree on with the ranks."""
+        if self._started:
+            if self._start_error is not None:
+                raise self._start_error
+            return
+        self._started = True
         try:
             jobs = self.ctx.videos.load()
         except OSError as exc:
-            raise ValueError(f"cannot read the job records under --output-dir: {exc}") from None
+            self._start_error = ValueError(f"cannot read the job records under --output-dir: {exc}")
+            raise self._start_error from None
         if jobs:
             log.info("%d job(s) from earlier runs in %s", jobs, self.options.output_dir)
         self.ctx.videos.keep_lease()
-        address = self.http.start()
+        try:
+            address = self.http.start()
+        except ValueError as exc:
+            self._start_error = exc
+            raise
         log.info("listening on %s (503 on /health until %d rank(s) have loaded)", address, self.settings.world_size)
 
     def _deleted_elsewhere(self, video_id: str) -> None:
@@ -241,10 +254,18 @@ class ServeFront:
 def run_server(settings: ServerSettings, options: ServeOptions, engine: EngineOptions) -> int:
     """Every rank: the engine's lifecycle; rank 0 also serves HTTP. Returns the exit status:
     0 after a stop every rank agreed to, 1 when a rank was lost or could not start."""
-    from wan_spmd.engine import run_engine
+    from wan_spmd.prefetch import prefetch_weights
     from wan_spmd.process import torchrun_env
 
+    prefetch_weights(settings.info.path, engine.load_format)
+    front = None
     if torchrun_env()[0] == 0:
         options.output_dir.mkdir(parents=True, exist_ok=True)
-    front = ServeFront(settings, options) if torchrun_env()[0] == 0 else None
+        front = ServeFront(settings, options)
+        try:  # listen before torch is imported (seconds): /health says 503 meanwhile
+            front.start()
+        except ValueError:
+            pass  # the engine's call raises it again, once every rank has joined
+    from wan_spmd.engine import run_engine
+
     return run_engine(settings.info, engine, front)
