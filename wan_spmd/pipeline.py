@@ -31,8 +31,9 @@ import html
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import ftfy
@@ -40,6 +41,7 @@ import regex as re
 import torch
 from diffusers.video_processor import VideoProcessor
 
+from wan_spmd.caches import COUNT_KEYS, LruCache, lookup_counts, pixels_digest, snapshot
 from wan_spmd.compat import decode_latent_frame, unpatchify
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import JobCancelled
@@ -52,12 +54,13 @@ MAX_SEQUENCE_LENGTH = 512  # UMT5 context; the experts' cross-attention always s
 
 
 class StepControl(Protocol):
-    """Called before each denoising step on every rank; returns False to stop the job.
+    """Called before each denoising step, and between decoded chunks (`stage` "decode"), on every
+    rank that runs the loop; returns False to stop the job.
 
-    The runtime's implementation agrees across ranks, so all ranks stop at the same step.
+    The runtime's implementation agrees across ranks, so all ranks stop at the same step or chunk.
     """
 
-    def __call__(self, step: int, total: int) -> bool: ...
+    def __call__(self, step: int, total: int, stage: str = "step") -> bool: ...
 
 
 class Expert(Protocol):
@@ -117,6 +120,18 @@ def serial_cfg(
     return noise_uncond + guidance * (noise_pred - noise_uncond)
 
 
+class Placement(Protocol):
+    """Where the weights wait between their stages (placement.Offload): the text encoder is on the
+    device inside `encoding()`, expert `index` from `use_expert(index)` on, and `denoised()` says
+    the last step ran."""
+
+    def encoding(self) -> AbstractContextManager[None]: ...
+
+    def use_expert(self, index: int) -> None: ...
+
+    def denoised(self) -> None: ...
+
+
 class VaeSplit(Protocol):
     """The VAE's encode and decode split over the ranks (`parallel.vae.RowSplit`)."""
 
@@ -161,6 +176,7 @@ class WanVideoPipeline:
         experts: list[Expert] | None = None,
         vae_split: VaeSplit | None = None,
         is_main: bool = True,
+        placement: Placement | None = None,
     ) -> None:
         if len(components.experts) != info.family.experts:
             raise ValueError(f"{info.family.name} has {info.family.experts} expert(s), {len(components.experts)} given")
@@ -178,8 +194,17 @@ class WanVideoPipeline:
         """The VAE's encode and decode split over the ranks; None: this rank's VAE alone."""
         self.is_main = is_main
         """Whether this rank delivers the video (decodes it when the VAE is not split)."""
+        self.placement = placement
+        """Where the weights wait between their stages (placement.Offload); None: all resident."""
         self.decode_latent_frames = decode_latent_frames
         """Latent frames per decoded chunk (each is 4 video frames, the first 1)."""
+        self.prompt_cache: LruCache[torch.Tensor] | None = None
+        """Prompt embeddings across requests (`caches`); None: every prompt is encoded."""
+        self.condition_cache: LruCache[torch.Tensor] | None = None
+        """I2V conditions across requests (`caches`); None: every image is encoded."""
+        self.condition_encoder: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+        """This rank's own encode of the I2V condition when the VAE is not split, (vae, video) -> latent
+        mode (`vae_reuse.reuse_encode_mode`); None: diffusers' `encode(...).latent_dist.mode()`."""
         self.vae_scale_temporal = int(components.vae.config.scale_factor_temporal)
         self.vae_scale_spatial = int(components.vae.config.scale_factor_spatial)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_spatial)
@@ -196,8 +221,11 @@ class WanVideoPipeline:
     # -- stages ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
+    def encode_prompt(self, prompt: str, cached: bool = True) -> torch.Tensor:
         """(1, 512, text_dim) embeddings, zero past the prompt's length, as diffusers makes them."""
+        if cached and self.prompt_cache is not None:
+            key = (prompt, str(self.info.path or self.info.config_name), str(self.c.text_encoder.dtype))
+            return self.prompt_cache.get_or_make(key, lambda: self.encode_prompt(prompt, cached=False))
         inputs = self.c.tokenizer(
             [prompt_clean(prompt)],
             padding="max_length",
@@ -228,9 +256,13 @@ class WanVideoPipeline:
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
     @torch.inference_mode()
-    def image_condition(self, params: GenerationParams) -> torch.Tensor:
+    def image_condition(self, params: GenerationParams, cached: bool = True) -> torch.Tensor:
         """I2V condition (1, 4 + 16, T_lat, h, w): first-frame mask then the image's latent mode."""
         vae = self.c.vae
+        if cached and self.condition_cache is not None:
+            image = params.image
+            key = (pixels_digest(image.width, image.height, image.rgb), params.size, params.num_frames, str(vae.dtype))
+            return self.condition_cache.get_or_make(key, lambda: self.image_condition(params, cached=False))
         # decoded once on rank 0 by validation; here only made into a PIL image
         image = self.video_processor.preprocess(params.image.to_pil(), height=params.height, width=params.width)
         image = image.to(self.device, dtype=torch.float32)  # (1, 3, H, W) in [-1, 1]
@@ -240,6 +272,8 @@ class WanVideoPipeline:
         ).to(vae.dtype)
         if self.vae_split is not None:
             latent = self.vae_split.encode(vae, video_condition)
+        elif self.condition_encoder is not None:
+            latent = self.condition_encoder(vae, video_condition)
         else:
             latent = vae.encode(video_condition).latent_dist.mode()
         latent = latent.to(torch.float32)
@@ -315,6 +349,8 @@ class WanVideoPipeline:
             if control is not None and not control(i, total):
                 raise JobCancelled(f"cancelled at step {i} of {total}")
             model, guidance = self.expert_for(t, boundary_timestep, params)
+            if self.placement is not None:  # the expert switch: this step's expert on the device
+                self.placement.use_expert(0 if model is self.experts[0] else 1)
             model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
             if first_frame is not None:  # the model sees the image's latent as the first frame
                 model_input = (1 - mask) * first_frame + mask * latents
@@ -328,6 +364,8 @@ class WanVideoPipeline:
                 on_step(i + 1, total)
         if first_frame is not None:  # the scheduler stepped its own first frame; the image's is kept
             latents = (1 - mask) * first_frame + mask * latents
+        if self.placement is not None:
+            self.placement.denoised()
         return latents
 
     def expert_for(self, t: torch.Tensor, boundary_timestep: float | None, params: GenerationParams):
@@ -339,14 +377,26 @@ class WanVideoPipeline:
             return self.experts[0], params.guidance_scale
         return self.experts[1], params.guidance_scale_2  # low-noise stage
 
+    def decode_chunk_count(self, latents: torch.Tensor) -> int:
+        return -(-latents.shape[2] // self.decode_latent_frames)
+
+    def follow_decode(self, latents: torch.Tensor, control: StepControl | None) -> Iterator[torch.Tensor]:
+        """A rank that decodes nothing (rank 0 decodes alone) still joins every chunk's stop check."""
+        total = self.decode_chunk_count(latents)
+        for done in range(1, total):
+            if control is not None and not control(done, total, "decode"):
+                raise JobCancelled(f"stopped while decoding, after chunk {done} of {total}")
+        yield from ()
+
     @torch.inference_mode()
-    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_chunks(self, latents: torch.Tensor, control: StepControl | None = None) -> Iterator[torch.Tensor]:
         """Latents -> uint8 frames (f, H, W, 3) on the device, a few latent frames at a time.
 
         Wan's VAE decodes latent frame by latent frame with a causal cache (diffusers' `_decode`
         loop); we run the same loop and hand out each chunk as soon as it exists, so the mp4 writer
         encodes while the rest decodes. Element-wise post-processing per chunk gives the same bytes
-        as decoding the whole video at once.
+        as decoding the whole video at once. `control` is asked between chunks (not after the last),
+        so a stop lands within one chunk.
         """
         vae = self.c.vae
         latents = latents.to(vae.dtype)
@@ -365,8 +415,13 @@ class WanVideoPipeline:
                         video = unpatchify(video, patch_size=vae.config.patch_size)
                     video = video.clamp(-1.0, 1.0)
                     video = (video / 2 + 0.5).clamp(0, 1)
-                    # (1, 3, f, H, W) -> (f, H, W, 3); diffusers' numpy_to_pil rounds the same way
-                    yield (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
+                    # (1, 3, f, H, W) -> (f, H, W, 3); diffusers' numpy_to_pil rounds the same way.
+                    # Made contiguous on the device: the GPU transposes in microseconds what the
+                    # host (np.ascontiguousarray in the writer) took ~0.3 s per 720p chunk to do
+                    yield (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8).contiguous()
+                    done, total = i // self.decode_latent_frames + 1, self.decode_chunk_count(latents)
+                    if control is not None and done < total and not control(done, total, "decode"):
+                        raise JobCancelled(f"stopped while decoding, after chunk {done} of {total}")
         finally:
             vae.clear_cache()
 
@@ -387,10 +442,12 @@ class WanVideoPipeline:
         """Steps 1-3, which every rank runs together (the experts' collectives are in here)."""
         timer = _StageTimer(self.device)
         timer.start("PipelineWall")
+        caches = {"Prompt": self.prompt_cache, "Condition": self.condition_cache}
+        counts_before = snapshot(caches)
         do_cfg = params.guidance_scale > 1.0
         # 1. Encode prompts: the negative one only when CFG will run, and under CFG-parallel only
         #    the one this rank's branch needs (None for the other)
-        with timer("TextEncoding"):
+        with timer("TextEncoding"), self.placement.encoding() if self.placement is not None else nullcontext():
             wants_cond = not do_cfg or self.cfg_branch != "uncond"
             wants_uncond = do_cfg and self.cfg_branch != "cond"
             prompt_embeds = self.encode_prompt(params.prompt) if wants_cond else None
@@ -404,6 +461,7 @@ class WanVideoPipeline:
                 condition = self.image_condition(params)
             elif conditioning == "first_frame" and params.image is not None:
                 first_frame = self.first_frame_latent(params)
+        timer.ms.update(lookup_counts(caches, counts_before))  # cache hits and misses, counts not ms
         # 3. Denoising loop over the experts
         with timer("Denoising"):
             latents = self.denoise(
@@ -411,20 +469,27 @@ class WanVideoPipeline:
             )
         return Latents(params, latents, timer)
 
-    def decode_video(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_video(self, latents: torch.Tensor, control: StepControl | None = None) -> Iterator[torch.Tensor]:
         """The video's uint8 chunks on the delivering rank (split over the ranks by the `VaeSplit`,
-        or decoded there alone); other ranks take part and get nothing."""
+        or decoded there alone); other ranks take part and get nothing. `control` is asked between
+        chunks on every rank (a rank that decodes nothing still joins the checks)."""
+        decode = partial(self.decode_chunks, control=control)
+        follow = partial(self.follow_decode, control=control)
         if self.vae_split is not None:
-            yield from self.vae_split.decode(self.decode_chunks, latents)
+            yield from self.vae_split.decode(decode, latents, follow)
         elif self.is_main:
-            yield from self.decode_chunks(latents)
+            yield from decode(latents)
+        else:
+            yield from follow(latents)
 
-    def timed_decode(self, state: Latents, chunks: Iterator[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    def timed_decode(
+        self, state: Latents, chunks: Iterator[torch.Tensor] | None = None, control: StepControl | None = None
+    ) -> Iterator[torch.Tensor]:
         """Step 4: the decoded chunks (`decode_video`'s, or `chunks`), timed as Decoding;
         PipelineWall ends with the last one, and one log line gives the stages."""
         timer, params = state.timer, state.params
         timer.start("Decoding")
-        yield from self.decode_video(state.latents) if chunks is None else chunks
+        yield from self.decode_video(state.latents, control) if chunks is None else chunks
         timer.stop("Decoding")
         timer.stop("PipelineWall")
         log.info(
@@ -433,7 +498,7 @@ class WanVideoPipeline:
             params.size,
             params.num_frames,
             params.num_inference_steps,
-            " ".join(f"{k}={v:.0f}ms" for k, v in timer.ms.items()),
+            " ".join(f"{k}={v:.0f}{'' if k in COUNT_KEYS else 'ms'}" for k, v in timer.ms.items()),
         )
 
 

@@ -38,7 +38,9 @@ def warmup_forwards(pipe: WanVideoPipeline, shape: WarmupShape) -> int:
     generator = torch.Generator("cpu").manual_seed(0)
     runs = 0
     with torch.inference_mode():
-        for model, expert in zip(pipe.c.experts, pipe.experts, strict=True):
+        for index, (model, expert) in enumerate(zip(pipe.c.experts, pipe.experts, strict=True)):
+            if pipe.placement is not None:  # an offloaded expert comes onto the device as for a step
+                pipe.placement.use_expert(index)
             config = model.config
             # (1, in_channels, T_lat, h, w): latents and, for I2V, the concatenated condition
             hidden = torch.randn(1, config.in_channels, latent_frames, lat_h, lat_w, generator=generator)
@@ -55,6 +57,8 @@ def warmup_forwards(pipe: WanVideoPipeline, shape: WarmupShape) -> int:
             if getattr(expert, "can_widen", False):
                 expert(hidden, timestep, text, wide=True)
                 runs += 1
+        if pipe.placement is not None:
+            pipe.placement.denoised()
     return runs
 
 

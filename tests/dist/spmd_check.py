@@ -287,7 +287,9 @@ class ListSource:
     def output_path(self, job: Job) -> Path:
         return self.out / f"{job.id}.mp4"
 
-    def is_cancelled(self, job: Job) -> bool:
+    stop_reason = None
+
+    def check_stop(self, job: Job) -> bool:
         return False
 
     def request_stop(self, reason: str) -> None:

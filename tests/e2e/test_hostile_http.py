@@ -28,10 +28,10 @@ import pytest
 
 from tests.conftest import ROOT, cli_env
 from tests.e2e.test_serve import UPLOAD_LIMIT, Server, _form, _metric, _png, _start, _stop
+from tests.fault_serve import FAULT_ENV, MESSAGE
 from wan_spmd.params import Limits
 from wan_spmd.server.body import body_cap
 from wan_spmd.server.errors import KINDS
-from wan_spmd.server.routes import FAULT_ENV
 
 MAX_CONNECTIONS = 16
 HEADER_TIMEOUT_S = 2
@@ -45,7 +45,8 @@ ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[\w.-]+/")  # "/tmp/", "/work/..." i
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
-    # the one unexpected exception left to provoke is injected (no client value reaches one any more)
+    # the one unexpected exception left to provoke is injected by a test-only entry point (no client
+    # value reaches one any more, and the server itself reads no test switch)
     os.environ[FAULT_ENV] = FAULT_PROMPT
     try:
         s = _start(
@@ -53,6 +54,7 @@ def server(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
             *("--max-connections", str(MAX_CONNECTIONS), "--max-queue", "2"),
             *("--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S)),
             *("--send-timeout", str(SEND_TIMEOUT_S)),
+            entry="tests.fault_serve",
         )
     finally:
         del os.environ[FAULT_ENV]
@@ -644,12 +646,12 @@ def test_full_queue_answers_429_before_the_body(server):
 
 
 def test_unexpected_exception_is_json_500_and_keeps_the_connection(server):
-    """A request that makes the server fail unexpectedly (injected through WAN_SPMD_FAULT_PROMPT: since
-    issue 20 no client value reaches an unexpected exception) gets a JSON 500 in the error shape,
-    naming a reference and no path; the traceback is logged once; the same keep-alive connection then
-    serves the next request. A JSON body nested 100,000 deep is a plain 400, and so are bytes that are
-    not HTTP. If this fails, clients get text/plain errors and reset connections, and operators cannot
-    match an answer to its traceback."""
+    """A request that makes the server fail unexpectedly (injected by the test-only entry point
+    tests/fault_serve.py: since issue 20 no client value reaches an unexpected exception) gets a
+    JSON 500 in the error shape, naming a reference and no path; the traceback is logged once; the
+    same keep-alive connection then serves the next request. A JSON body nested 100,000 deep is a
+    plain 400, and so are bytes that are not HTTP. If this fails, clients get text/plain errors and
+    reset connections, and operators cannot match an answer to its traceback."""
     tracebacks_before = server.log_text().count("Traceback")
     sock = _connect(server)
     host = f"127.0.0.1:{_port(server)}"
@@ -673,7 +675,7 @@ def test_unexpected_exception_is_json_500_and_keeps_the_connection(server):
     sock.close()
     log = server.log_text()
     assert log.count("Traceback") == tracebacks_before + 1 and log.count(ref) == 1
-    assert "RuntimeError: fault injected by WAN_SPMD_FAULT_PROMPT" in log.split(ref, 1)[1]
+    assert f"RuntimeError: {MESSAGE}" in log.split(ref, 1)[1]
     _serves(server)
 
 

@@ -7,6 +7,7 @@ denoising step on two CPU cores whatever the size, so a job's length is set by i
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -312,3 +313,41 @@ def test_shutdown_watch_acts_while_the_main_thread_is_blocked(tmp_path):
         for pid in workers.values():
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# -- a signal to the whole process group in the middle of a video --------------------------------
+
+
+def test_signal_to_the_group_mid_decode_stops_within_a_chunk(tmp_path, tiny_i2v):
+    """Issue 33.3/33.4: Ctrl-C (SIGINT to the whole process group: torchrun, both ranks) while the
+    VAE decodes a long video and rank 0 streams it into `.part`. Every rank stops after the chunk in
+    hand (agreed as the steps are), the partial file is removed, the job is recorded cancelled (not
+    generation_failed VideoWriteError), and every rank exits 0 well inside --stop-grace. A `.part`
+    left by an earlier run is removed at start-up. If this fails, a stop waits for the whole decode
+    (or past --stop-grace: exit 1), or half-written videos stay in --output-dir."""
+    out = tmp_path / "videos"
+    out.mkdir()
+    stale = out / f".20261207-010203_video_t1_{'a' * 24}-{'0' * 12}.mp4.part"
+    stale.write_bytes(b"\x00" * 100)
+    server = _start(tmp_path, "--replica-name", "t1", "--stop-grace", "30", uds=tmp_path / "wan.sock")
+    try:
+        assert not stale.exists()
+        form = {"prompt": "a cat", "size": "192x192", "num_frames": "81", "num_inference_steps": "1"}
+        r = server.client.post("/v1/videos", data=form, files=_files(), headers={"Prefer": "respond-async"})
+        assert r.status_code == 200, r.text
+        video_id = r.json()["id"]
+        _wait_for(lambda: list(out.glob(f".*{video_id}-*.mp4.part")), 60, "the decode starting", server)
+        os.killpg(server.proc.pid, signal.SIGINT)  # the group: torchrun and both ranks at once
+        server.proc.wait(timeout=60)
+    finally:
+        server.client.close()
+        _stop(server.proc)
+    log = server.log_text()
+    assert "rank 0 exits with status 0" in log and "rank 1 exits with status 0" in log, log
+    found = re.search(r"stopped while decoding, after chunk (\d+) of (\d+)", log)
+    assert found and int(found.group(1)) < int(found.group(2)), log
+    assert not list(out.glob("*.mp4")) and not list(out.glob(".*.part")), sorted(p.name for p in out.iterdir())
+    record = json.loads((out / "jobs" / f"{video_id}.json").read_text())
+    assert record["status"] == "failed" and record["error"]["code"] == "cancelled", record
+    assert "VideoWriteError" not in log, log
+    assert f"SIGINT: stopping job {video_id} at its next step or decoded chunk" in log, log

@@ -78,11 +78,13 @@ def _start(
     uds: Path | None = None,
     headers: dict | None = None,
     torchrun: tuple[str, ...] = (),
+    entry: str = "wan_spmd",
     out: Path | None = None,
 ) -> Server:
+    """`torchrun -m ENTRY serve ...` (ENTRY: wan_spmd, or a test-only entry point such as tests.fault_serve)."""
     log, out = tmp / "serve.log", out or tmp / "videos"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *torchrun]
-    cmd += ["-m", "wan_spmd", "serve", "--model", "tiny", "--output-dir", str(out)]
+    cmd += ["-m", entry, "serve", "--model", "tiny", "--output-dir", str(out)]
     cmd += ["--max-upload-bytes", str(UPLOAD_LIMIT), "--max-queue", "4", *args]
     cmd += ["--uds", str(uds)] if uds else ["--port", "0"]
     with log.open("wb") as sink:
@@ -271,7 +273,7 @@ def test_multipart_video(tcp_server, tmp_path):
 def test_json_body_and_sync(tcp_server, tmp_path):
     """JSON bodies carry the image as a data URL or bare base64, and /v1/videos/sync answers raw
     video/mp4 with vllm-omni's headers (X-Request-Id, X-Model, X-Inference-Time-S, X-Stage-Durations
-    as JSON seconds; no X-Peak-Memory-MB, as it is not measured): if this fails, JSON clients or
+    as JSON seconds; no X-Peak-Memory-MB on the CPU, where nothing is measured): if this fails, JSON clients or
     benchmark clients of vllm-omni's sync endpoint break."""
     b64 = base64.b64encode(_png()).decode()
     r = tcp_server.client.post(

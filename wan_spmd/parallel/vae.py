@@ -62,6 +62,9 @@ class RowSplit:
         self.group = group or dist.group.WORLD
         self.bands: list[tuple[int, int]] | None = None
         """Latent-row bands of the running encode/decode; None outside one (the wrappers pass through)."""
+        self.band_encoder: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+        """(vae, band of the video) -> its latent mode; None: `vae.encode(...).latent_dist.mode()`.
+        `vae_reuse.reuse_encode_mode` goes here, with `all_true` as its agreement."""
 
     @property
     def active(self) -> bool:
@@ -74,6 +77,12 @@ class RowSplit:
             yield self.bands[self.rank]
         finally:
             self.bands = None
+
+    def all_true(self, flag: torch.Tensor) -> bool:
+        """Whether `flag` (a 0-dim bool tensor) is true on every rank: one tiny all-reduce."""
+        flag = flag.to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
 
     def heights(self, x: torch.Tensor) -> list[int]:
         """Every rank's band height at `x`'s resolution (rows per latent row x each band)."""
@@ -123,15 +132,22 @@ class RowSplit:
             return vae.encode(video).latent_dist.mode()
         with self.split(rows) as (start, stop):
             band = video[..., start * self.scale : stop * self.scale, :].contiguous()
+            if self.band_encoder is not None:
+                return self.all_rows(self.band_encoder(vae, band))
             return self.all_rows(vae.encode(band).latent_dist.mode())
 
-    def decode(self, decode_chunks: ChunkDecoder, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode(
+        self, decode_chunks: ChunkDecoder, latents: torch.Tensor, follow: ChunkDecoder | None = None
+    ) -> Iterator[torch.Tensor]:
         """The decode seam: each chunk decoded on this rank's band by `decode_chunks`, gathered to
-        rank 0 as uint8; rank 0 yields the whole chunks, the other ranks nothing."""
+        rank 0 as uint8; rank 0 yields the whole chunks, the other ranks nothing. When rank 0
+        decodes alone, the others run `follow` (the pipeline's: it joins each chunk's stop check)."""
         rows = latents.shape[-2]
         if rows < self.size:  # fewer latent rows than ranks: rank 0 alone
             if self.rank == 0:
                 yield from decode_chunks(latents)
+            elif follow is not None:
+                yield from follow(latents)
             return
         with self.split(rows) as (start, stop):
             for chunk in decode_chunks(latents[..., start:stop, :]):
