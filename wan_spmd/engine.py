@@ -248,6 +248,8 @@ def build_pipeline(
 
     quiet_hub_logging()
     start = time.perf_counter()
+    if startup is not None:  # the imports above (diffusers, transformers) count as imports
+        startup.before_load_s = process_age_s()
     layout = options.layout
     mesh = build_mesh(layout, d.device)
     dtypes = Dtypes.for_device(d.device, vae=options.vae_dtype)
@@ -404,7 +406,7 @@ class _Engine:
             #    collectives (mesh set-up), and rank 0 has just spent a moment on its front
             wait_for_all(d, self.options.load_timeout_s)
             pipe = None
-            startup = Startup(before_load_s=process_age_s())
+            startup = Startup()
             if ok:
                 try:
                     pipe = build_pipeline(d, self.info, self.options, startup=startup)
