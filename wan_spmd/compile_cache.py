@@ -257,9 +257,12 @@ class CachedBackend:
                 import torch
 
                 torch.compiler.config.force_disable_caches = True
-                from torch._inductor.utils import clear_caches
-
-                clear_caches()  # the in-memory copies of what was read from the bad folder
+                try:
+                    from torch._inductor.utils import clear_caches
+                except ImportError:  # not in every torch; the retry may then read a copy already loaded
+                    pass
+                else:
+                    clear_caches()  # the in-memory copies of what was read from the bad folder
                 return lookup_backend(self.name)(gm, example_inputs)
         finally:
             self.cache.compile_s += time.perf_counter() - start

@@ -2,7 +2,7 @@
 DIR, warmed up at one shape; prints one JSON line with what the compile cost and a checksum of one
 expert forward on fixed inputs (every run must compute the same numbers, cached or not).
 
-    python tests/e2e/compile_cache_probe.py DIR
+    python tests/e2e/compile_cache_probe.py DIR [DEVICE]     # DEVICE: cpu (default) or cuda
 """
 
 from __future__ import annotations
@@ -21,20 +21,21 @@ from wan_spmd.runtime import init_dist
 SHAPE = (32, 32, 5)
 
 
-def main(folder: str) -> None:
+def main(folder: str, device: str = "cpu") -> None:
     setup_logging(0)
     torch.manual_seed(0)
     info = resolve_model("tiny")
-    options = EngineOptions(layout=resolve_layout(1), device="cpu", compile=True, compile_cache=Path(folder))
+    options = EngineOptions(layout=resolve_layout(1), device=device, compile=True, compile_cache=Path(folder))
     startup = Startup()
-    pipe = build_pipeline(init_dist("cpu"), info, options, startup=startup)
+    pipe = build_pipeline(init_dist(device), info, options, startup=startup)
     measure_warm_up(pipe, (SHAPE,), startup)
     gen = torch.Generator().manual_seed(1)
     config = pipe.c.experts[0].config
-    hidden = torch.randn(1, config.in_channels, 2, 4, 4, generator=gen)
-    text = torch.randn(1, 512, config.text_dim, generator=gen)
+    dtype, on = pipe.transformer_dtype, pipe.device
+    hidden = torch.randn(1, config.in_channels, 2, 4, 4, generator=gen).to(on, dtype)
+    text = torch.randn(1, 512, config.text_dim, generator=gen).to(on, dtype)
     with torch.inference_mode():
-        out = pipe.experts[0](hidden, torch.tensor([500]), text)
+        out = pipe.experts[0](hidden, torch.tensor([500], device=on), text)
     result = {
         "graphs": startup.graphs,
         "cache_hits": startup.cache_hits,
@@ -47,4 +48,4 @@ def main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

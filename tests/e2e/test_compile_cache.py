@@ -14,9 +14,9 @@ from tests.conftest import ROOT, cli_env
 PROBE = Path(__file__).with_name("compile_cache_probe.py")
 
 
-def start(folder: Path) -> subprocess.Popen:
+def start(folder: Path, device: str = "cpu") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(PROBE), str(folder)],
+        [sys.executable, str(PROBE), str(folder), device],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
