@@ -54,7 +54,7 @@ class EngineOptions:
     compile_backend: str = "inductor"
     """`aot_eager` in CPU tests: traces the same graphs (a graph break still fails) without inductor."""
     warmup_shapes: tuple[WarmupShape, ...] | None = None
-    """(width, height, frames) of the throwaway requests run before the ranks agree they are ready;
+    """(width, height, frames) whose transformer forwards (`warmup`) run before the ranks agree they are ready;
     None: `auto_warmup_shapes` when the blocks are compiled, none otherwise."""
     auto_warmup_shapes: tuple[WarmupShape, ...] = ()
     """The command's own choice: serve the preset's shape, generate its job's (batch's come from its
