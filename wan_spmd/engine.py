@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
-from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
+from wan_spmd.launch import CacheSpec, LoraSpec, ParallelLayout, WarmupShape
 from wan_spmd.runtime import (
     ControlPlane,
     ControlPlaneLost,
@@ -71,6 +71,8 @@ class EngineOptions:
     decodes alone."""
     loras: tuple[LoraSpec, ...] = ()
     """LoRA files fused into the experts' slices at load, before compile and warm-up."""
+    cache: CacheSpec = CacheSpec()
+    """--cache-backend/--cache-config: the step cache installed on the experts after compile."""
 
     @property
     def heartbeat_s(self) -> float:
@@ -123,9 +125,12 @@ class JobRunner:
     ) -> JobReport:
         from wan_spmd.compiling import compiled_graphs
         from wan_spmd.deliver import deliver
+        from wan_spmd.runtime import JobAgreement
 
         fault, rank = self.fault, self.rank
         graphs_before = compiled_graphs()
+        # the step cache's decisions are agreed on the job's control-plane group, beside its steps
+        cache_agree = control.agree_compute if isinstance(control, JobAgreement) else None
         if fault is not None:
             fault("start", job, rank)
             agreed = control
@@ -134,7 +139,7 @@ class JobRunner:
                 fault(f"step {step}", job, rank)
                 return agreed(step, total)
 
-        state = self.pipe.generate_latents(job.params, control=control, on_step=on_step)
+        state = self.pipe.generate_latents(job.params, control=control, on_step=on_step, cache_agree=cache_agree)
         if new_graphs := compiled_graphs() - graphs_before:
             # warm-up did not cover this shape (or the recompile limit was reached): say so
             log.warning("job %s paid for compiling %d new graph(s) (%s)", job.id, new_graphs, job.params.size)
@@ -191,7 +196,7 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
     )
     # the VAE is whole on every rank: encode and decode split its rows over the world
     vae_split = split_vae(components.vae, d.world_size, d.rank) if options.parallel_vae else None
-    return WanVideoPipeline(
+    pipe = WanVideoPipeline(
         components,
         info,
         d.device,
@@ -199,6 +204,13 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
         cfg_branch=cfg_branch(mesh, layout),
         encode_video=vae_split.encode if vae_split is not None else None,
     )
+    if options.cache.enabled:  # after parallelize and compile: the blocks keep their hooks and graphs
+        from wan_spmd.step_cache import StepCache
+
+        pipe.step_cache = StepCache(options.cache, info.family.name, info.family.expert_names)
+        pipe.step_cache.install(components.experts)
+        log.info("step cache: %s", options.cache.describe())
+    return pipe
 
 
 def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape, ...]) -> float:

@@ -23,7 +23,8 @@ noise prediction per step: serial CFG here, CFG-parallel there, with `cfg_branch
 prompt a rank's group needs), `decode_chunks` (the VAE's causal decode, latent frame by latent
 frame, as uint8 chunks: a parallel decoder hands it a band of rows) and `encode_video` (the I2V
 condition's VAE encode). The runtime passes a per-step
-`StepControl` that agrees across ranks whether to go on.
+`StepControl` that agrees across ranks whether to go on. A `step_cache` (wan_spmd.step_cache), when
+set, decides before each step whether the experts' blocks run or reuse their last residual.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import ftfy
 import regex as re
@@ -44,6 +45,9 @@ from diffusers.video_processor import VideoProcessor
 from wan_spmd.config import ModelInfo
 from wan_spmd.models import Components
 from wan_spmd.params import GenerationParams
+
+if TYPE_CHECKING:
+    from wan_spmd.step_cache import Agree, StepCache
 
 log = logging.getLogger("wan_spmd")
 
@@ -150,6 +154,8 @@ class WanVideoPipeline:
         """The VAE encode seam (the I2V condition): this rank's VAE alone, or split over the ranks."""
         self.decode_latent_frames = decode_latent_frames
         """Latent frames per decoded chunk (each is 4 video frames, the first 1)."""
+        self.step_cache: StepCache | None = None
+        """Set (and installed on the experts) by the engine for --cache-backend tea_cache/mag_cache."""
         self.vae_scale_temporal = int(components.vae.config.scale_factor_temporal)
         self.vae_scale_spatial = int(components.vae.config.scale_factor_spatial)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_spatial)
@@ -281,6 +287,8 @@ class WanVideoPipeline:
             if control is not None and not control(i, total):
                 raise JobCancelled(f"cancelled at step {i} of {total}")
             model, guidance = self.expert_for(t, boundary_timestep, params)
+            if self.step_cache is not None:  # decided (and agreed) before the step's forwards
+                self.step_cache.begin_step(i, total, t, model)
             model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
             if first_frame is not None:  # the model sees the image's latent as the first frame
                 model_input = (1 - mask) * first_frame + mask * latents
@@ -289,6 +297,8 @@ class WanVideoPipeline:
             noise_pred = self.predict_noise(
                 model, model_input, timestep, prompt_embeds, negative_embeds, guidance if do_cfg else None
             )
+            if self.step_cache is not None:
+                self.step_cache.end_step()
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i + 1, total)
@@ -355,8 +365,10 @@ class WanVideoPipeline:
         params: GenerationParams,
         control: StepControl | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        cache_agree: Agree | None = None,
     ) -> Latents:
-        """Steps 1-3, which every rank runs together (the experts' collectives are in here)."""
+        """Steps 1-3, which every rank runs together (the experts' collectives are in here).
+        `cache_agree` agrees the step cache's decisions across ranks (the runtime's; None: alone)."""
         timer = _StageTimer(self.device)
         timer.start("PipelineWall")
         do_cfg = params.guidance_scale > 1.0
@@ -376,11 +388,26 @@ class WanVideoPipeline:
                 condition = self.image_condition(params)
             elif conditioning == "first_frame" and params.image is not None:
                 first_frame = self.first_frame_latent(params)
-        # 3. Denoising loop over the experts
-        with timer("Denoising"):
-            latents = self.denoise(
-                params, latents, condition, prompt_embeds, negative_embeds, control, on_step, first_frame=first_frame
-            )
+        # 3. Denoising loop over the experts (the step cache, if any, fresh for this job)
+        cache = self.step_cache
+        if cache is not None:
+            branches = 2 if do_cfg else 1
+            cache.begin_job(params.cache_threshold, params.width, params.height, branches, cache_agree)
+        try:
+            with timer("Denoising"):
+                latents = self.denoise(
+                    params,
+                    latents,
+                    condition,
+                    prompt_embeds,
+                    negative_embeds,
+                    control,
+                    on_step,
+                    first_frame=first_frame,
+                )
+        finally:
+            if cache is not None:  # the residuals are freed however the job ends
+                timer.ms.update(cache.end_job().timings())
         return Latents(params, latents, timer)
 
     def timed_decode(self, state: Latents, chunks: Iterator[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
