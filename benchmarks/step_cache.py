@@ -3,11 +3,12 @@
   python benchmarks/step_cache.py --out DIR            # dummy Wan2.2-I2V-A14B, 832x480x81, 40 steps
   python benchmarks/step_cache.py --tiny --device cpu --out DIR   # the tiny model: a dry run
 
-Builds the real I2V-A14B configuration with random bf16 weights (`--load-format dummy`), compiles the
-blocks (inductor; aot_eager with --tiny), warms up, then runs the same request uncached and with
-each backend (tea_cache, mag_cache) at its default config, and reports per backend k of n
-transformer forwards skipped, the Denoising and PipelineWall times, and the time ratio against the
-bound (n - k) / n + 0.03 (the machinery may cost at most 3%).
+Builds the real I2V-A14B configuration with random bf16 weights (`--load-format dummy`) through the
+engine's own one-rank path (parallelize, compiled blocks: inductor; aot_eager with --tiny), warms
+up, then runs the same request uncached and with each backend (tea_cache, mag_cache) at its default
+config, and reports per backend k of n transformer forwards skipped, the Denoising and PipelineWall
+times, and the Denoising ratio against the bound (n - k) / n + 0.03 (the machinery may cost at
+most 3%).
 
 Random weights say nothing about quality or about hit rates on real weights: TeaCache's decision
 reads the timestep embedding's change through a polynomial fitted on real Wan weights, and MagCache
@@ -27,20 +28,22 @@ import torch
 BACKENDS = ("tea_cache", "mag_cache")
 
 
-def build(tiny: bool, device: torch.device):
-    from wan_spmd.compiling import compile_blocks
+def build(tiny: bool, device: str):
+    """The engine's own one-rank pipeline (parallelize, compile), uncached."""
     from wan_spmd.config import REAL_MODELS
+    from wan_spmd.engine import EngineOptions, build_pipeline
     from wan_spmd.launch import resolve_model
-    from wan_spmd.models import Dtypes, load_components
-    from wan_spmd.pipeline import WanVideoPipeline
-    from wan_spmd.tiny import quiet_hub_logging
+    from wan_spmd.runtime import init_dist
 
-    quiet_hub_logging()
+    d = init_dist(device)
     info = resolve_model("tiny") if tiny else REAL_MODELS["wan2.2-i2v-a14b"]
-    comps = load_components(info, device, Dtypes.for_device(device), load_format="auto" if tiny else "dummy")
-    for expert in comps.experts:
-        compile_blocks(expert, "aot_eager" if tiny else "inductor")
-    return info, WanVideoPipeline(comps, info, device)
+    options = EngineOptions(
+        device=device,
+        load_format="auto" if tiny else "dummy",
+        compile=True,
+        compile_backend="aot_eager" if tiny else "inductor",
+    )
+    return info, build_pipeline(d, info, options)
 
 
 def request(info, tiny: bool):
@@ -63,12 +66,11 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
-
     from wan_spmd.launch import parse_cache_spec
     from wan_spmd.step_cache import StepCache
 
-    info, pipe = build(args.tiny, device)
+    info, pipe = build(args.tiny, args.device)
+    device = pipe.device
     params = request(info, args.tiny)
     warm = dataclasses.replace(params, num_inference_steps=2)
     pipe.generate_latents(warm)  # compiles and allocator growth, paid here
@@ -86,7 +88,7 @@ def main() -> None:
     result["none"] = {"Denoising_ms": base["Denoising"], "PipelineWall_ms": base["PipelineWall"]}
     for backend in BACKENDS:
         cache = StepCache(parse_cache_spec(backend, None), info.family.name, info.family.expert_names)
-        cache.install(pipe.c.experts)
+        cache.install(pipe.experts)
         pipe.step_cache = cache
         pipe.generate_latents(warm)  # the marks' own first run
         ms = run()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from wan_spmd.attention import AttentionFn
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
 from wan_spmd.launch import CacheSpec, LoraSpec, ParallelLayout, WarmupShape
@@ -34,7 +35,6 @@ from wan_spmd.runtime import (
 )
 
 if TYPE_CHECKING:
-    from wan_spmd.parallel.vae import Decoder
     from wan_spmd.pipeline import WanVideoPipeline
 
 log = logging.getLogger("wan_spmd")
@@ -66,11 +66,19 @@ class EngineOptions:
     auto_warmup_shapes: tuple[WarmupShape, ...] = ()
     """The command's own choice: serve the preset's shape, generate its job's, batch its file's first two."""
     vae_dtype: str = "fp32"
-    parallel_vae: bool = True
-    """Split the VAE's encode and decode over every rank (rows of each frame, exact); False: rank 0
-    decodes alone."""
     loras: tuple[LoraSpec, ...] = ()
     """LoRA files fused into the experts' slices at load, before compile and warm-up."""
+    attention: str = "auto"
+    """auto|sdpa|fa3|fa3-fp8 (`kernels.select_attention`): auto is FA3 bf16 where it runs (Hopper)."""
+    quant: str = "none"
+    """none|fp8: fp8 rowwise linears in the experts' blocks (torchao), after LoRA fusion and TP slicing."""
+    prompt_cache: int = 16
+    """Prompt embeddings kept across requests (`caches`); 0: none."""
+    condition_cache: int = 8
+    """I2V condition latents kept across requests (`caches`); 0: none."""
+    vae_encode_reuse: bool = True
+    """The I2V condition's encode reuses a stage's output where its input and cache repeat (exact;
+    `vae_reuse`); False: diffusers' encode as it is."""
     cache: CacheSpec = CacheSpec()
     """--cache-backend/--cache-config: the step cache installed on the experts after compile."""
 
@@ -111,12 +119,12 @@ agreement, and "deliver" (rank 0); raising there injects a failure into the real
 
 
 class JobRunner:
-    """One job on this rank: denoise with the agreed step control, decode through the decode seam,
-    and on rank 0 stream the frames into the mp4 at the path the front chose."""
+    """One job on this rank: denoise with the agreed step control, decode (split over the ranks
+    where the pipeline's VAE is), and on rank 0 stream the frames into the mp4 at the path the
+    front chose."""
 
-    def __init__(self, pipe: WanVideoPipeline, decoder: Decoder, rank: int, fault: Fault | None = None) -> None:
+    def __init__(self, pipe: WanVideoPipeline, rank: int, fault: Fault | None = None) -> None:
         self.pipe = pipe
-        self.decoder = decoder
         self.rank = rank
         self.fault = fault
 
@@ -144,7 +152,7 @@ class JobRunner:
             # warm-up did not cover this shape (or the recompile limit was reached): say so
             log.warning("job %s paid for compiling %d new graph(s) (%s)", job.id, new_graphs, job.params.size)
             state.timer.ms["NewCompiledGraphs"] = float(new_graphs)
-        chunks = self.pipe.timed_decode(state, self.decoder(self.pipe, state.latents))
+        chunks = self.pipe.timed_decode(state)
         if output is None:  # not rank 0: take part in the decoder's collectives, keep nothing
             for _ in chunks:
                 pass
@@ -163,14 +171,25 @@ class JobRunner:
         return JobReport(path, {**state.timer.ms, **writer_ms})
 
 
-def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideoPipeline:
-    """Load this rank's part of the model and parallelize it as the layout says."""
+def build_pipeline(
+    d: Dist, info: ModelInfo, options: EngineOptions, attend: AttentionFn | None = None
+) -> WanVideoPipeline:
+    """Load this rank's part of the model and parallelize it as the layout says; every attention in
+    the experts goes through `attend` (a kernel backend of `AttentionFn`'s signature; None: the
+    one `--attention` selects)."""
+    import functools
+
+    import torch
+
+    from wan_spmd.caches import LruCache
     from wan_spmd.compiling import compile_blocks, resolve_compile
+    from wan_spmd.kernels import quantize_fp8, select_attention
     from wan_spmd.models import Dtypes, load_components
-    from wan_spmd.parallel import CfgParallel, build_mesh, cfg_branch, parallelize, tp_submesh
+    from wan_spmd.parallel import CfgParallel, build_mesh, parallelize
     from wan_spmd.parallel.vae import split_vae
     from wan_spmd.pipeline import WanVideoPipeline, serial_cfg
     from wan_spmd.tiny import quiet_hub_logging
+    from wan_spmd.vae_reuse import reuse_encode_mode
 
     quiet_hub_logging()
     start = time.perf_counter()
@@ -178,42 +197,64 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
     mesh = build_mesh(layout, d.device)
     dtypes = Dtypes.for_device(d.device, vae=options.vae_dtype)
     components = load_components(
-        info, d.device, dtypes, mesh=tp_submesh(mesh, layout), load_format=options.load_format, loras=options.loras
+        info, d.device, dtypes, mesh=mesh.tp_mesh, load_format=options.load_format, loras=options.loras
     )
     compiled = resolve_compile(options.compile, d.device)
+    kernel_line = "attention: given by the caller"
+    if attend is None:
+        attend, kernel_line = select_attention(options.attention, d.device)
+    experts, quant_lines = [], []
     for expert in components.experts:
-        parallelize(expert, mesh, layout, per_token_timesteps=info.family.expand_timesteps)
+        experts.append(parallelize(expert, mesh, attend, per_token_timesteps=info.family.expand_timesteps))
+        if options.quant == "fp8":
+            # after LoRA fusion (load) and TP's slicing (parallelize), before compile
+            quant_lines.append(quantize_fp8(expert).summary())
         if compiled:
-            compile_blocks(expert, options.compile_backend)
+            compile_blocks(experts[-1], options.compile_backend)
     log.info(
-        "loaded %s on %d rank(s) (%s%s) in %.1f s%s",
+        "loaded %s on %d rank(s) (%s%s) in %.1f s%s; %s; quant %s",
         info.path or info.config_name,
         d.world_size,
         layout.describe(),
         ", blocks compiled" if compiled else "",
         time.perf_counter() - start,
         "".join(f"; fused LoRA {spec.describe()}" for spec in options.loras),
+        kernel_line,
+        options.quant + "".join(f" (expert {i + 1}: {line})" for i, line in enumerate(quant_lines)),
     )
     # the VAE is whole on every rank: encode and decode split its rows over the world
-    vae_split = split_vae(components.vae, d.world_size, d.rank) if options.parallel_vae else None
+    vae_split = split_vae(components.vae, d.world_size, d.rank)
     pipe = WanVideoPipeline(
         components,
         info,
         d.device,
-        predict_noise=CfgParallel(mesh) if layout.cfg > 1 else serial_cfg,
-        cfg_branch=cfg_branch(mesh, layout),
-        encode_video=vae_split.encode if vae_split is not None else None,
+        predict_noise=CfgParallel(mesh.mesh) if layout.cfg > 1 else serial_cfg,
+        cfg_branch=mesh.cfg_branch,
+        experts=experts,
+        vae_split=vae_split,
+        is_main=d.is_main,
     )
-    if options.cache.enabled:  # after parallelize and compile: the blocks keep their hooks and graphs
+    if options.vae_encode_reuse:  # the I2V condition's encode, split or not
+        if vae_split is not None:
+            vae_split.band_encoder = functools.partial(reuse_encode_mode, agree=vae_split.all_true)
+        else:
+            pipe.condition_encoder = reuse_encode_mode
+    # across requests; a row-split encode is collective, so there every rank agrees on each lookup
+    agree = None
+    if vae_split is not None:
+        agree = lambda hit: vae_split.all_true(torch.tensor(hit, device=d.device))  # noqa: E731
+    pipe.prompt_cache = LruCache("prompt", options.prompt_cache) if options.prompt_cache else None
+    pipe.condition_cache = LruCache("condition", options.condition_cache, agree) if options.condition_cache else None
+    if options.cache.enabled:  # after parallelize and compile: the compiled blocks stay as they are
         from wan_spmd.step_cache import StepCache
 
         pipe.step_cache = StepCache(options.cache, info.family.name, info.family.expert_names)
-        pipe.step_cache.install(components.experts)
+        pipe.step_cache.install(pipe.experts)
         log.info("step cache: %s", options.cache.describe())
     return pipe
 
 
-def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape, ...]) -> float:
+def warm_up(pipe: WanVideoPipeline, shapes: tuple[WarmupShape, ...]) -> float:
     """One throwaway request per shape on every rank (text encode, VAE encode, a step of each
     expert with CFG, decode), so compiles, autotuning and allocator growth are paid before the
     ranks agree they are ready. Returns the seconds it took."""
@@ -240,7 +281,7 @@ def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape,
             seed=0,
         )
         state = pipe.generate_latents(params)
-        for _ in pipe.timed_decode(state, decoder(pipe, state.latents)):
+        for _ in pipe.timed_decode(state):
             pass
         log.info("warmed up %dx%dx%d", width, height, frames)
     return time.perf_counter() - start
@@ -280,7 +321,6 @@ class _Engine:
 
     def run(self, watch: ShutdownWatch) -> int:
         from wan_spmd.compiling import resolve_compile
-        from wan_spmd.parallel.vae import decoder_for
 
         d, ok, lost = self.d, True, False
         try:
@@ -308,14 +348,13 @@ class _Engine:
                     log.error("not every rank loaded the model; stopping")
                 return 1
             # 4. Warm up together (compiles are paid here, not by the first request), agree, loop
-            decoder = decoder_for(pipe.c.vae, d.is_main)
             warm_s = 0.0
             shapes = self.options.warmup_shapes
             if shapes is None:
                 shapes = self.options.auto_warmup_shapes if resolve_compile(self.options.compile, d.device) else ()
             if shapes:
                 try:
-                    warm_s = warm_up(pipe, decoder, shapes)
+                    warm_s = warm_up(pipe, shapes)
                 except Exception:
                     log.exception("rank %d could not warm up", d.rank)
                     ok = False
@@ -326,7 +365,7 @@ class _Engine:
                     return 1
             if self.front is not None:
                 self.front.ready(d.world_size, warm_s)
-            runner = JobRunner(pipe, decoder, d.rank, self.fault)
+            runner = JobRunner(pipe, d.rank, self.fault)
             source = self.front.source if self.front is not None else None
             jobs = spmd_loop(d, runner, source, self.options.heartbeat_s)
             return self.front.exit_code(jobs, self.signal_name) if self.front is not None else 0

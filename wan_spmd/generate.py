@@ -7,11 +7,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from wan_spmd.caches import COUNT_KEYS
 from wan_spmd.jobs import Job, OfflineFront, Outcome, StopLoop
 
 
 def timings_line(timings_ms: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.0f}ms" for k, v in timings_ms.items())
+    return " ".join(f"{k}={v:.0f}{'' if k in COUNT_KEYS else 'ms'}" for k, v in timings_ms.items())
 
 
 class OneJobSource:

@@ -65,6 +65,11 @@ class StopLoop:
     """Sentinel a source returns to end the loop on every rank."""
 
 
+class JobCancelled(RuntimeError):
+    """A job's step control said stop (a client went away, a deadline passed, the server is shutting
+    down): raised by the pipeline, caught by the SPMD loop."""
+
+
 class JobSource(Protocol):
     """Where rank 0 gets work from and where outcomes go; the only front-facing interface."""
 

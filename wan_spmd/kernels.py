@@ -37,18 +37,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-log = logging.getLogger("wan_spmd")
+from wan_spmd.attention import AttentionFn, sdpa  # the seam's signature, and SDPA as diffusers calls it
 
-AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""(query, key, value) -> out, all (batch, seq, heads, head_dim). The same as
-`wan_spmd.attention.AttentionFn`; kept here so this module stands alone."""
+log = logging.getLogger("wan_spmd")
 
 ATTENTION_CHOICES = ("auto", "sdpa", "fa3", "fa3-fp8")
 HOPPER_EXTRA = "pip install 'wan_spmd[hopper]'"
@@ -64,12 +60,6 @@ class KernelUnavailable(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # Backends
-
-
-def sdpa(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-    """torch's SDPA on (B, S, H, D) tensors (it wants (B, H, S, D): transposed views, no copies)."""
-    out = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
-    return out.transpose(1, 2)  # (B, S, H, D)
 
 
 @torch.library.custom_op("wan_spmd::flash_attention", mutates_args=(), device_types="cuda")

@@ -23,9 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from wan_spmd.env import torchrun_env
-from wan_spmd.jobs import Job, JobSource, Outcome, StopLoop
-from wan_spmd.pipeline import JobCancelled
+from wan_spmd.jobs import Job, JobCancelled, JobSource, Outcome, StopLoop
+from wan_spmd.process import torchrun_env
 
 log = logging.getLogger("wan_spmd")
 

@@ -242,7 +242,7 @@ def run_server(settings: ServerSettings, options: ServeOptions, engine: EngineOp
     """Every rank: the engine's lifecycle; rank 0 also serves HTTP. Returns the exit status:
     0 after a stop every rank agreed to, 1 when a rank was lost or could not start."""
     from wan_spmd.engine import run_engine
-    from wan_spmd.env import torchrun_env
+    from wan_spmd.process import torchrun_env
 
     if torchrun_env()[0] == 0:
         options.output_dir.mkdir(parents=True, exist_ok=True)

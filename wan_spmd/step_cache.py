@@ -21,15 +21,16 @@ across the replica before the step (`agree`: the runtime's control plane; comput
 wants to), so a rank whose inputs differed would still follow the others. The switch between the
 two experts (boundary_ratio) resets the cache: the first step of each expert always computes.
 
-Where the blocks are skipped: diffusers' `WanTransformer3DModel.forward` runs `for block in
-self.blocks` between the patch embedding and the output norm; `CachedBlocks` (the same modules,
-same names, in a ModuleList) yields, for a forward inside a step, either the blocks between two
-marks that record the whole input and output, or one step that adds the cached residual. The
-tensor-parallel and Ulysses split/gather sit on the first and last block, so the marks see the
-whole (B, S, D) tokens on every rank and the residual is replicated like them. The compiled blocks
-are the same objects on computed steps and are not called on skipped ones: nothing recompiles.
-Memory: one residual (B, S, D) in the transformer's dtype per guidance branch (two with CFG), e.g.
-2 x 335 MB at 832x480x81 for A14B, held only while a job runs.
+Where the blocks are skipped: an expert's forward (`parallel.ParallelExpert`, or diffusers'
+`WanTransformer3DModel.forward` for a whole expert) runs `for block in self.blocks` between the
+patch embedding (and the layout's token split) and the gather and output norm; `CachedBlocks` (the
+same block modules, in a ModuleList) yields, for a forward inside a step, either the blocks
+between two marks that record their input and output, or one stand-in that adds the cached
+residual. Each rank thus keeps the residual of its own token shard, and the gather after the blocks
+runs on every rank either way. The compiled blocks are the same objects on computed steps and are
+not called on skipped ones: nothing recompiles. Memory per rank: one residual (B, S / (ulysses x
+tp), D) in the transformer's dtype per guidance branch it runs (two with serial CFG), e.g. 2 x 335
+MB on one GPU at 832x480x81 for A14B, held only while a job runs.
 """
 
 from __future__ import annotations
@@ -237,14 +238,17 @@ class StepCache:
         self._residuals: dict[int, torch.Tensor] = {}
         self._inputs: dict[int, torch.Tensor] = {}
 
-    def install(self, experts: list[nn.Module]) -> None:
-        """Wrap each expert's blocks (after parallelize and compile: they keep their hooks and graphs)."""
+    def install(self, experts: list) -> None:
+        """Wrap each expert's blocks (after parallelize and compile: the compiled blocks stay as
+        they are). `experts` are the pipeline's: `ParallelExpert`s (their `blocks`) or whole experts
+        (their diffusers module's `blocks`)."""
         for index, expert in enumerate(experts):
-            if isinstance(expert.blocks, CachedBlocks):  # another cache's: this one takes it over
-                expert.blocks._cache = self
+            owner = expert if hasattr(expert, "blocks") else expert.model
+            if isinstance(owner.blocks, CachedBlocks):  # another cache's: this one takes it over
+                owner.blocks._cache = self
             else:
-                expert.blocks = CachedBlocks(expert.blocks, self, index)
-            self.blocks[id(expert)] = expert.blocks
+                owner.blocks = CachedBlocks(owner.blocks, self, index)
+            self.blocks[id(expert)] = owner.blocks
 
     # -- a job ------------------------------------------------------------------------------------
 
@@ -276,14 +280,14 @@ class StepCache:
         self._residuals.clear()
         self._inputs.clear()
 
-    def begin_step(self, step: int, total: int, t: torch.Tensor, model: nn.Module) -> None:
+    def begin_step(self, step: int, total: int, t: torch.Tensor, model) -> None:
         """Decide (and agree) whether this step's forwards compute the blocks or reuse residuals."""
         blocks = self.blocks[id(model)]
         if blocks.expert != self._expert:  # a new expert: its first step computes, nothing carries over
             self._expert = blocks.expert
             self.policy.reset()
             self._residuals.clear()
-        modulated = modulated_timestep(model, t) if isinstance(self.policy, TeaCache) else None
+        modulated = modulated_timestep(model.model, t) if isinstance(self.policy, TeaCache) else None
         wants = self.policy.wants_compute(step, total, modulated) or not self._residuals
         compute = self.agree(step, wants)  # True when any rank wants to compute
         if compute:
@@ -323,7 +327,7 @@ class StepCache:
 
 
 class _Mark:
-    """Records the blocks' whole input (first) or, after them, the residual output - input."""
+    """Records the blocks' input (first) or, after them, the residual output - input (this rank's tokens)."""
 
     def __init__(self, cache: StepCache, slot: int, first: bool) -> None:
         self.cache, self.slot, self.first = cache, slot, first
@@ -352,7 +356,7 @@ class CachedBlocks(nn.ModuleList):
     Outside a step (loading, parallelize, compile, state dicts) it iterates as the plain list; inside
     one, each iteration is one forward, planned by the cache."""
 
-    def __init__(self, blocks: nn.ModuleList, cache: StepCache, expert: int) -> None:
+    def __init__(self, blocks, cache: StepCache, expert: int) -> None:
         super().__init__(blocks)
         self._cache = cache
         self.expert = expert
@@ -371,3 +375,10 @@ def modulated_timestep(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
     dtype = next(iter(embedder.time_embedder.parameters())).dtype
     temb = embedder.time_embedder(proj.to(dtype))
     return embedder.time_proj(embedder.act_fn(temb)).float()
+
+
+def residual_bytes(tokens: int, hidden_dim: int, dtype_bytes: int, branches: int, token_parts: int = 1) -> int:
+    """Bytes one rank holds for cached residuals during a job (for a memory plan): one (1, S / parts,
+    D) residual per guidance branch it runs. A14B at 832x480x81 (32,760 tokens, D 5120, bf16, CFG on
+    one GPU): 2 x 335 MB."""
+    return -(-tokens // token_parts) * hidden_dim * dtype_bytes * branches

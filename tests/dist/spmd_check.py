@@ -4,7 +4,7 @@ Modes:
   tp OUT      run the tiny I2V and T2V models; rank 0 saves latents and float video, every rank
               writes its parameter counts for the sharded layers
   tp_ti2v OUT the tiny TI2V model without an image (12 tokens: the sequence regions split them, and
-              the per-token modulation with them) and with one (9 tokens: uneven, all-reduce); rank 0
+              the per-token modulation with them) and with one (9 tokens: uneven, padded to 10); rank 0
               saves latents and float video
   attn OUT    one attention module sharded by the TP plan vs the same module whole
   compile_ti2v OUT  the tiny TI2V model's compiled blocks against eager, text and image
@@ -33,15 +33,21 @@ import torch
 
 from wan_spmd.config import generation_defaults
 from wan_spmd.engine import EngineOptions, JobRunner, build_pipeline
-from wan_spmd.env import finish_process, setup_logging, torchrun_env
+from wan_spmd.process import finish_process, setup_logging, torchrun_env
 from wan_spmd.jobs import Job, Outcome, StopLoop
 from wan_spmd.launch import resolve_layout, resolve_model
 from wan_spmd.params import resolve_params
-from wan_spmd.parallel.vae import decoder_for
 from wan_spmd.runtime import init_dist, shutdown, spmd_loop
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "example.png"
 SHARDED = ("attn1.to_", "attn2.to_", "attn1.norm_", "attn2.norm_", "ffn.net.")
+
+
+def tp_mesh(device: torch.device, tp_size: int):
+    """A 1-D mesh over all ranks, for the checks of the TP plan alone."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (tp_size,), mesh_dim_names=("tp",))
 
 
 def local_numel(p: torch.Tensor) -> int:
@@ -97,7 +103,7 @@ def mode_tp_ti2v(d, out: Path) -> None:
 def mode_attn(d, out: Path) -> None:
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-    from wan_spmd.parallel import shard_block, tp_mesh
+    from wan_spmd.parallel import shard_block
 
     torch.manual_seed(0)
     whole = WanTransformerBlock(48, 64, 4, qk_norm="rms_norm_across_heads", cross_attn_norm=True, eps=1e-6)
@@ -128,29 +134,27 @@ REQUESTS = {"cfg": {}, "g1": {"guidance_scale": 1.0, "guidance_scale_2": 1.0}, "
 
 
 def mode_layouts(d, out: Path, names: str) -> None:
-    from wan_spmd.parallel.ulysses import can_widen
-    from wan_spmd.parallel.vae import decoder_for
-
     for name in names.split(","):
         layout = resolve_layout(d.world_size, **LAYOUTS[name])
         counts = {}
         for model in ("tiny", "tiny-t2v"):
             info = resolve_model(model)
             pipe = build_pipeline(d, info, EngineOptions(layout=layout, device="cpu"))
-            decoder = decoder_for(pipe.c.vae, d.is_main)
             for request, extra in REQUESTS.items():
                 state = pipe.generate_latents(params_for(info, **extra))
-                frames = list(pipe.timed_decode(state, decoder(pipe, state.latents)))
+                frames = list(pipe.timed_decode(state))
                 if d.is_main:
                     result = {"latents": state.latents, "frames": torch.cat([f.cpu() for f in frames])}
                     torch.save(result, out / f"{name}-{model}-{request}.pt")
-            for expert, weights in zip(("transformer", "transformer_2"), pipe.c.experts, strict=True):
+            for expert, weights, layout_expert in zip(
+                ("transformer", "transformer_2"), pipe.c.experts, pipe.experts, strict=True
+            ):
                 counts[f"{model}/{expert}"] = {
                     "all": sum(local_numel(p) for p in weights.parameters()),
                     "sharded": sum(
                         local_numel(p) for n, p in weights.blocks.named_parameters() if any(s in n for s in SHARDED)
                     ),
-                    "widens": can_widen(weights),
+                    "widens": layout_expert.can_widen,
                 }
         (out / f"counts-{name}-{d.rank}.json").write_text(json.dumps(counts))
     if d.world_size > 1:
@@ -160,9 +164,7 @@ def mode_layouts(d, out: Path, names: str) -> None:
 def vae_split_error(d, pipe, out: Path) -> None:
     """The row-split VAE against the same VAE whole (its wrappers pass through outside a split),
     on random inputs whose rows split evenly (8) and unevenly (6 latent rows over 4 ranks)."""
-    from wan_spmd.parallel.vae import _SPLITS
-
-    vae, split = pipe.c.vae, _SPLITS[pipe.c.vae]
+    vae, split = pipe.c.vae, pipe.vae_split
     gen = torch.Generator().manual_seed(3)
     result = {}
     with torch.inference_mode():
@@ -212,7 +214,7 @@ def mode_compile(d, out: Path, names: str = "") -> None:
 
 def mode_compile_ti2v(d, out: Path) -> None:
     """TI2V's per-token modulation through compiled blocks (aot_eager, fullgraph) against eager: text
-    at 64x64 (tokens split over 2 ranks), image at 32x96 (uneven: all-reduce) and 96x64."""
+    at 64x64 (tokens split over 2 ranks), image at 32x96 (uneven: padded) and 96x64."""
     info = resolve_model("tiny-ti2v")
     options = EngineOptions(layout=resolve_layout(d.world_size), device="cpu")
     eager = build_pipeline(d, info, options)
@@ -229,7 +231,7 @@ def mode_compile_ti2v(d, out: Path) -> None:
 def mode_dummy(d, out: Path) -> None:
     """Dummy weights made already sharded: the same model at every TP size (tiny architecture)."""
     from wan_spmd.loading import dummy_expert_sharded
-    from wan_spmd.parallel import shard_expert, tp_mesh
+    from wan_spmd.parallel import shard_expert
     from wan_spmd.tiny import tiny_transformer_config
 
     mesh = tp_mesh(d.device, d.world_size) if d.world_size > 1 else None
@@ -249,7 +251,7 @@ def mode_lora(d, out: Path) -> None:
     from wan_spmd.launch import parse_lora_spec
     from wan_spmd.lora import read_deltas
     from wan_spmd.loading import dummy_expert_sharded
-    from wan_spmd.parallel import shard_expert, tp_mesh
+    from wan_spmd.parallel import shard_expert
     from wan_spmd.tiny import tiny_transformer_config
 
     loras = (
@@ -304,7 +306,7 @@ def run_with_faults(d, out: Path, ids: tuple[str, ...], fault) -> int:
     pipe = load_pipeline(d, info)
     # the engine's decoder (row-split over the ranks): a delivery failure on rank 0 must not leave
     # the other ranks inside its collectives
-    runner = JobRunner(pipe, decoder_for(pipe.c.vae, d.is_main), d.rank, fault)
+    runner = JobRunner(pipe, d.rank, fault)
     jobs = [Job(i, params_for(info, size="32x32", num_frames=5)) for i in ids]
     source = ListSource(jobs, out) if d.is_main else None
     return spmd_loop(d, runner, source, heartbeat_s=0.5)

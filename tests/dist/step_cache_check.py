@@ -19,7 +19,7 @@ import torch
 
 from tests.dist.spmd_check import LAYOUTS, params_for
 from wan_spmd.engine import EngineOptions, build_pipeline
-from wan_spmd.env import finish_process, setup_logging, torchrun_env
+from wan_spmd.process import finish_process, setup_logging, torchrun_env
 from wan_spmd.launch import parse_cache_spec, resolve_layout, resolve_model
 from wan_spmd.runtime import ControlPlane, JobAgreement, init_dist, shutdown
 

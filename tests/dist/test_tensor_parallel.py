@@ -56,8 +56,8 @@ def ti2v_runs(cache_home, tiny_ti2v, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("case", ["text", "image"])
 def test_tp2_ti2v_matches_tp1(ti2v_runs, case):
     """TI2V's timestep is per token: if this fails, the per-token modulation was not split with the
-    tokens in the sequence regions (text: 12 tokens, split), or the uneven fallback (image: 9 tokens,
-    all-reduce) or the first-frame conditioning differs between TP=2 and TP=1."""
+    tokens in the sequence regions (text: 12 tokens, split), or the padding of an uneven count (image:
+    9 tokens, padded to 10) or the first-frame conditioning differs between TP=2 and TP=1."""
     one = torch.load(ti2v_runs / f"ti2v-{case}-1.pt")
     two = torch.load(ti2v_runs / f"ti2v-{case}-2.pt")
     assert one["latents"].shape == two["latents"].shape
@@ -176,8 +176,8 @@ def test_compiled_blocks_trace_whole_and_match_eager(cache_home, tiny_i2v, tmp_p
 
 
 def test_compiled_ti2v_blocks_under_tp2_match_eager(cache_home, tiny_ti2v, tmp_path):
-    """Compiled blocks are the CUDA default: if this fails, TI2V's per-token modulation (narrowed to
-    each rank's tokens by a pre-hook inside the compiled block) breaks the fullgraph trace, which
+    """Compiled blocks are the CUDA default: if this fails, TI2V's per-token modulation (split with
+    the tokens before the compiled blocks, padded where uneven) breaks the fullgraph trace, which
     would stop a GPU server at start-up, or computes something else than eager."""
     proc = run_torchrun_script(SCRIPT, ["compile_ti2v", str(tmp_path)], nproc=2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

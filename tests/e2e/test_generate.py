@@ -86,6 +86,8 @@ BAD = {
     "warm-up frames not 4k+1": (["--warmup-shapes", "64x64x9,64x64x8"], "8 frames in '64x64x8' is not 4k+1"),
     "warm-up size not a multiple": (["--warmup-shapes", "60x64x9"], "width 60 in '60x64x9' is not a multiple of 16"),
     "bad vae dtype": (["--vae-dtype", "fp16"], "--vae-dtype must be one of fp32, bf16"),
+    "negative prompt cache": (["--prompt-cache", "-1"], "--prompt-cache must be >= 0 entries"),
+    "negative condition cache": (["--condition-cache", "-2"], "--condition-cache must be >= 0 entries"),
     "tp not the world": (["--tp", "2"], "cfg=1 x ulysses=1 x tp=2 = 2 ranks, but the world size is 1"),
 }
 

@@ -36,6 +36,7 @@ from wan_spmd.server.routes import FAULT_ENV
 MAX_CONNECTIONS = 16
 HEADER_TIMEOUT_S = 2
 BODY_TIMEOUT_S = 4
+SEND_TIMEOUT_S = 2
 BUDGET = body_cap(Limits(max_upload_bytes=UPLOAD_LIMIT))  # every body's byte budget on these servers
 KEY = "k3y-from-a-file"
 FAULT_PROMPT = "fail unexpectedly (test)"
@@ -51,6 +52,7 @@ def server(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
             tmp_path_factory.mktemp("hostile"),
             *("--max-connections", str(MAX_CONNECTIONS), "--max-queue", "2"),
             *("--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S)),
+            *("--send-timeout", str(SEND_TIMEOUT_S)),
         )
     finally:
         del os.environ[FAULT_ENV]
@@ -354,6 +356,98 @@ def test_out_of_descriptors_degrades_quietly(keyed):
     assert any("accepting failed" in line for line in new_lines), new_lines[:20]
     assert len(new_lines) < 20 and not any("Traceback" in line for line in new_lines), new_lines[:40]
     _serves(keyed)
+
+
+def _pipeline_unread(server: Server, path: str, most: int = 20_000) -> socket.socket:
+    """A connection that pipelines up to `most` GETs of `path` (as many as the socket takes) and
+    never reads an answer, with a small receive buffer so its window fills soon."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", _port(server)))
+    sock.setblocking(False)
+    request = _request("GET", path, f"127.0.0.1:{_port(server)}")
+    batch = request * 100
+    for _ in range(most // 100):
+        try:
+            if sock.send(batch) < len(batch):
+                break
+        except BlockingIOError:
+            break
+    return sock
+
+
+def _fresh_health(server: Server) -> int | None:
+    """/health's status over a new connection, or None if the connection failed."""
+    try:
+        sock = _connect(server)
+        sock.sendall(_request("GET", "/health", f"127.0.0.1:{_port(server)}"))
+        status = _read_answer(sock, timeout=10)[0]
+        sock.close()
+        return status
+    except OSError:
+        return None
+
+
+@pytest.mark.parametrize("target", ["health", "content"])
+def test_unread_answers_do_not_hold_the_server(server, target):
+    """--max-connections clients that each pipeline thousands of GETs (of /health, or of a finished
+    video's content) and never read an answer: a new client still gets /health 200 (the connection
+    stalled longest makes room), every one of them is closed by the server (--send-timeout, or
+    evicted), and a normal request goes through. If this fails, a few clients that stop reading
+    lock everyone out for ever (issue 33: /health answered 503 sixty times in 60 s)."""
+    path = "/health"
+    if target == "content":
+        r = server.client.post(
+            "/v1/videos",
+            data=_form(num_inference_steps="1"),
+            files={"input_reference": ("in.png", _png(), "image/png")},
+        )
+        assert r.status_code == 200 and r.json()["status"] == "completed", r.text[:300]
+        path = f"/v1/videos/{r.json()['id']}/content"
+    reasons = ("send_timeout", "evicted")
+    closed_before = {
+        reason: _metric(server.client, "wan_spmd_connections_closed_total", reason=reason) for reason in reasons
+    }
+    unread = [_pipeline_unread(server, path) for _ in range(MAX_CONNECTIONS)]
+    start = time.monotonic()
+    waited = _wait_for(lambda: _fresh_health(server) == 200, 30, "a new client gets /health 200")
+    print(f"{target}: /health 200 for a new client {waited:.2f} s after {MAX_CONNECTIONS} unread pipelines")
+
+    def closed() -> dict[str, float]:
+        return {
+            reason: _metric(server.client, "wan_spmd_connections_closed_total", reason=reason) - before
+            for reason, before in closed_before.items()
+        }
+
+    _wait_for(lambda: sum(closed().values()) >= MAX_CONNECTIONS, 30, "the server closes every unread pipeline")
+    print(f"{target}: all {MAX_CONNECTIONS} closed by the server {time.monotonic() - start:.2f} s after they began")
+    assert closed()["send_timeout"] >= 1, closed()
+    assert _fresh_health(server) == 200
+    for sock in unread:
+        sock.close()
+    _serves(server)
+
+
+def test_bodies_that_never_come_take_no_queue_place(server):
+    """Twice --max-queue POSTs that promise a body and never send it: a complete request that comes
+    after them is still admitted and answered (a place is taken only once a body is complete and
+    valid). If this fails, a client that opens a few uploads and stalls makes every other client get
+    429 for up to --body-timeout (issue 33: sixteen such POSTs)."""
+    host = f"127.0.0.1:{_port(server)}"
+    hanging = []
+    for _ in range(4):
+        sock = _connect(server)
+        head = _request("POST", "/v1/videos", host, Content_Type="application/json")
+        sock.sendall(head.replace(b"Content-Length: 0", b"Content-Length: 500000") + b'{"prompt": "a')
+        hanging.append(sock)
+    sock = _connect(server)
+    sock.sendall(_request("POST", "/v1/videos/sync", host, _video_json(), Content_Type="application/json"))
+    status, headers, body = _read_answer(sock, timeout=120)
+    sock.close()
+    assert status == 200 and headers["content-type"] == "video/mp4", body[:300]
+    for other in hanging:
+        other.close()
+    _serves(server)
 
 
 # -- 3. the Unix socket: private, and never taken from a live server ------------------------------

@@ -117,6 +117,25 @@ def test_cli_hostile_values_exit_2_with_one_line(case, cache_home, tiny_i2v, tmp
     assert message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RANK": "abc"}, "RANK='abc' must be a whole number >= 0"),
+        ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' must be a whole number >= 0"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be a whole number >= 1"),
+        ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK=3 must be below WORLD_SIZE=2"),
+    ],
+    ids=["RANK=abc", "LOCAL_RANK=x", "WORLD_SIZE=0", "RANK past WORLD_SIZE"],
+)
+def test_bad_torchrun_variables_exit_2_with_one_line(env, message, tmp_path: Path):
+    """torchrun's variables set by hand to something that is not a rank: exit 2 and one `error:`
+    line naming the variable. If this fails, a typo in a launcher script ends in a traceback."""
+    proc = run_cli(["generate", "--prompt", "x", "--output", str(tmp_path / "o.mp4")], timeout=60, **env)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_cli_job_past_its_deadline_fails(cache_home, tiny_i2v, tmp_path: Path):
     """--job-deadline is enforced: a job given 1 ms (x its share of --max-work) is stopped at its
     first denoising step on every rank and fails with the deadline named, exit 1, no video. If this

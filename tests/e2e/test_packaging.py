@@ -21,7 +21,7 @@ TORCH_FREE = (
     "wan_spmd.params",
     "wan_spmd.images",
     "wan_spmd.jobs",
-    "wan_spmd.env",
+    "wan_spmd.process",
     "wan_spmd.video",
     "wan_spmd.batch",
     "wan_spmd.generate",

@@ -142,7 +142,7 @@ def _pipeline(folder, cache: str | None = None, config: str | None = None, compi
     pipe = WanVideoPipeline(comps, info, torch.device("cpu"))
     if cache is not None:
         pipe.step_cache = StepCache(parse_cache_spec(cache, config), info.family.name, info.family.expert_names)
-        pipe.step_cache.install(comps.experts)
+        pipe.step_cache.install(pipe.experts)
     return info, pipe
 
 
@@ -182,3 +182,13 @@ def test_compiled_blocks_serve_cached_and_computed_steps_without_recompiling(tin
         assert compiled.step_cache.decisions == eager.step_cache.decisions
         assert (got - ref).abs().max().item() <= 1e-4
     assert compiled_graphs() == before
+
+
+def test_residual_memory_is_what_the_docs_say():
+    """If this fails, the memory figure in docs/step_cache.md (2 x 335 MB for A14B at 832x480x81 on one
+    GPU) no longer matches what the cache holds."""
+    from wan_spmd.step_cache import residual_bytes
+
+    tokens = 21 * (480 // 16) * (832 // 16)  # latent frames x rows x columns after the patch
+    assert residual_bytes(tokens, 5120, 2, branches=2) == 2 * 335_462_400
+    assert residual_bytes(tokens, 5120, 2, branches=1, token_parts=4) == 83_865_600

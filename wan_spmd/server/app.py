@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wan_spmd.server.context import ARRIVED, VIDEO_PATHS, ServerContext, ServerSettings
-from wan_spmd.server.errors import ApiError
+from wan_spmd.server.errors import ApiError, quoted
 from wan_spmd.server.job_routes import jobs_router
 from wan_spmd.server.routes import system_router, videos_router
 
@@ -89,7 +89,7 @@ class Front:
         if host is not None and server is not None and not is_own_host(host.decode("latin-1"), server):
             return ApiError(
                 403,
-                f"Host {host.decode('latin-1')!r} is not this server's address; without --api-key only "
+                f"Host {quoted(host.decode('latin-1'))} is not this server's address; without --api-key only "
                 "requests addressed to its IP or localhost are served",
                 "Host",
             )
@@ -97,7 +97,7 @@ class Front:
         if origin is not None and not _is_own_origin(origin.decode("latin-1"), server):
             return ApiError(
                 403,
-                f"Origin {origin.decode('latin-1')!r} is another site; without --api-key requests from web pages "
+                f"Origin {quoted(origin.decode('latin-1'))} is another site; without --api-key requests from web pages "
                 "of other origins are refused",
                 "Origin",
             )

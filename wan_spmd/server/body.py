@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from wan_spmd.params import Limits
-from wan_spmd.server.errors import ApiError
+from wan_spmd.server.errors import ApiError, quoted
 
 IMAGE_FIELD = "input_reference"
 IMAGE_TEXT_FIELDS = ("input_reference[", "image_reference")
@@ -56,7 +56,8 @@ async def read_video_request(request: Request, limits: Limits) -> tuple[dict[str
     if media_type not in (*FORM_TYPES, "application/json"):
         raise ApiError(
             415,
-            f"Content-Type {media_type or '(none)'!r} is not accepted; send multipart/form-data or application/json",
+            f"Content-Type {quoted(media_type or '(none)')} is not accepted; "
+            "send multipart/form-data or application/json",
             "Content-Type",
         )
     chunks = body_chunks(request.receive, limits)

@@ -29,6 +29,18 @@ _OTHER = ("error", "error", "error")
 _ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[^\s'\"`,;:()\[\]{}<>]+")
 
 
+QUOTED_CHARS = 40
+
+
+def quoted(value: object) -> str:
+    """What a client sent, quoted in an error: its repr, cut to the first QUOTED_CHARS characters
+    (an answer never echoes a 60 KB id back whole)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= QUOTED_CHARS:
+        return repr(text)
+    return f"{text[:QUOTED_CHARS]!r}... ({len(text)} characters)"
+
+
 def scrub_paths(text: str) -> str:
     """`text` with absolute paths replaced by <path>: answers never reveal the server's folders."""
     return _ABSOLUTE_PATH.sub("<path>", text)

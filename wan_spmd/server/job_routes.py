@@ -21,7 +21,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from wan_spmd.server.context import ServerContext
-from wan_spmd.server.errors import ApiError
+from wan_spmd.server.errors import ApiError, quoted
+from wan_spmd.server.files import OpenedFileResponse
 from wan_spmd.server.videos import VideoRecord
 from wan_spmd.server.wire import ErrorResponse, Video, VideoDeleted, VideoList
 
@@ -48,7 +49,8 @@ def _ctx(request: Request) -> ServerContext:
 def _record(ctx: ServerContext, video_id: str) -> VideoRecord:
     record = ctx.videos.get(video_id)
     if record is None:
-        raise ApiError(404, f"no video {video_id!r} on this server (never made here, deleted or expired)", "video_id")
+        message = f"no video {quoted(video_id)} on this server (never made here, deleted or expired)"
+        raise ApiError(404, message, "video_id")
     return record
 
 
@@ -56,12 +58,12 @@ def _query_int(request: Request, name: str, default: int, low: int, high: int) -
     text = request.query_params.get(name)
     if text is None:
         return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ApiError(400, f"{name} must be an integer, got {text!r}", name) from None
+    if not (text.isascii() and text.isdigit()):  # int() would take "５", "1_0" and " 7"
+        raise ApiError(400, f"{name} must be a whole number in ASCII digits, got {quoted(text)}", name)
+    digits = text.lstrip("0") or "0"
+    value = int(digits) if len(digits) <= 9 else high + 1  # past any bound; never a 4300-digit int()
     if not low <= value <= high:
-        raise ApiError(400, f"{name} must be within {low}..{high}, got {value}", name)
+        raise ApiError(400, f"{name} must be within {low}..{high}, got {quoted(text)}", name)
     return value
 
 
@@ -100,7 +102,7 @@ async def list_videos(request: Request) -> JSONResponse:
     limit = _query_int(request, "limit", 20, 0, MAX_LIMIT)
     order = request.query_params.get("order", "desc").strip().lower()
     if order not in ("asc", "desc"):
-        raise ApiError(400, f"order must be 'asc' or 'desc', got {order[:40]!r}", "order")
+        raise ApiError(400, f"order must be 'asc' or 'desc', got {quoted(order)}", "order")
     after = request.query_params.get("after") or None
     try:
         records, has_more = ctx.videos.page(limit, after, order)
@@ -133,7 +135,7 @@ async def video_content(request: Request, video_id: str) -> FileResponse:
     if variant == "spritesheet":  # OpenAI's third variant: named, so a client learns it is not offered
         raise ApiError(400, "variant spritesheet is not offered by this server; ask for video or thumbnail", "variant")
     if variant not in VARIANTS:
-        raise ApiError(400, f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}", "variant")
+        raise ApiError(400, f"variant must be one of {', '.join(VARIANTS)}, got {quoted(variant)}", "variant")
     record = _record(ctx, video_id)
     if record.status == "failed":  # vllm-omni's status for it: the job exists, and will never have content
         raise ApiError(422, f"video {video_id} failed: it has no content; GET /v1/videos/{video_id} says why")
@@ -143,10 +145,13 @@ async def video_content(request: Request, video_id: str) -> FileResponse:
         path = await asyncio.to_thread(ctx.videos.thumbnail, video_id)  # ffmpeg: off the event loop
     else:
         path = ctx.videos.video_file(record)
-    if path is None or not path.is_file():
-        raise ApiError(404, f"video {video_id} was deleted or expired", "video_id")
     suffix = "mp4" if variant == "video" else "jpg"
-    return FileResponse(path, media_type=VARIANTS[variant], filename=f"{video_id}.{suffix}")
+    if path is not None:
+        try:  # opened now and sent from the open file: a DELETE meanwhile cannot cut the answer
+            return OpenedFileResponse(path, media_type=VARIANTS[variant], filename=f"{video_id}.{suffix}")
+        except FileNotFoundError:  # deleted or expired since
+            pass
+    raise ApiError(404, f"video {video_id} was deleted or expired", "video_id")
 
 
 @jobs_router.delete(
@@ -161,5 +166,5 @@ async def delete_video(request: Request, video_id: str) -> JSONResponse:
         # (on every rank, by the step agreement) and its outcome finds no record to update
         ctx.queue.withdraw(pending, "deleted")
     if ctx.videos.delete(video_id) is None:
-        raise ApiError(404, f"no video {video_id!r} on this server (deleted meanwhile)", "video_id")
+        raise ApiError(404, f"no video {quoted(video_id)} on this server (deleted meanwhile)", "video_id")
     return JSONResponse(VideoDeleted(id=video_id).model_dump())

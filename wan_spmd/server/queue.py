@@ -93,8 +93,6 @@ class JobQueue:
         self._closed_reason: str | None = None
         self._taken: set[str] = set()
         """Ids taken by the loop whose answer is not out yet."""
-        self._reserved = 0
-        """Places held by requests still being read and validated (see `reserve`)."""
 
     @property
     def depth(self) -> int:
@@ -116,13 +114,12 @@ class JobQueue:
             self._append(pending)
         return pending
 
-    def reserve(self) -> Reservation:
-        """Hold a place before the request's body is read, so a full queue answers 429 without
-        reading (or spooling) anything; QueueFull / Unavailable at once otherwise."""
+    def check_room(self) -> None:
+        """QueueFull / Unavailable now if a request would be refused: lets a full queue answer 429
+        before a body is read. It holds no place: a request takes one only in `submit`, once its
+        body is complete and valid, so bodies that never come keep nobody out."""
         with self._cond:
-            self._check_room(self._reserved)
-            self._reserved += 1
-        return Reservation(self)
+            self._check_room(0)
 
     def withdraw(self, pending: PendingVideo, reason: str = "the client went away") -> bool:
         """Its client is gone (or the job was deleted): mark it cancelled and, if it still waits,
@@ -142,25 +139,12 @@ class JobQueue:
         if self._closed_reason is not None:
             raise Unavailable(self._closed_reason)
         if len(self._items) + reserved >= self.max_size:
-            raise QueueFull(
-                f"{len(self._items)} requests are waiting and {reserved} more are being received "
-                f"(--max-queue {self.max_size})"
-            )
+            raise QueueFull(f"{len(self._items)} requests are waiting (--max-queue {self.max_size})")
 
     def _append(self, pending: PendingVideo) -> None:
         pending.enqueued_at = time.perf_counter()
         self._items.append(pending)
         self._cond.notify()
-
-    def _settle(self, pending: PendingVideo | None) -> None:
-        """A reservation ends: its place becomes `pending` in the queue, or free again (None)."""
-        with self._cond:
-            self._reserved -= 1
-            if pending is None:
-                return
-            if self._closed_reason is not None:
-                raise Unavailable(self._closed_reason)
-            self._append(pending)
 
     def take(self, timeout: float) -> PendingVideo | None | type[Closed]:
         """The oldest waiting request; None after `timeout` idle; Closed once closed.
@@ -196,29 +180,3 @@ class JobQueue:
         for pending in dropped:
             pending.resolve(error=Unavailable(reason))
         return len(dropped)
-
-
-class Reservation:
-    """A place in the queue held while a request is read and validated: `submit` turns it into the
-    request's place; leaving the `with` block without submitting gives it back."""
-
-    def __init__(self, queue: JobQueue) -> None:
-        self._queue: JobQueue | None = queue
-
-    def submit(self, pending: PendingVideo) -> PendingVideo:
-        queue, self._queue = self._queue, None
-        if queue is None:
-            raise RuntimeError("this reservation was already used")
-        queue._settle(pending)
-        return pending
-
-    def release(self) -> None:
-        queue, self._queue = self._queue, None
-        if queue is not None:
-            queue._settle(None)
-
-    def __enter__(self) -> Reservation:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()

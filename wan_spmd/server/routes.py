@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +20,7 @@ from wan_spmd.params import GenerationParams, RequestError, model_limits, resolv
 from wan_spmd.server.body import read_video_request
 from wan_spmd.server.compat import adapt_request, parse_bool
 from wan_spmd.server.context import ARRIVED, ServerContext, ServerSettings
-from wan_spmd.server.errors import ApiError, scrub_paths
+from wan_spmd.server.errors import ApiError, quoted, scrub_paths
 from wan_spmd.server.queue import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
 from wan_spmd.server.videos import VideoRecord, inference_ms
 from wan_spmd.server.wire import (
@@ -91,66 +92,57 @@ async def _generate(
     """Admit, parse, validate and await one request; the timings so far, in ms. A `detached`
     (asynchronous) request returns once it is queued, with no answer.
 
-    Admission comes first: a place in the queue is reserved before the body is read, so a full
-    queue answers 429 at once, and a request that fails to parse or validate gives its place back.
+    A full queue answers 429 before the body is read; a request takes its place in the queue only
+    once its body is complete and valid (so bodies that never come hold no place), and gets 429
+    then if the places went to others meanwhile.
     """
     ctx = _ctx(request)
     settings = ctx.settings
     if not ctx.ready.is_set():
         raise ApiError(503, f"the server is {ctx.status}; try again shortly", headers={"Retry-After": RETRY_AFTER_S})
     arrived = request.scope.get(ARRIVED, time.perf_counter())
+    _admit(ctx.queue.check_room)
+    fields, image = await read_video_request(request, settings.limits)
+    received = time.perf_counter()
+    model = served_model(settings, fields.pop("model", None))
+    strict = settings.strict_sizes
+    if fields.get(STRICT_FIELD) not in (None, ""):
+        strict = parse_bool(STRICT_FIELD, fields.pop(STRICT_FIELD))
+    fields.pop(STRICT_FIELD, None)
+    fields, image, notes = adapt_request(fields, image, settings.limits)
+    if os.environ.get(FAULT_ENV) and fields.get("prompt") == os.environ[FAULT_ENV]:
+        raise RuntimeError(f"fault injected by {FAULT_ENV} (a test of the unexpected-error path)")
     try:
-        reservation = ctx.queue.reserve()
-    except QueueFull as exc:
-        raise ApiError(429, f"the server is busy: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
-    except Unavailable as exc:
-        raise ApiError(
-            503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
-        ) from None
-    with reservation:
-        fields, image = await read_video_request(request, settings.limits)
-        received = time.perf_counter()
-        model = served_model(settings, fields.pop("model", None))
-        strict = settings.strict_sizes
-        if fields.get(STRICT_FIELD) not in (None, ""):
-            strict = parse_bool(STRICT_FIELD, fields.pop(STRICT_FIELD))
-        fields.pop(STRICT_FIELD, None)
-        fields, image, notes = adapt_request(fields, image, settings.limits)
-        if os.environ.get(FAULT_ENV) and fields.get("prompt") == os.environ[FAULT_ENV]:
-            raise RuntimeError(f"fault injected by {FAULT_ENV} (a test of the unexpected-error path)")
-        try:
-            # in a worker thread: decoding an image takes up to seconds, and the event loop serves
-            # /health and every other connection meanwhile (images.DECODE_SLOTS bounds the decodes)
-            params: GenerationParams = await asyncio.to_thread(
-                resolve_params,
-                fields,
-                info=settings.info,
-                defaults=settings.defaults,
-                limits=settings.limits,
-                image=image,
-                round_to_model=not strict,
-            )
-        except RequestError as exc:
-            raise ApiError(400, str(exc), exc.field) from None
-        if notes:
-            params = replace(params, warnings=(*params.warnings, *notes))
-        timings = {"Receive": (received - arrived) * 1000.0, "Validation": _ms(received)}
-        pending = PendingVideo(
-            id=ctx.videos.new_id(),
-            params=params,
-            created=int(time.time()),
-            detached=detached,
-            model=model,
-            seconds=seconds_as_sent(fields),
+        # in a worker thread: decoding an image takes up to seconds, and the event loop serves
+        # /health and every other connection meanwhile (images.DECODE_SLOTS bounds the decodes)
+        params: GenerationParams = await asyncio.to_thread(
+            resolve_params,
+            fields,
+            info=settings.info,
+            defaults=settings.defaults,
+            limits=settings.limits,
+            image=image,
+            round_to_model=not strict,
         )
-        ctx.track(pending)  # its record exists before the loop can take it
-        try:
-            reservation.submit(pending)
-        except Unavailable as exc:
-            ctx.untrack(pending.id)
-            raise ApiError(
-                503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
-            ) from None
+    except RequestError as exc:
+        raise ApiError(400, str(exc), exc.field) from None
+    if notes:
+        params = replace(params, warnings=(*params.warnings, *notes))
+    timings = {"Receive": (received - arrived) * 1000.0, "Validation": _ms(received)}
+    pending = PendingVideo(
+        id=ctx.videos.new_id(),
+        params=params,
+        created=int(time.time()),
+        detached=detached,
+        model=model,
+        seconds=seconds_as_sent(fields),
+    )
+    ctx.track(pending)  # its record exists before the loop can take it
+    try:
+        _admit(lambda: ctx.queue.submit(pending))
+    except ApiError:
+        ctx.untrack(pending.id)
+        raise
     if detached:
         return pending, None, timings
     try:
@@ -176,7 +168,7 @@ def served_model(settings: ServerSettings, name: Any) -> str:
     if name in (None, ""):
         return names[0]
     if not isinstance(name, str) or name not in names:
-        shown = repr(name) if isinstance(name, str) and len(name) <= 80 else "that name"
+        shown = quoted(name) if isinstance(name, str) else "that name"
         raise ApiError(400, f"model {shown} is not served here; this server serves {', '.join(names)}", "model")
     return name
 
@@ -190,6 +182,18 @@ def seconds_as_sent(fields: dict[str, Any]) -> str | None:
     if isinstance(value, str):
         return value.strip()[:32]
     return f"{value:g}" if isinstance(value, int | float) else None
+
+
+def _admit(step: Callable[[], object]) -> None:
+    """Run a queue step; QueueFull is 429 and Unavailable 503, both with Retry-After."""
+    try:
+        step()
+    except QueueFull as exc:
+        raise ApiError(429, f"the server is busy: {exc}", headers={"Retry-After": RETRY_AFTER_S}) from None
+    except Unavailable as exc:
+        raise ApiError(
+            503, f"the server is not taking requests: {exc}", headers={"Retry-After": RETRY_AFTER_S}
+        ) from None
 
 
 async def _answer_or_disconnect(request: Request, pending: PendingVideo) -> VideoAnswer:
