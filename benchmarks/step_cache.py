@@ -1,6 +1,7 @@
 """Step caching on one GPU: each backend's default config against the uncached loop.
 
   python benchmarks/step_cache.py --out DIR            # dummy Wan2.2-I2V-A14B, 832x480x81, 40 steps
+  python benchmarks/step_cache.py --out DIR --backends mag_cache --steps 20   # one backend, fewer steps
   python benchmarks/step_cache.py --tiny --device cpu --out DIR   # the tiny model: a dry run
 
 Builds the real I2V-A14B configuration with random bf16 weights (`--load-format dummy`) through the
@@ -46,11 +47,11 @@ def build(tiny: bool, device: str):
     return info, build_pipeline(d, info, options)
 
 
-def request(info, tiny: bool):
+def request(info, tiny: bool, steps: int):
     from wan_spmd.config import generation_defaults
     from wan_spmd.params import resolve_params
 
-    width, height, frames, steps = (64, 64, 9, 10) if tiny else (832, 480, 81, 40)
+    width, height, frames = (64, 64, 9) if tiny else (832, 480, 81)
     image = (Path(__file__).resolve().parents[1] / "examples" / "example.png").read_bytes()
     return resolve_params(
         {"prompt": "a kite over the sea", "seed": 1, "size": f"{width}x{height}", "num_frames": frames,
@@ -64,6 +65,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tiny", action="store_true", help="the tiny model (a CPU dry run of the code path)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (40; 10 with --tiny)")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="which, beside the uncached baseline")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (the fastest counts)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from wan_spmd.launch import parse_cache_spec
@@ -71,14 +75,17 @@ def main() -> None:
 
     info, pipe = build(args.tiny, args.device)
     device = pipe.device
-    params = request(info, args.tiny)
+    params = request(info, args.tiny, args.steps or (10 if args.tiny else 40))
     warm = dataclasses.replace(params, num_inference_steps=2)
     pipe.generate_latents(warm)  # compiles and allocator growth, paid here
 
     def run() -> dict[str, float]:
-        state = pipe.generate_latents(params)
-        list(pipe.timed_decode(state))
-        return state.timer.ms
+        runs = []
+        for _ in range(args.repeats):
+            state = pipe.generate_latents(params)
+            list(pipe.timed_decode(state))
+            runs.append(state.timer.ms)
+        return min(runs, key=lambda ms: ms["Denoising"])
 
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     result["versions"] = {"torch": torch.__version__}
@@ -86,12 +93,19 @@ def main() -> None:
     pipe.step_cache = None
     base = run()
     result["none"] = {"Denoising_ms": base["Denoising"], "PipelineWall_ms": base["PipelineWall"]}
-    for backend in BACKENDS:
+    measured = {}
+    for backend in args.backends.split(","):
         cache = StepCache(parse_cache_spec(backend, None), info.family.name, info.family.expert_names)
         cache.install(pipe.experts)
         pipe.step_cache = cache
         pipe.generate_latents(warm)  # the marks' own first run
-        ms = run()
+        measured[backend] = run()
+    pipe.step_cache = None
+    again = run()  # the baseline once more, after: the faster of the two counts
+    if again["Denoising"] < base["Denoising"]:
+        base = again
+        result["none"] = {"Denoising_ms": base["Denoising"], "PipelineWall_ms": base["PipelineWall"]}
+    for backend, ms in measured.items():
         k = sum(v for key, v in ms.items() if key.startswith("StepCacheSkipped/"))
         n = sum(v for key, v in ms.items() if key.startswith("StepCacheForwards/"))
         ratio = ms["Denoising"] / base["Denoising"]
