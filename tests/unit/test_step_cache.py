@@ -192,3 +192,19 @@ def test_residual_memory_is_what_the_docs_say():
     tokens = 21 * (480 // 16) * (832 // 16)  # latent frames x rows x columns after the patch
     assert residual_bytes(tokens, 5120, 2, branches=2) == 2 * 335_462_400
     assert residual_bytes(tokens, 5120, 2, branches=1, token_parts=4) == 83_865_600
+
+
+def test_skip_counts_are_counts_in_metrics_and_in_generate_output():
+    """If this fails, the step cache's k-of-n counts are reported as latencies (a histogram of
+    "seconds", an "ms" suffix) instead of counts."""
+    from wan_spmd.generate import timings_line
+    from wan_spmd.server.metrics import ServerMetrics
+
+    timings = {"Denoising": 1500.0, "StepCacheSkipped/transformer": 12.0, "StepCacheForwards/transformer": 40.0}
+    assert timings_line(timings) == "Denoising=1500ms StepCacheSkipped/transformer=12 StepCacheForwards/transformer=40"
+    metrics = ServerMetrics(lambda: 0, lambda: 0)
+    metrics.observe(timings)
+    text = metrics.render().decode()
+    assert 'wan_spmd_step_cache_forwards_total{expert="transformer",result="skipped"} 12.0' in text
+    assert 'wan_spmd_step_cache_forwards_total{expert="transformer",result="all"} 40.0' in text
+    assert "StepCache" not in "".join(line for line in text.splitlines() if "stage_seconds" in line)
