@@ -208,3 +208,42 @@ def test_skip_counts_are_counts_in_metrics_and_in_generate_output():
     assert 'wan_spmd_step_cache_forwards_total{expert="transformer",result="skipped"} 12.0' in text
     assert 'wan_spmd_step_cache_forwards_total{expert="transformer",result="all"} 40.0' in text
     assert "StepCache" not in "".join(line for line in text.splitlines() if "stage_seconds" in line)
+
+
+def test_http_takes_cache_threshold_as_a_form_field_and_refuses_a_bad_one(tiny_i2v):
+    """If this fails, vllm-omni-style clients cannot move the cache's threshold per request over HTTP,
+    or a bad value reaches the job instead of a 400 naming the field."""
+    from fastapi.testclient import TestClient
+
+    from tests.conftest import EXAMPLE_IMAGE
+    from wan_spmd.params import Limits
+    from wan_spmd.server.app import ServerContext, ServerSettings, create_app
+    from wan_spmd.server.queue import Closed, JobQueue, VideoAnswer
+
+    info = inspect_model_folder(tiny_i2v)
+    settings = ServerSettings(
+        info=info, defaults=generation_defaults(info), served_model_name="tiny", limits=Limits(), sync_videos=True
+    )
+    ctx = ServerContext(settings, JobQueue(max_size=1))
+    ctx.mark_ready()
+    seen = []
+
+    def loop() -> None:
+        while (item := ctx.queue.take(0.05)) is not Closed:
+            if item is not None:
+                seen.append(item)
+                item.resolve(VideoAnswer(mp4=b"\x00\x00\x00\x18ftypisom", path="/x.mp4", timings_ms={}))
+
+    import threading
+
+    threading.Thread(target=loop, daemon=True).start()
+    form = {"prompt": "a cat", "size": "64x48", "num_frames": "5", "num_inference_steps": "2", "seed": "3"}
+    files = {"input_reference": ("cat.png", EXAMPLE_IMAGE.read_bytes(), "image/png")}
+    with TestClient(create_app(ctx)) as client:
+        r = client.post("/v1/videos/sync", data={**form, "cache_threshold": "-0.1"}, files=files)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache_threshold", r.text
+        r = client.post("/v1/videos/sync", data={**form, "cache_threshold": "0.3"}, files=files)
+        assert r.status_code == 200, r.text
+    ctx.queue.close("test over")
+    (job,) = seen
+    assert job.params.cache_threshold == 0.3
