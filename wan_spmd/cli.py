@@ -87,7 +87,8 @@ MaxPromptCharsOpt = Annotated[int, typer.Option(help="Longest prompt (and negati
 MaxWorkOpt = Annotated[
     int,
     typer.Option(
-        help="Most transformer tokens x denoising steps per job (the default admits 1280x720x81 at 52 steps)."
+        help="Most work per job: estimated token-steps, attention and decoding counted (the default admits "
+        "A14B 1280x720x81 at 54 steps)."
     ),
 ]
 MaxImagePixelsOpt = Annotated[int, typer.Option(help="Most pixels of an input image, checked before decoding.")]
@@ -95,7 +96,7 @@ JobDeadlineOpt = Annotated[
     float,
     typer.Option(
         help="Seconds a job of --max-work may run; a job of work W gets this x max(W / max-work, 0.1), "
-        "then it is stopped at its next step and fails."
+        "then it is stopped at its next step or decoded chunk and fails."
     ),
 ]
 LoadFormatOpt = Annotated[
@@ -140,6 +141,20 @@ WarmupOpt = Annotated[
     ),
 ]
 VaeDtypeOpt = Annotated[str, typer.Option(help="VAE precision for encode and decode: fp32 or bf16.")]
+GpuMemoryOpt = Annotated[
+    str,
+    typer.Option(
+        help="GPU memory each card may use: GiB (e.g. 48), a fraction of the card (e.g. 0.9), or auto (all of it). "
+        "The placement (what stays on the card, what waits in host memory) is planned for it before loading."
+    ),
+]
+OffloadOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (the cheapest placement that fits --gpu-memory), none, text-encoder (to host memory between "
+        "prompts), or experts (also each expert on the card only while it runs)."
+    ),
+]
 PromptCacheOpt = Annotated[
     int, typer.Option(help="Prompt embeddings kept across requests (4 MiB each in bf16); 0 disables.")
 ]
@@ -253,6 +268,8 @@ class RunFlags:
     compile: bool | None
     warmup_shapes: str | None
     vae_dtype: str
+    gpu_memory: str
+    offload: str
     prompt_cache: int
     condition_cache: int
     vae_encode_reuse: bool
@@ -288,6 +305,8 @@ RUN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("compile", CompileOpt, None),
     ("warmup_shapes", WarmupOpt, None),
     ("vae_dtype", VaeDtypeOpt, "fp32"),
+    ("gpu_memory", GpuMemoryOpt, "auto"),
+    ("offload", OffloadOpt, "auto"),
     ("prompt_cache", PromptCacheOpt, 16),
     ("condition_cache", ConditionCacheOpt, 8),
     ("vae_encode_reuse", VaeEncodeReuseOpt, True),
@@ -392,6 +411,50 @@ def _engine_options(
         vae_encode_reuse=run.vae_encode_reuse,
         loras=parse_lora_specs(info, lora=run.lora, lora_high=run.lora_high, lora_low=run.lora_low),
         cache=parse_cache_spec(run.cache_backend, run.cache_config, run.enable_cache_dit_summary),
+        memory_plan=_memory_plan(info, layout, run),
+    )
+
+
+def _card_bytes(device: str) -> int | None:
+    """This rank's GPU memory (torch loads here, after the other arguments passed); None on the CPU."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torchrun_env()[2] % torch.cuda.device_count()).total_memory
+
+
+def _memory_plan(info: ModelInfo, layout: ParallelLayout, run: RunFlags):
+    """The placement for --gpu-memory at the largest request planned for (the preset's shape within
+    the --max-* limits), decided before anything loads: a budget nothing fits is refused here with
+    the numbers. None on the CPU unless a budget or an offload was asked for."""
+    from wan_spmd.memory import NO_BUDGET, Request, parse_gpu_memory, plan_for
+    from wan_spmd.params import token_count
+
+    card = _card_bytes(run.device)
+    if card is None and run.gpu_memory == "auto" and run.offload == "auto":
+        return None
+    budget = NO_BUDGET if card is None and run.gpu_memory == "auto" else parse_gpu_memory(run.gpu_memory, card)
+    shape = preset_warmup_shape(generation_defaults(info, run.config)) or (run.max_width, run.max_height, 81)
+    width, height = min(shape[0], run.max_width), min(shape[1], run.max_height)
+    frames = min(shape[2], run.max_frames)
+    multiple = info.spatial_multiple
+    width, height = max(width // multiple * multiple, multiple), max(height // multiple * multiple, multiple)
+    tokens = min(token_count(info, width, height, frames), run.max_work)
+    request = Request(width, height, frames, tokens, info.family.conditioning == "channel_concat")
+    return plan_for(
+        info,
+        request,
+        budget,
+        tp=layout.tp,
+        ulysses=layout.ulysses,
+        world_size=layout.world_size,
+        quant=getattr(run, "quant", None) or "none",  # --quant, where the fp8 linears are offered
+        vae_dtype=run.vae_dtype,
+        offload=run.offload,
+        step_cache=run.cache_backend.strip().lower() != "none",
     )
 
 
@@ -461,8 +524,8 @@ def generate(
     from wan_spmd.generate import GenerateFront
     from wan_spmd.jobs import Job
 
-    meta = {"frames_dir": str(frames_dir)} if frames_dir is not None else {}
-    code = _run(run.model, info, engine, lambda: GenerateFront(Job("generate", params, meta), output))
+    job = Job("generate", params, frames_dir=str(frames_dir) if frames_dir is not None else None)
+    code = _run(run.model, info, engine, lambda: GenerateFront(job, output))
     if code:
         raise CliExit("", code=code)
 
@@ -495,18 +558,16 @@ def batch(
 ) -> None:
     """Generate a video per JSONL line; rerun to resume, shard over many runs. Exit 1 if any line
     failed or the run was interrupted (SIGTERM/SIGINT: the line in flight is recorded, the rerun does it)."""
-    from wan_spmd.batch import check_args
+    from wan_spmd.batch import check_args, check_shared_outputs
 
     with user_errors():
         shard = check_args(requests, output_dir, shard_index, num_shards)
+        check_shared_outputs(requests, shard)
         info, layout = _model(run)
         defaults = generation_defaults(info, run.config)
         limits = _limits(run)
-        from wan_spmd.batch import first_shapes
-
-        # only when they would be used (compiled, no explicit shapes): it validates lines
-        auto = first_shapes(requests, info, defaults, limits, shard) if run.warmup_shapes is None else ()
-        engine = _engine_options(info, layout, run, auto_warmup=auto)
+        # the file's own warm-up shapes come from rank 0's front (it validates lines, reading images)
+        engine = _engine_options(info, layout, run)
     # rank 0 alone reads the file
     from wan_spmd.batch import BatchFront, BatchSource
 
@@ -650,8 +711,7 @@ def serve(
             sync_videos=sync_videos,
             strict_sizes=strict_sizes,
         )
-        # torch loads only once the arguments are known to be good
-        from wan_spmd.serve import ServeOptions, run_server
+        from wan_spmd.serve import ServeFront, ServeOptions
 
         options = ServeOptions(
             host=host,
@@ -665,10 +725,7 @@ def serve(
             job_ttl_s=job_ttl,
             job_lease_s=job_lease,
         )
-    _check_loras(info, engine)
-    _note_tiny(run.model)
-    with user_errors():
-        code = run_server(settings, options, engine)
+    code = _run(run.model, info, engine, lambda: ServeFront(settings, options))
     # main() ends the rank with finish_process, skipping interpreter finalisation under torchrun
     if code:
         raise CliExit("", code=code)

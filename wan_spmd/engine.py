@@ -22,6 +22,7 @@ from wan_spmd.attention import AttentionFn
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
 from wan_spmd.launch import CacheSpec, LoraSpec, ParallelLayout, WarmupShape
+from wan_spmd.memory import Plan
 from wan_spmd.runtime import (
     ControlPlane,
     ControlPlaneLost,
@@ -64,10 +65,14 @@ class EngineOptions:
     """(width, height, frames) of the throwaway requests run before the ranks agree they are ready;
     None: `auto_warmup_shapes` when the blocks are compiled, none otherwise."""
     auto_warmup_shapes: tuple[WarmupShape, ...] = ()
-    """The command's own choice: serve the preset's shape, generate its job's, batch its file's first two."""
+    """The command's own choice: serve the preset's shape, generate its job's (batch's come from its
+    front on rank 0, `Front.warmup_shapes`)."""
     vae_dtype: str = "fp32"
     loras: tuple[LoraSpec, ...] = ()
     """LoRA files fused into the experts' slices at load, before compile and warm-up."""
+    memory_plan: Plan | None = None
+    """Where the weights live (memory.plan_for, decided before loading for --gpu-memory); None:
+    everything resident (the CPU without a budget)."""
     attention: str = "auto"
     """auto|sdpa|fa3|fa3-fp8 (`kernels.select_attention`): auto is FA3 bf16 where it runs (Hopper)."""
     quant: str = "none"
@@ -112,6 +117,10 @@ class Front(Protocol):
     def exit_code(self, jobs: int, signal_name: str | None) -> int:
         """The command's exit status after a clean stop (e.g. 1 if a job failed or was interrupted)."""
 
+    def warmup_shapes(self) -> tuple[WarmupShape, ...]:
+        """Shapes of the front's own work to warm up with when compiled (batch: its file's first two),
+        found on rank 0 alone (it may decode request images) and broadcast to the others."""
+
 
 Fault = Callable[[str, Job, int], None]
 """A test seam: called as fault(stage, job, rank) with stage "start", "step N" before each step's
@@ -127,48 +136,72 @@ class JobRunner:
         self.pipe = pipe
         self.rank = rank
         self.fault = fault
+        self.current: Job | None = None
+        """The job in hand (read by the shutdown watch's thread to say what a signal stops)."""
 
     def __call__(
-        self, job: Job, control: Callable[[int, int], bool], on_step: Callable[[int, int], None], output: Path | None
+        self, job: Job, control: Callable[..., bool], on_step: Callable[[int, int], None], output: Path | None
+    ) -> JobReport:
+        self.current = job
+        try:
+            return self._run(job, control, on_step, output)
+        finally:
+            self.current = None
+
+    def _run(
+        self, job: Job, control: Callable[..., bool], on_step: Callable[[int, int], None], output: Path | None
     ) -> JobReport:
         from wan_spmd.compiling import compiled_graphs
         from wan_spmd.deliver import deliver
+        from wan_spmd.pipeline import JobCancelled
+        from wan_spmd.placement import reset_peak_memory
         from wan_spmd.runtime import JobAgreement
 
         fault, rank = self.fault, self.rank
         graphs_before = compiled_graphs()
+        reset_peak_memory(self.pipe.device)  # this job's peak, not the warm-up's or the last job's
         # the step cache's decisions are agreed on the job's control-plane group, beside its steps
         cache_agree = control.agree_compute if isinstance(control, JobAgreement) else None
         if fault is not None:
             fault("start", job, rank)
             agreed = control
 
-            def control(step: int, total: int) -> bool:
-                fault(f"step {step}", job, rank)
-                return agreed(step, total)
+            def control(step: int, total: int, stage: str = "step") -> bool:
+                fault(f"{stage} {step}", job, rank)
+                return agreed(step, total, stage)
 
         state = self.pipe.generate_latents(job.params, control=control, on_step=on_step, cache_agree=cache_agree)
         if new_graphs := compiled_graphs() - graphs_before:
             # warm-up did not cover this shape (or the recompile limit was reached): say so
             log.warning("job %s paid for compiling %d new graph(s) (%s)", job.id, new_graphs, job.params.size)
             state.timer.ms["NewCompiledGraphs"] = float(new_graphs)
-        chunks = self.pipe.timed_decode(state)
+        # the stop is checked between decoded chunks too (agreed as the steps are): a deadline,
+        # DELETE or SIGTERM lands within one chunk, not after the whole decode
+        chunks = self.pipe.timed_decode(state, control=control)
         if output is None:  # not rank 0: take part in the decoder's collectives, keep nothing
             for _ in chunks:
                 pass
-            return JobReport(timings_ms=state.timer.ms)
+            return JobReport(timings_ms=state.timer.ms, peak_memory=self._peak())
         try:
             if fault is not None:
                 fault("deliver", job, rank)
-            frames_dir = job.meta.get("frames_dir")
-            path, writer_ms = deliver(chunks, output, job.params, Path(frames_dir) if frames_dir else None)
-        except Exception:
+            frames_dir = Path(job.frames_dir) if job.frames_dir else None
+            path, writer_ms = deliver(chunks, output, job.params, frames_dir)
+        except JobCancelled:  # the agreed stop: every rank left the decode at the same chunk
+            raise
+        except Exception as exc:
             # a parallel decoder's other ranks are inside its collectives until the last chunk:
-            # finish the decode with them, then report the failure
+            # finish the decode with them (a stop agreed meanwhile ends it early), then report
+            log.warning("job %s: writing the video failed (%s: %s)", job.id, type(exc).__name__, exc)
             for _ in chunks:
                 pass
             raise
-        return JobReport(path, {**state.timer.ms, **writer_ms})
+        return JobReport(path, {**state.timer.ms, **writer_ms}, peak_memory=self._peak())
+
+    def _peak(self):
+        from wan_spmd.placement import peak_memory
+
+        return peak_memory(self.pipe.device)
 
 
 def build_pipeline(
@@ -188,6 +221,7 @@ def build_pipeline(
     from wan_spmd.parallel import CfgParallel, build_mesh, parallelize
     from wan_spmd.parallel.vae import split_vae
     from wan_spmd.pipeline import WanVideoPipeline, serial_cfg
+    from wan_spmd.placement import make_placement
     from wan_spmd.tiny import quiet_hub_logging
     from wan_spmd.vae_reuse import reuse_encode_mode
 
@@ -222,6 +256,7 @@ def build_pipeline(
         kernel_line,
         options.quant + "".join(f" (expert {i + 1}: {line})" for i, line in enumerate(quant_lines)),
     )
+    plan = options.memory_plan
     # the VAE is whole on every rank: encode and decode split its rows over the world
     vae_split = split_vae(components.vae, d.world_size, d.rank)
     pipe = WanVideoPipeline(
@@ -233,6 +268,7 @@ def build_pipeline(
         experts=experts,
         vae_split=vae_split,
         is_main=d.is_main,
+        placement=make_placement(components, d.device, plan.placement) if plan is not None else None,
     )
     if options.vae_encode_reuse:  # the I2V condition's encode, split or not
         if vae_split is not None:
@@ -287,6 +323,21 @@ def warm_up(pipe: WanVideoPipeline, shapes: tuple[WarmupShape, ...]) -> float:
     return time.perf_counter() - start
 
 
+def report_resident(d: Dist, pipe: WanVideoPipeline, plan: Plan | None) -> None:
+    """At ready, rank 0 logs the memory plan and every rank's resident weights by component
+    (gathered on the control plane: other ranks log at WARNING only)."""
+    import os
+
+    from wan_spmd.placement import describe_resident, resident_weights
+
+    every = ControlPlane(d).gather_objects(resident_weights(pipe.c), "gathering resident weights")
+    if d.is_main:
+        if plan is not None:
+            log.info("%s", plan.describe(int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))))
+        for rank, weights in enumerate(every):
+            log.info("resident weights %s", describe_resident(rank, weights))
+
+
 def agree_all_ok(d: Dist, ok: bool) -> bool:
     """One control-plane all-reduce after start-up: it returns only once every rank got here, and
     says whether every rank is ready (loaded, and on rank 0 its front started)."""
@@ -318,6 +369,7 @@ class _Engine:
         self.front = front
         self.fault = fault
         self.signal_name: str | None = None
+        self.runner: JobRunner | None = None
 
     def run(self, watch: ShutdownWatch) -> int:
         from wan_spmd.compiling import resolve_compile
@@ -350,8 +402,12 @@ class _Engine:
             # 4. Warm up together (compiles are paid here, not by the first request), agree, loop
             warm_s = 0.0
             shapes = self.options.warmup_shapes
-            if shapes is None:
-                shapes = self.options.auto_warmup_shapes if resolve_compile(self.options.compile, d.device) else ()
+            if shapes is None and resolve_compile(self.options.compile, d.device):
+                # rank 0's front adds its own (every rank joins the broadcast)
+                mine = self.front.warmup_shapes() if self.front is not None else None
+                theirs = ControlPlane(d).broadcast(mine, "the warm-up shapes")
+                shapes = tuple(dict.fromkeys((*self.options.auto_warmup_shapes, *theirs)))
+            shapes = shapes or ()
             if shapes:
                 try:
                     warm_s = warm_up(pipe, shapes)
@@ -363,9 +419,10 @@ class _Engine:
                     if d.is_main:
                         log.error("not every rank warmed up; stopping")
                     return 1
+            report_resident(d, pipe, self.options.memory_plan)
             if self.front is not None:
                 self.front.ready(d.world_size, warm_s)
-            runner = JobRunner(pipe, d.rank, self.fault)
+            runner = self.runner = JobRunner(pipe, d.rank, self.fault)
             source = self.front.source if self.front is not None else None
             jobs = spmd_loop(d, runner, source, self.options.heartbeat_s)
             return self.front.exit_code(jobs, self.signal_name) if self.front is not None else 0
@@ -386,7 +443,11 @@ class _Engine:
         if self.front is None:
             log.warning("%s: waiting for rank 0 to stop the loop", name)
             return
-        log.info("%s: stopping at the running job's next step", name)
+        running = self.runner.current if self.runner is not None else None
+        if running is not None:
+            log.info("%s: stopping job %s at its next step or decoded chunk", name, running.id)
+        else:
+            log.info("%s: stopping (no job running)", name)
         self.front.on_signal(name)
 
     def on_expire(self, signal_name: str | None) -> None:

@@ -114,9 +114,10 @@ class Limits:
     """Most pixels (width x height, read from the header before decoding) of an input image."""
     max_prompt_chars: int = 10_000
     """Longest prompt or negative prompt; the text encoder keeps 512 tokens, roughly 2-4k characters."""
-    max_work: int = 4_000_000
-    """Most transformer tokens x denoising steps per job. 4M admits the presets' largest request,
-    1280x720x81 at 40 steps (21 x 45 x 80 = 75,600 tokens x 40 = 3.02M), and the same at 52 steps."""
+    max_work: int = 15_000_000
+    """Most work per job, in token-steps as `Family.work` estimates it (steps x tokens x (1 + tokens /
+    attention_tokens) + the VAE's share). 15M admits the presets' largest request, A14B
+    1280x720x81 at 40 steps (75,600 tokens: 11.2M), and the same up to 54 steps."""
     deadline_s_at_max_work: float = 3600.0
     """A job of `max_work` must finish within this many seconds; smaller jobs get a share (`deadline_s`)."""
 
@@ -152,7 +153,7 @@ class GenerationParams:
     warnings: tuple[str, ...] = ()
     """What was ignored or derived (unknown keys, rounded frame counts), reported back."""
     work: int = 0
-    """Transformer tokens x denoising steps: what `Limits.max_work` bounds."""
+    """The job's estimated time in token-steps (`Family.work`): what `Limits.max_work` bounds."""
     deadline_s: float | None = None
     """Seconds the job may run once started (Limits.deadline_s of its work); None: no deadline."""
     adjusted: tuple[tuple[str, str, str], ...] = ()
@@ -481,12 +482,13 @@ def resolve_params(
     flow_shift = _as_float("flow_shift", pick("flow_shift"))
     if flow_shift <= 0:
         raise RequestError(f"flow_shift must be > 0, got {flow_shift:g}", "flow_shift")
-    work = token_count(info, width, height, num_frames) * steps
+    tokens = token_count(info, width, height, num_frames)
+    work = info.family.work(info.transformer_config, tokens, steps)
     if work > limits.max_work:
         raise RequestError(
             f"{width}x{height}x{num_frames} frames at {steps} steps is {work} token-steps "
-            f"({token_count(info, width, height, num_frames)} tokens x {steps}), over the limit {limits.max_work} "
-            "(--max-work)",
+            f"({tokens} tokens, {steps} steps, attention and decoding counted), over the limit "
+            f"{limits.max_work} (--max-work)",
             "num_inference_steps",
         )
     scheduler_value = pick("scheduler") or "default"

@@ -32,8 +32,9 @@ import html
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 import ftfy
@@ -57,12 +58,13 @@ MAX_SEQUENCE_LENGTH = 512  # UMT5 context; the experts' cross-attention always s
 
 
 class StepControl(Protocol):
-    """Called before each denoising step on every rank; returns False to stop the job.
+    """Called before each denoising step, and between decoded chunks (`stage` "decode"), on every
+    rank that runs the loop; returns False to stop the job.
 
-    The runtime's implementation agrees across ranks, so all ranks stop at the same step.
+    The runtime's implementation agrees across ranks, so all ranks stop at the same step or chunk.
     """
 
-    def __call__(self, step: int, total: int) -> bool: ...
+    def __call__(self, step: int, total: int, stage: str = "step") -> bool: ...
 
 
 class Expert(Protocol):
@@ -122,6 +124,18 @@ def serial_cfg(
     return noise_uncond + guidance * (noise_pred - noise_uncond)
 
 
+class Placement(Protocol):
+    """Where the weights wait between their stages (placement.Offload): the text encoder is on the
+    device inside `encoding()`, expert `index` from `use_expert(index)` on, and `denoised()` says
+    the last step ran."""
+
+    def encoding(self) -> AbstractContextManager[None]: ...
+
+    def use_expert(self, index: int) -> None: ...
+
+    def denoised(self) -> None: ...
+
+
 class VaeSplit(Protocol):
     """The VAE's encode and decode split over the ranks (`parallel.vae.RowSplit`)."""
 
@@ -166,6 +180,7 @@ class WanVideoPipeline:
         experts: list[Expert] | None = None,
         vae_split: VaeSplit | None = None,
         is_main: bool = True,
+        placement: Placement | None = None,
     ) -> None:
         if len(components.experts) != info.family.experts:
             raise ValueError(f"{info.family.name} has {info.family.experts} expert(s), {len(components.experts)} given")
@@ -183,6 +198,8 @@ class WanVideoPipeline:
         """The VAE's encode and decode split over the ranks; None: this rank's VAE alone."""
         self.is_main = is_main
         """Whether this rank delivers the video (decodes it when the VAE is not split)."""
+        self.placement = placement
+        """Where the weights wait between their stages (placement.Offload); None: all resident."""
         self.decode_latent_frames = decode_latent_frames
         """Latent frames per decoded chunk (each is 4 video frames, the first 1)."""
         self.prompt_cache: LruCache[torch.Tensor] | None = None
@@ -338,6 +355,8 @@ class WanVideoPipeline:
             if control is not None and not control(i, total):
                 raise JobCancelled(f"cancelled at step {i} of {total}")
             model, guidance = self.expert_for(t, boundary_timestep, params)
+            if self.placement is not None:  # the expert switch: this step's expert on the device
+                self.placement.use_expert(0 if model is self.experts[0] else 1)
             if self.step_cache is not None:  # decided (and agreed) before the step's forwards
                 self.step_cache.begin_step(i, total, t, model)
             model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
@@ -355,6 +374,8 @@ class WanVideoPipeline:
                 on_step(i + 1, total)
         if first_frame is not None:  # the scheduler stepped its own first frame; the image's is kept
             latents = (1 - mask) * first_frame + mask * latents
+        if self.placement is not None:
+            self.placement.denoised()
         return latents
 
     def expert_for(self, t: torch.Tensor, boundary_timestep: float | None, params: GenerationParams):
@@ -366,14 +387,26 @@ class WanVideoPipeline:
             return self.experts[0], params.guidance_scale
         return self.experts[1], params.guidance_scale_2  # low-noise stage
 
+    def decode_chunk_count(self, latents: torch.Tensor) -> int:
+        return -(-latents.shape[2] // self.decode_latent_frames)
+
+    def follow_decode(self, latents: torch.Tensor, control: StepControl | None) -> Iterator[torch.Tensor]:
+        """A rank that decodes nothing (rank 0 decodes alone) still joins every chunk's stop check."""
+        total = self.decode_chunk_count(latents)
+        for done in range(1, total):
+            if control is not None and not control(done, total, "decode"):
+                raise JobCancelled(f"stopped while decoding, after chunk {done} of {total}")
+        yield from ()
+
     @torch.inference_mode()
-    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_chunks(self, latents: torch.Tensor, control: StepControl | None = None) -> Iterator[torch.Tensor]:
         """Latents -> uint8 frames (f, H, W, 3) on the device, a few latent frames at a time.
 
         Wan's VAE decodes latent frame by latent frame with a causal cache (diffusers' `_decode`
         loop); we run the same loop and hand out each chunk as soon as it exists, so the mp4 writer
         encodes while the rest decodes. Element-wise post-processing per chunk gives the same bytes
-        as decoding the whole video at once.
+        as decoding the whole video at once. `control` is asked between chunks (not after the last),
+        so a stop lands within one chunk.
         """
         vae = self.c.vae
         latents = latents.to(vae.dtype)
@@ -396,6 +429,9 @@ class WanVideoPipeline:
                     # Made contiguous on the device: the GPU transposes in microseconds what the
                     # host (np.ascontiguousarray in the writer) took ~0.3 s per 720p chunk to do
                     yield (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8).contiguous()
+                    done, total = i // self.decode_latent_frames + 1, self.decode_chunk_count(latents)
+                    if control is not None and done < total and not control(done, total, "decode"):
+                        raise JobCancelled(f"stopped while decoding, after chunk {done} of {total}")
         finally:
             vae.clear_cache()
 
@@ -423,7 +459,7 @@ class WanVideoPipeline:
         do_cfg = params.guidance_scale > 1.0
         # 1. Encode prompts: the negative one only when CFG will run, and under CFG-parallel only
         #    the one this rank's branch needs (None for the other)
-        with timer("TextEncoding"):
+        with timer("TextEncoding"), self.placement.encoding() if self.placement is not None else nullcontext():
             wants_cond = not do_cfg or self.cfg_branch != "uncond"
             wants_uncond = do_cfg and self.cfg_branch != "cond"
             prompt_embeds = self.encode_prompt(params.prompt) if wants_cond else None
@@ -460,20 +496,27 @@ class WanVideoPipeline:
                 timer.ms.update(cache.end_job().timings())
         return Latents(params, latents, timer)
 
-    def decode_video(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_video(self, latents: torch.Tensor, control: StepControl | None = None) -> Iterator[torch.Tensor]:
         """The video's uint8 chunks on the delivering rank (split over the ranks by the `VaeSplit`,
-        or decoded there alone); other ranks take part and get nothing."""
+        or decoded there alone); other ranks take part and get nothing. `control` is asked between
+        chunks on every rank (a rank that decodes nothing still joins the checks)."""
+        decode = partial(self.decode_chunks, control=control)
+        follow = partial(self.follow_decode, control=control)
         if self.vae_split is not None:
-            yield from self.vae_split.decode(self.decode_chunks, latents)
+            yield from self.vae_split.decode(decode, latents, follow)
         elif self.is_main:
-            yield from self.decode_chunks(latents)
+            yield from decode(latents)
+        else:
+            yield from follow(latents)
 
-    def timed_decode(self, state: Latents, chunks: Iterator[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    def timed_decode(
+        self, state: Latents, chunks: Iterator[torch.Tensor] | None = None, control: StepControl | None = None
+    ) -> Iterator[torch.Tensor]:
         """Step 4: the decoded chunks (`decode_video`'s, or `chunks`), timed as Decoding;
         PipelineWall ends with the last one, and one log line gives the stages."""
         timer, params = state.timer, state.params
         timer.start("Decoding")
-        yield from self.decode_video(state.latents) if chunks is None else chunks
+        yield from self.decode_video(state.latents, control) if chunks is None else chunks
         timer.stop("Decoding")
         timer.stop("PipelineWall")
         log.info(

@@ -20,6 +20,11 @@ Modes:
   fault OUT   the SPMD loop over five jobs through the engine's real JobRunner, its fault seam making
               rank 1 fail in two of them (before the first step, and between steps) and rank 0 in
               its delivery of a third; rank 0 writes every outcome
+
+`spmd_check.py MODE OUT [ARG]` runs one mode. `spmd_check.py many OUT MODE[:ARG] ...` runs several in
+one process (one torchrun launch for all the checks of a world size: the tests share it), each in
+OUT/MODE; every rank leaves OUT/MODE/ok-WORLD-RANK when a mode is done, or error-WORLD-RANK.txt with
+the traceback and stops there (a rank that failed mid-collective leaves the others nothing to meet).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -37,7 +44,7 @@ from wan_spmd.process import finish_process, setup_logging, torchrun_env
 from wan_spmd.jobs import Job, Outcome, StopLoop
 from wan_spmd.launch import resolve_layout, resolve_model
 from wan_spmd.params import resolve_params
-from wan_spmd.runtime import init_dist, shutdown, spmd_loop
+from wan_spmd.runtime import init_dist, shutdown, spmd_loop, wait_for_all
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "example.png"
 SHARDED = ("attn1.to_", "attn2.to_", "attn1.norm_", "attn2.norm_", "ffn.net.")
@@ -287,7 +294,9 @@ class ListSource:
     def output_path(self, job: Job) -> Path:
         return self.out / f"{job.id}.mp4"
 
-    def is_cancelled(self, job: Job) -> bool:
+    stop_reason = None
+
+    def check_stop(self, job: Job) -> bool:
         return False
 
     def request_stop(self, reason: str) -> None:
@@ -309,16 +318,23 @@ def run_with_faults(d, out: Path, ids: tuple[str, ...], fault) -> int:
     runner = JobRunner(pipe, d.rank, fault)
     jobs = [Job(i, params_for(info, size="32x32", num_frames=5)) for i in ids]
     source = ListSource(jobs, out) if d.is_main else None
+    wait_for_all(d, timeout_s=120)  # as serve does: ranks load at their own pace before the loop
     return spmd_loop(d, runner, source, heartbeat_s=0.5)
 
 
 def mode_slow_decode(d, out: Path) -> None:
-    """Rank 0's delivery (decode and mp4, inside the job) takes longer than the control timeout (2 s)."""
+    """Rank 0's delivery (decode and mp4, inside the job) of the first job takes longer (3 s) than the
+    control timeout (2 s, a control group of this mode's own); the second job shows the loop goes on."""
     import time
 
+    import torch.distributed as dist
+
+    if d.world_size > 1:
+        d = dataclasses.replace(d, control=dist.new_group(backend="gloo", timeout=timedelta(seconds=2)))
+
     def slow(stage: str, job: Job, rank: int) -> None:
-        if stage == "deliver":
-            time.sleep(5.0)
+        if stage == "deliver" and job.id == "slow-1":
+            time.sleep(3.0)
 
     run_with_faults(d, out, ("slow-1", "slow-2"), slow)
 
@@ -336,25 +352,51 @@ def mode_fault(d, out: Path) -> None:
     (out / f"ran-{d.rank}.json").write_text(json.dumps(ran))
 
 
+MODES = {
+    "tp": mode_tp,
+    "tp_ti2v": mode_tp_ti2v,
+    "attn": mode_attn,
+    "fault": mode_fault,
+    "dummy": mode_dummy,
+    "lora": mode_lora,
+    "slow_decode": mode_slow_decode,
+    "compile": mode_compile,
+    "layouts": mode_layouts,
+    "compile_ti2v": mode_compile_ti2v,
+}
+
+
+def run_many(d, out: Path, specs: list[str]) -> int:
+    """Each MODE[:ARG] in order, in OUT/MODE; stops at the first that raises (see the module's doc)."""
+    for spec in specs:
+        mode, _, arg = spec.partition(":")
+        folder = out / mode
+        folder.mkdir(parents=True, exist_ok=True)
+        if "torch._dynamo" in sys.modules:
+            # each mode compiles as a process of its own would: dynamo's recompile limits count per
+            # code object, and the blocks of every mode share theirs
+            sys.modules["torch._dynamo"].reset()
+        try:
+            MODES[mode](d, folder, *([arg] if arg else []))
+        except BaseException:
+            (folder / f"error-{d.world_size}-{d.rank}.txt").write_text(traceback.format_exc())
+            return 1
+        (folder / f"ok-{d.world_size}-{d.rank}").touch()
+    return 0
+
+
 if __name__ == "__main__":
     mode, out, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     rank, _, _ = torchrun_env()
     setup_logging(rank)
-    d = init_dist("cpu", control_timeout_s=2.0 if mode == "slow_decode" else 60.0)
+    d = init_dist("cpu")
+    code = 0
     try:
-        modes = {
-            "tp": mode_tp,
-            "tp_ti2v": mode_tp_ti2v,
-            "attn": mode_attn,
-            "fault": mode_fault,
-            "dummy": mode_dummy,
-            "lora": mode_lora,
-            "slow_decode": mode_slow_decode,
-            "compile": mode_compile,
-            "layouts": mode_layouts,
-            "compile_ti2v": mode_compile_ti2v,
-        }
-        modes[mode](d, out, *extra)
+        if mode == "many":
+            code = run_many(d, out, extra)
+        else:
+            MODES[mode](d, out, *extra)
     finally:
-        shutdown(d)
-    finish_process(0)
+        if code == 0:
+            shutdown(d)
+    finish_process(code)

@@ -89,6 +89,10 @@ BAD = {
     "negative prompt cache": (["--prompt-cache", "-1"], "--prompt-cache must be >= 0 entries"),
     "negative condition cache": (["--condition-cache", "-2"], "--condition-cache must be >= 0 entries"),
     "tp not the world": (["--tp", "2"], "cfg=1 x ulysses=1 x tp=2 = 2 ranks, but the world size is 1"),
+    "gpu memory not a number": (["--gpu-memory", "lots"], "--gpu-memory must be GiB per card"),
+    "gpu memory fraction without a gpu": (["--gpu-memory", "0.5"], "there is no GPU here"),
+    "gpu memory too small": (["--gpu-memory", "1.5"], "--gpu-memory 1.5 GiB per card is too small for 64x64x9"),
+    "unknown offload": (["--offload", "disk"], "--offload must be one of auto, none, text-encoder, experts"),
 }
 
 
@@ -155,3 +159,19 @@ def test_make_tiny_refuses_a_folder_holding_other_files(tiny_i2v, tmp_path):
     shutil.copytree(tiny_i2v, again)
     proc = run_cli(["make-tiny", str(again)])
     assert proc.returncode == 0, proc.stderr
+
+
+def test_generate_with_experts_offloaded_logs_the_plan(cache_home, tiny_i2v, tmp_path):
+    """If this fails, `--offload experts` does not reach the pipeline (the weights stay where they
+    were), the plan is not logged at ready with what lives where, or the resident weights per
+    component are missing from the ready lines; the run must still write its video."""
+    out = tmp_path / "o.mp4"
+    args = ["generate", "--prompt", "x", "--image", str(EXAMPLE_IMAGE), "--output", str(out), "--seed", "3"]
+    proc = run_cli([*args, "--offload", "experts", "--num-frames", "5"])
+    assert proc.returncode == 0, proc.stderr
+    assert "memory plan 'experts' for" in proc.stderr
+    assert "transformer host, on the card while it runs" in proc.stderr
+    # between requests the offloaded weights wait on their host copies; on the CPU both are "cpu"
+    assert "resident weights rank 0: transformer " in proc.stderr and " on cpu" in proc.stderr
+    assert probe_mp4(out)["num_frames"] == 5
+    assert "memory:" not in proc.stdout  # no peak GPU memory on the CPU

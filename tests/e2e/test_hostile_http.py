@@ -5,7 +5,8 @@ bound it must hold, measured from outside: bytes a client got to send, temp byte
 connections rank 0 holds (its descriptors joined with /proc/net), lines it logged.
 
 Two servers: `server` (TCP, no key, small limits) for most tests, and `keyed` (a Unix socket made
-while the umask is 0, the key in a file, a 256-descriptor ulimit) where a flag has to differ."""
+while the umask is 0, the key in a file, a 256-descriptor ulimit) where a flag has to differ; the
+first is shared for the session with test_serve (its `tcp_server`) and test_readme."""
 
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, cli_env
-from tests.e2e.test_serve import UPLOAD_LIMIT, Server, _form, _metric, _png, _start, _stop
+from tests.e2e.test_serve import UPLOAD_LIMIT, Server, _form, _metric, _png, _start
+from tests.fault_serve import FAULT_ENV, MESSAGE
 from wan_spmd.params import Limits
 from wan_spmd.server.body import body_cap
 from wan_spmd.server.errors import KINDS
-from wan_spmd.server.routes import FAULT_ENV
 
 MAX_CONNECTIONS = 16
 HEADER_TIMEOUT_S = 2
@@ -43,36 +44,38 @@ FAULT_PROMPT = "fail unexpectedly (test)"
 ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[\w.-]+/")  # "/tmp/", "/work/..." in an answer's text
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
-    # the one unexpected exception left to provoke is injected (no client value reaches one any more)
+def start_http(tmp: Path) -> Server:
+    """The session's TCP server (test_serve's `tcp_server` too): no key, small limits."""
+    # the one unexpected exception left to provoke is injected by a test-only entry point (no client
+    # value reaches one any more, and the server itself reads no test switch)
     os.environ[FAULT_ENV] = FAULT_PROMPT
     try:
-        s = _start(
-            tmp_path_factory.mktemp("hostile"),
+        return _start(
+            tmp,
             *("--max-connections", str(MAX_CONNECTIONS), "--max-queue", "2"),
             *("--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S)),
             *("--send-timeout", str(SEND_TIMEOUT_S)),
+            entry="tests.fault_serve",
         )
     finally:
         del os.environ[FAULT_ENV]
-    yield s
-    s.client.close()
-    _stop(s.proc)
 
 
 @pytest.fixture(scope="module")
-def keyed(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
+def server(servers, tiny_i2v) -> Server:
+    return servers.get("http", start_http)
+
+
+def start_keyed(tmp: Path) -> Server:
     """A Unix-socket server whose key comes from a file, started with umask 0 and `ulimit -n 256`
     (both inherited from this process for the start only), and room for more connections than that."""
-    tmp = tmp_path_factory.mktemp("hostile-uds")
     key_file = tmp / "key"
     key_file.write_text(KEY + "\n")
     umask = os.umask(0)
     limits = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, limits[1]))
     try:
-        s = _start(
+        return _start(
             tmp,
             *("--api-key-file", str(key_file), "--max-connections", "1000"),
             *("--header-timeout", str(HEADER_TIMEOUT_S)),
@@ -82,9 +85,11 @@ def keyed(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
         os.umask(umask)
-    yield s
-    s.client.close()
-    _stop(s.proc)
+
+
+@pytest.fixture(scope="module")
+def keyed(servers, tiny_i2v) -> Server:
+    return servers.get("keyed", start_keyed)
 
 
 # -- measuring from outside -----------------------------------------------------------------------
@@ -291,9 +296,7 @@ def test_idle_and_slow_connections_are_bounded_and_closed(server):
     slow_body.sendall(head.replace(b"Content-Length: 0", b"Content-Length: 900"))
     time.sleep(0.5)
     assert _held_connections(server) <= MAX_CONNECTIONS
-    start = time.monotonic()
-    assert server.client.get("/health").status_code == 200
-    assert time.monotonic() - start < 5
+    assert server.client.get("/health").status_code == 200  # room made by eviction: counted below
     assert _held_connections(server) <= MAX_CONNECTIONS
 
     # The slow ones: one byte every 0.3 s never beats the deadlines; each gets its 408 and is closed.
@@ -345,10 +348,8 @@ def test_out_of_descriptors_degrades_quietly(keyed):
         except OSError:
             break  # the backlog is full too: the flood has done all it can
     assert len(idle) >= 250, len(idle)
-    start = time.monotonic()
     probe = httpx.Client(transport=httpx.HTTPTransport(uds=str(keyed.uds)), base_url="http://serve", timeout=30)
     assert probe.get("/health").status_code == 200
-    assert time.monotonic() - start < 30
     probe.close()
     for sock in idle:
         sock.close()
@@ -607,8 +608,7 @@ def test_gone_clients_give_back_their_queue_places(server):
         _wait_for(lambda: _metric(server.client, "wan_spmd_queue_depth") == 2, 15, "two requests queued")
         for sock in gone:
             sock.close()
-        waited = _wait_for(lambda: _metric(server.client, "wan_spmd_queue_depth") == 0, 10, "their places freed")
-        assert waited < 10
+        _wait_for(lambda: _metric(server.client, "wan_spmd_queue_depth") == 0, 10, "their places freed")
         (third,) = _queued(server, 1)
         _wait_for(lambda: _metric(server.client, "wan_spmd_queue_depth") == 1, 15, "the third queued")
         assert not select.select([third], [], [], 1.0)[0], "the third was answered (429?) instead of queued"
@@ -644,12 +644,12 @@ def test_full_queue_answers_429_before_the_body(server):
 
 
 def test_unexpected_exception_is_json_500_and_keeps_the_connection(server):
-    """A request that makes the server fail unexpectedly (injected through WAN_SPMD_FAULT_PROMPT: since
-    issue 20 no client value reaches an unexpected exception) gets a JSON 500 in the error shape,
-    naming a reference and no path; the traceback is logged once; the same keep-alive connection then
-    serves the next request. A JSON body nested 100,000 deep is a plain 400, and so are bytes that are
-    not HTTP. If this fails, clients get text/plain errors and reset connections, and operators cannot
-    match an answer to its traceback."""
+    """A request that makes the server fail unexpectedly (injected by the test-only entry point
+    tests/fault_serve.py: since issue 20 no client value reaches an unexpected exception) gets a
+    JSON 500 in the error shape, naming a reference and no path; the traceback is logged once; the
+    same keep-alive connection then serves the next request. A JSON body nested 100,000 deep is a
+    plain 400, and so are bytes that are not HTTP. If this fails, clients get text/plain errors and
+    reset connections, and operators cannot match an answer to its traceback."""
     tracebacks_before = server.log_text().count("Traceback")
     sock = _connect(server)
     host = f"127.0.0.1:{_port(server)}"
@@ -673,7 +673,7 @@ def test_unexpected_exception_is_json_500_and_keeps_the_connection(server):
     sock.close()
     log = server.log_text()
     assert log.count("Traceback") == tracebacks_before + 1 and log.count(ref) == 1
-    assert "RuntimeError: fault injected by WAN_SPMD_FAULT_PROMPT" in log.split(ref, 1)[1]
+    assert f"RuntimeError: {MESSAGE}" in log.split(ref, 1)[1]
     _serves(server)
 
 

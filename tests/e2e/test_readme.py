@@ -16,7 +16,6 @@ import pytest
 
 from tests.conftest import EXAMPLE_IMAGE, ROOT, cli_env
 from tests.e2e.test_deploy import check_wan_flags, pins, pip_installs, pyproject
-from tests.e2e.test_serve import _start, _stop
 from wan_spmd.video import probe_mp4
 
 README = ROOT / "README.md"
@@ -129,11 +128,11 @@ def test_quick_start_generate_runs_as_written(tiny_i2v, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tmp_path_factory, tiny_i2v):
-    server = _start(tmp_path_factory.mktemp("readme"), torchrun=("--nproc-per-node=1",))
-    yield server
-    server.client.close()
-    _stop(server.proc)
+def tiny_server(servers, tiny_i2v):
+    """The session's keyless TCP server (test_hostile_http's `server`): the snippets need no setting."""
+    from tests.e2e.test_hostile_http import start_http
+
+    return servers.get("http", start_http)
 
 
 def test_sdk_snippet_runs_as_written(tiny_server, tmp_path):

@@ -118,7 +118,7 @@ def test_image_rules():
 
 
 def test_limits_are_flags_not_constants():
-    p = resolve({"prompt": "x", "size": "2048x720"}, limits=Limits(max_width=2048, max_work=5_000_000))
+    p = resolve({"prompt": "x", "size": "2048x720"}, limits=Limits(max_width=2048, max_work=50_000_000))
     assert p.width == 2048
 
 

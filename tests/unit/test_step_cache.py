@@ -247,3 +247,20 @@ def test_http_takes_cache_threshold_as_a_form_field_and_refuses_a_bad_one(tiny_i
     ctx.queue.close("test over")
     (job,) = seen
     assert job.params.cache_threshold == 0.3
+
+
+def test_the_memory_plan_counts_the_cached_residuals():
+    """If this fails, --cache-backend's residuals (held while denoising) are missing from the memory
+    plan, so a budget that fits without them could run out with them."""
+    from wan_spmd.config import REAL_MODELS
+    from wan_spmd.memory import Request, activations
+    from wan_spmd.step_cache import residual_bytes
+
+    config = REAL_MODELS["wan2.2-i2v-a14b"].transformer_config
+    request = Request(1280, 720, 81, 75_600, image_condition=True)
+    for tp, ulysses, world, branches in ((1, 1, 1, 2), (2, 1, 2, 2), (2, 2, 8, 1)):  # the last: CFG-parallel
+        plain = activations(request, config, tp, ulysses, world)
+        cached = activations(request, config, tp, ulysses, world, step_cache=True)
+        expected = residual_bytes(75_600, 5120, 2, branches, token_parts=tp * ulysses)
+        assert cached.denoise - plain.denoise == expected
+        assert (cached.decode, cached.vae_encode) == (plain.decode, plain.vae_encode)

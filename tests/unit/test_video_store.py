@@ -10,7 +10,7 @@ import pytest
 from starlette.datastructures import Headers
 
 from wan_spmd.params import GenerationParams
-from wan_spmd.server.routes import wants_async
+from wan_spmd.server.routes.videos import wants_async
 from wan_spmd.server.videos import RESTARTED, VideoRecord, VideoStore, check_replica_name, default_replica_name
 
 
@@ -202,3 +202,30 @@ def test_wants_async(headers, sync_videos, expected):
     (and lose it to their timeouts), curl | jq scripts lose their synchronous answer under
     --sync-videos, or the SDK's create blocks (and retries) for the whole video."""
     assert wants_async(Headers(headers), sync_videos) is expected
+
+
+def test_stale_temporary_videos_are_removed_at_start_and_in_the_sweep(tmp_path):
+    """Issue 33.4: a serve killed mid-write leaves `.<stamp>_<id>-<hex>.mp4.part` in --output-dir.
+    The next start removes this replica's (no job is live then), and the retention sweep removes any
+    whose job is no longer queued or running, never a running job's, another replica's or a file
+    that is not a temporary video. If this fails, partial videos pile up in --output-dir for ever."""
+    clock = Clock()
+    stale = tmp_path / f".20261207-010203_video_r1_{'a' * 24}-{'0' * 12}.mp4.part"
+    other_replica = tmp_path / f".20261207-010203_video_r2_{'b' * 24}-{'1' * 12}.mp4.part"
+    not_ours = tmp_path / ".clip-0123456789ab.mp4.part"  # a batch's name: not this store's
+    for path in (stale, other_replica, not_ours):
+        path.write_bytes(b"\x00" * 10)
+    store = _store(tmp_path, clock)
+    store.load()
+    assert not stale.exists() and other_replica.exists() and not_ours.exists()
+
+    running = VideoRecord.new(store.new_id(), _params(), "tiny", clock())
+    store.add(running)
+    store.start(running.id)
+    live_part = tmp_path / f".20261207-010203_{running.id}-{'2' * 12}.mp4.part"
+    live_part.write_bytes(b"\x00" * 10)
+    store.sweep()
+    assert live_part.exists()  # its writer is still at work
+    store.fail(running.id, "cancelled", "stopped")  # killed before its writer could clean up
+    store.sweep()
+    assert not live_part.exists() and other_replica.exists()

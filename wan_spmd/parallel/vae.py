@@ -136,13 +136,18 @@ class RowSplit:
                 return self.all_rows(self.band_encoder(vae, band))
             return self.all_rows(vae.encode(band).latent_dist.mode())
 
-    def decode(self, decode_chunks: ChunkDecoder, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode(
+        self, decode_chunks: ChunkDecoder, latents: torch.Tensor, follow: ChunkDecoder | None = None
+    ) -> Iterator[torch.Tensor]:
         """The decode seam: each chunk decoded on this rank's band by `decode_chunks`, gathered to
-        rank 0 as uint8; rank 0 yields the whole chunks, the other ranks nothing."""
+        rank 0 as uint8; rank 0 yields the whole chunks, the other ranks nothing. When rank 0
+        decodes alone, the others run `follow` (the pipeline's: it joins each chunk's stop check)."""
         rows = latents.shape[-2]
         if rows < self.size:  # fewer latent rows than ranks: rank 0 alone
             if self.rank == 0:
                 yield from decode_chunks(latents)
+            elif follow is not None:
+                yield from follow(latents)
             return
         with self.split(rows) as (start, stop):
             for chunk in decode_chunks(latents[..., start:stop, :]):

@@ -19,7 +19,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wan_spmd.server.context import ARRIVED, VIDEO_PATHS, ServerContext, ServerSettings
 from wan_spmd.server.errors import ApiError, quoted
-from wan_spmd.server.job_routes import jobs_router
 from wan_spmd.server.routes import system_router, videos_router
 
 __all__ = ["ServerContext", "ServerSettings", "create_app"]
@@ -175,7 +174,6 @@ def create_app(ctx: ServerContext) -> FastAPI:
     )
     app.state.ctx = ctx
     app.include_router(videos_router)
-    app.include_router(jobs_router)
     app.include_router(system_router)
 
     @app.exception_handler(ApiError)

@@ -14,6 +14,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
+from wan_spmd.memory import PeakMemory
 from wan_spmd.params import GenerationParams
 
 
@@ -38,6 +39,8 @@ class VideoAnswer:
     """The copy under --output-dir (a server-chosen name)."""
     timings_ms: dict[str, float]
     """The pipeline's stages and PipelineWall, plus Queue, Dispatch and Mp4Encoding."""
+    peak_memory: PeakMemory | None = None
+    """The job's peak GPU memory, the maximum over ranks (None on the CPU)."""
 
 
 @dataclass

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from wan_spmd.params import GenerationParams
-from wan_spmd.video import VideoWriteError, first_frame_jpeg
+from wan_spmd.video import PART_SUFFIX, PART_TOKEN_HEX, VideoWriteError, first_frame_jpeg
 
 log = logging.getLogger("wan_spmd")
 
@@ -139,7 +139,7 @@ class VideoRecord:
     stage_durations: dict[str, float] = field(default_factory=dict)
     """The timings in seconds (vllm-omni's field and unit), once completed."""
     peak_memory_mb: float | None = None
-    """Not measured yet: null."""
+    """The job's peak GPU memory reserved, MiB, the maximum over ranks, once completed (null on the CPU)."""
     inference_time_s: float | None = None
     """Seconds from the loop starting the job to the mp4 in place, once completed."""
 
@@ -269,7 +269,7 @@ class VideoStore:
             self._records = {r.id: r for r in sorted(loaded, key=lambda r: r.created)}
             for video_id in deleted:
                 self._carry_out_delete(video_id)
-            self.prune()
+            self.sweep()  # the temporary mp4s a killed run left go too: none of its jobs is live
             return len(self._records)
 
     # -- what the HTTP thread does ----------------------------------------------------------------
@@ -382,7 +382,9 @@ class VideoStore:
         if self._delete_requested(video_id):
             self._carry_out_delete(video_id)
 
-    def complete(self, video_id: str, video: Path, timings: dict[str, float]) -> bool:
+    def complete(
+        self, video_id: str, video: Path, timings: dict[str, float], peak_memory_mb: float | None = None
+    ) -> bool:
         """The mp4 is in place. False (and the file removed) if the job was deleted meanwhile."""
         with self._lock:
             record = self._records.get(video_id)
@@ -395,6 +397,7 @@ class VideoStore:
             record.stage_durations = {k: round(v / 1000.0, 4) for k, v in timings.items()}
             record.inference_time_s = round(inference_ms(timings) / 1000.0, 4)
             record.file_name = f"{record.id}.mp4"
+            record.peak_memory_mb = None if peak_memory_mb is None else round(peak_memory_mb, 1)
             self._finish(record)
             return True
 
@@ -614,6 +617,38 @@ class VideoStore:
                 del self._records[record.id]
                 self._remove_files(record)
             return len(gone)
+
+    def sweep(self) -> int:
+        """The retention sweep serve runs while idle: `prune`, and the temporary mp4s no live job of
+        this replica owns (a listing of --output-dir, so not on every read as `prune` is)."""
+        gone = self.prune()
+        self.remove_stale_parts()
+        return gone
+
+    def remove_stale_parts(self) -> list[Path]:
+        """Delete the temporary mp4s (`.<stamp>_<id>-<hex>.mp4.part`) of this replica's jobs that are
+        not queued or running: a run killed mid-write left them. Returns what was removed."""
+        if self.root is None or not self.root.is_dir():
+            return []
+        pattern = re.compile(
+            rf"\.\d{{8}}-\d{{6}}_(video_{re.escape(self.replica)}_[0-9a-f]{{{ID_HEX}}})"
+            rf"-[0-9a-f]{{{PART_TOKEN_HEX}}}{re.escape(PART_SUFFIX)}"
+        )
+        removed = []
+        with self._lock:
+            live = {r.id for r in self._records.values() if not r.finished}
+            for path in self.root.iterdir():
+                found = pattern.fullmatch(path.name)
+                if found is None or found.group(1) in live:
+                    continue
+                try:
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+                except OSError as exc:
+                    log.warning("could not remove the temporary file %s: %s", path.name, exc)
+        if removed:
+            log.info("removed %d temporary video file(s) no running job owns", len(removed))
+        return removed
 
     def _fail(self, record: VideoRecord, code: str, message: str) -> None:
         record.status, record.error = "failed", {"code": code, "message": message}

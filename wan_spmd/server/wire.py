@@ -118,7 +118,10 @@ class Video(BaseModel):
     stage_durations: dict[str, float] = Field(
         default_factory=dict, description="The timings in seconds (vllm-omni's field) once completed."
     )
-    peak_memory_mb: float | None = Field(None, description="Not measured: null.")
+    peak_memory_mb: float | None = Field(
+        None,
+        description="The job's peak GPU memory reserved, MiB, the maximum over ranks, once completed; null on the CPU.",
+    )
     inference_time_s: float | None = Field(
         None, description="Seconds from the job's start on the ranks to its mp4 in place, once completed."
     )

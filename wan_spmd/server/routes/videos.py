@@ -1,4 +1,18 @@
-"""The routers: videos (POST /v1/videos, /v1/videos/sync) and system (health, models, metrics)."""
+"""The videos resource: every route under /v1/videos.
+
+    POST /v1/videos                make a video (a queued job at once, or the finished video)
+    POST /v1/videos/sync           make a video, answer the raw mp4 bytes
+    GET /v1/videos                 list (limit, after, order)
+    GET /v1/videos/{id}            the video object: status, progress, error
+    GET /v1/videos/{id}/content    variant=video (mp4, the default) or thumbnail (JPEG of the first frame);
+                                   OpenAI's spritesheet is a 400 saying it is not offered
+    DELETE /v1/videos/{id}         a queued job never runs, a running one stops at its next step,
+                                   a finished one's files go; the id is unknown afterwards
+
+OpenAI's endpoints that make videos from other videos (remix, edits, extensions, characters) answer
+404 saying they are not served. Query parameters are read by hand so that a bad one gets the one
+error shape (FastAPI's own validation would answer 422 in another shape).
+"""
 
 from __future__ import annotations
 
@@ -6,31 +20,30 @@ import asyncio
 import base64
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import Headers
 
-from wan_spmd.params import GenerationParams, RequestError, model_limits, resolve_params
+from wan_spmd.params import GenerationParams, RequestError, resolve_params
 from wan_spmd.server.body import read_video_request
 from wan_spmd.server.compat import adapt_request, parse_bool
 from wan_spmd.server.context import ARRIVED, ServerContext, ServerSettings
 from wan_spmd.server.errors import ApiError, quoted, scrub_paths
+from wan_spmd.server.files import OpenedFileResponse
 from wan_spmd.server.queue import JobFailed, PendingVideo, QueueFull, Unavailable, VideoAnswer
 from wan_spmd.server.videos import VideoRecord, inference_ms
 from wan_spmd.server.wire import (
     ErrorResponse,
-    Health,
-    ModelCard,
-    ModelList,
     Video,
     VideoData,
+    VideoDeleted,
     VideoForm,
+    VideoList,
     VideoResponse,
 )
 
@@ -39,9 +52,6 @@ log = logging.getLogger("wan_spmd")
 PIPELINE_STAGES = ("TextEncoding", "LatentPreparation", "Denoising", "Decoding", "PipelineWall")
 SERVER_STAGES = ("Receive", "Validation", "Queue", "Dispatch", "Mp4Encoding", "Base64")
 RETRY_AFTER_S = "5"
-# Debugging and tests only (README, "Tests"): a request whose prompt equals this variable's value
-# fails with an unexpected exception, the one path no client input reaches any more (issue 20).
-FAULT_ENV = "WAN_SPMD_FAULT_PROMPT"
 STRICT_FIELD = "strict"
 """A request's own choice: true makes a size or frame count the model cannot take a 400 (not rounded)."""
 
@@ -75,7 +85,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 videos_router = APIRouter(tags=["videos"])
-system_router = APIRouter(tags=["system"])
 
 
 def _ctx(request: Request) -> ServerContext:
@@ -110,8 +119,6 @@ async def _generate(
         strict = parse_bool(STRICT_FIELD, fields.pop(STRICT_FIELD))
     fields.pop(STRICT_FIELD, None)
     fields, image, notes = adapt_request(fields, image, settings.limits)
-    if os.environ.get(FAULT_ENV) and fields.get("prompt") == os.environ[FAULT_ENV]:
-        raise RuntimeError(f"fault injected by {FAULT_ENV} (a test of the unexpected-error path)")
     try:
         # in a worker thread: decoding an image takes up to seconds, and the event loop serves
         # /health and every other connection meanwhile (images.DECODE_SLOTS bounds the decodes)
@@ -242,7 +249,7 @@ def _done(request: Request, pending: PendingVideo, answer: VideoAnswer, timings:
     ctx.metrics.observe(timings)
     p = pending.params
     log.info(
-        "video %s %s %s x%d frames %d steps -> %s: %s",
+        "video %s %s %s x%d frames %d steps -> %s: %s%s",
         pending.id,
         request.url.path,
         p.size,
@@ -250,7 +257,15 @@ def _done(request: Request, pending: PendingVideo, answer: VideoAnswer, timings:
         p.num_inference_steps,
         answer.path,
         " ".join(f"{k}={v:.0f}ms" for k, v in timings.items()),
+        f"; {answer.peak_memory.describe()}" if answer.peak_memory else "",
     )
+
+
+def _memory_headers(answer: VideoAnswer) -> dict[str, str]:
+    """X-Peak-Memory-MB (vllm-omni's header): the job's peak GPU memory reserved, MiB, the maximum
+    over ranks; absent on the CPU, where there is nothing to measure."""
+    peak = answer.peak_memory
+    return {} if peak is None else {"X-Peak-Memory-MB": f"{peak.peak_memory_mb:.1f}"}
 
 
 def _server_timing(timings: dict[str, float]) -> str:
@@ -278,7 +293,7 @@ async def create_video(request: Request) -> JSONResponse:
     video = _video_object(ctx, pending, "completed")
     body = VideoResponse(**{**video, "timings": timings}, created=pending.created, data=[VideoData(b64_json=b64)])
     _done(request, pending, answer, timings)
-    return JSONResponse(body.model_dump(), headers=answer_headers(pending, timings))
+    return JSONResponse(body.model_dump(), headers=answer_headers(pending, timings, answer))
 
 
 def wants_async(headers: Headers, sync_videos: bool) -> bool:
@@ -319,14 +334,15 @@ def _id_headers(pending: PendingVideo) -> dict[str, str]:
     return headers
 
 
-def answer_headers(pending: PendingVideo, timings: dict[str, float]) -> dict[str, str]:
+def answer_headers(pending: PendingVideo, timings: dict[str, float], answer: VideoAnswer) -> dict[str, str]:
     """The headers of a synchronous answer, as vllm-omni's /v1/videos/sync sends them, plus ours:
-    X-Stage-Durations is a JSON object of seconds; X-Peak-Memory-MB is left out (not measured)."""
+    X-Stage-Durations is a JSON object of seconds; X-Peak-Memory-MB only where it was measured (a GPU)."""
     return {
         **_id_headers(pending),
         "X-Inference-Time-S": f"{inference_ms(timings) / 1000.0:.3f}",
         "X-Stage-Durations": json.dumps({k: round(v / 1000.0, 4) for k, v in timings.items()}, separators=(",", ":")),
         "Server-Timing": _server_timing(timings),
+        **_memory_headers(answer),
     }
 
 
@@ -354,7 +370,7 @@ async def create_video_sync(request: Request) -> Response:
     _done(request, pending, answer, timings)
     p = pending.params
     headers = {
-        **answer_headers(pending, timings),
+        **answer_headers(pending, timings, answer),
         "X-Video-Id": pending.id,
         "X-Num-Frames": str(p.num_frames),
         "X-Size": p.size,
@@ -364,46 +380,143 @@ async def create_video_sync(request: Request) -> Response:
     return Response(answer.mp4, media_type="video/mp4", headers=headers)
 
 
-@system_router.get("/health", response_model=Health, responses={503: {"model": Health}})
-async def health(request: Request) -> JSONResponse:
-    """200 once every rank has loaded the model; 503 while loading or stopping."""
+# ---------------------------------------------------------------------------------------------
+# Video jobs: list, retrieve, download, delete
+
+
+VARIANTS = {"video": "video/mp4", "thumbnail": "image/jpeg"}
+MAX_LIMIT = 100
+JOB_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "A query parameter is invalid (error.param names it)."),
+        (401, "Missing or wrong API key."),
+        (404, "No such video (never made, deleted or expired), or no content yet."),
+        (422, "The video failed: it will never have content (its object says why)."),
+    )
+}
+UNSERVED = "this server makes videos from a prompt (and an image) only; OpenAI's {what} is not served here"
+
+
+def _record(ctx: ServerContext, video_id: str) -> VideoRecord:
+    record = ctx.videos.get(video_id)
+    if record is None:
+        message = f"no video {quoted(video_id)} on this server (never made here, deleted or expired)"
+        raise ApiError(404, message, "video_id")
+    return record
+
+
+def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit()):  # int() would take "５", "1_0" and " 7"
+        raise ApiError(400, f"{name} must be a whole number in ASCII digits, got {quoted(text)}", name)
+    digits = text.lstrip("0") or "0"
+    value = int(digits) if len(digits) <= 9 else high + 1  # past any bound; never a 4300-digit int()
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be within {low}..{high}, got {quoted(text)}", name)
+    return value
+
+
+# Registered before /v1/videos/{video_id}, which would otherwise take `characters` for an id.
+@videos_router.post("/v1/videos/{video_id}/remix", responses={404: {"model": ErrorResponse}}, include_in_schema=False)
+async def remix_video(video_id: str) -> None:
+    raise ApiError(404, UNSERVED.format(what="remix"))
+
+
+@videos_router.post("/v1/videos/edits", responses={404: {"model": ErrorResponse}}, include_in_schema=False)
+async def edit_video() -> None:
+    raise ApiError(404, UNSERVED.format(what="video edits"))
+
+
+@videos_router.post("/v1/videos/extensions", responses={404: {"model": ErrorResponse}}, include_in_schema=False)
+async def extend_video() -> None:
+    raise ApiError(404, UNSERVED.format(what="video extensions"))
+
+
+@videos_router.api_route("/v1/videos/characters", methods=["GET", "POST"], include_in_schema=False)
+@videos_router.api_route("/v1/videos/characters/{character_id}", methods=["GET", "DELETE"], include_in_schema=False)
+async def characters(request: Request) -> None:
+    raise ApiError(404, UNSERVED.format(what="characters API"))
+
+
+@videos_router.get(
+    "/v1/videos",
+    response_model=VideoList,
+    responses=JOB_ERRORS,
+    summary="List the videos (of every replica sharing the job store)",
+)
+async def list_videos(request: Request) -> JSONResponse:
+    """Newest first by default (`order=asc` for oldest first); `after` is the last id of the previous
+    page (an unknown one gives an empty page); `limit` 0..100 (0: no records, has_more says if any)."""
     ctx = _ctx(request)
-    body = Health(status=ctx.status, ranks=ctx.settings.world_size).model_dump()
-    return JSONResponse(body, status_code=200 if ctx.ready.is_set() else 503)
+    limit = _query_int(request, "limit", 20, 0, MAX_LIMIT)
+    order = request.query_params.get("order", "desc").strip().lower()
+    if order not in ("asc", "desc"):
+        raise ApiError(400, f"order must be 'asc' or 'desc', got {quoted(order)}", "order")
+    after = request.query_params.get("after") or None
+    try:
+        records, has_more = ctx.videos.page(limit, after, order)
+    except KeyError:  # as vllm-omni answers: nothing after an id this server does not know
+        records, has_more = [], False
+    data = [r.public() for r in records]
+    body = VideoList(
+        data=data,
+        first_id=data[0]["id"] if data else None,
+        last_id=data[-1]["id"] if data else None,
+        has_more=has_more,
+    )
+    return JSONResponse(body.model_dump())
 
 
-@system_router.get("/v1/models", response_model=ModelList, responses=ERRORS)
-async def models(request: Request) -> ModelList:
-    """Every served name (aliases included) with what a request may ask of the model: clients read
-    the limits here instead of assuming a size."""
-    settings = _ctx(request).settings
-    bounds = model_limits(settings.info, settings.limits)
-    defaults = settings.defaults
-    cards = [
-        ModelCard(
-            id=name,
-            created=int(time.time()),
-            root=settings.info.path.name if settings.info.path else None,  # the folder's name, never where it is
-            pipeline=settings.info.family.pipeline_class,
-            family=settings.info.family.name,
-            image=settings.info.family.image,
-            max_width=bounds.max_width,
-            max_height=bounds.max_height,
-            size_multiple=bounds.multiple,
-            max_frames=bounds.max_frames,
-            default_size=defaults.get("size"),
-            default_max_area=defaults.get("max_area"),
-            default_fps=defaults.get("fps"),
-            default_num_frames=defaults.get("num_frames"),
-            loras=list(settings.loras),
-        )
-        for name in settings.served_model_names
-    ]
-    return ModelList(data=cards)
+@videos_router.get("/v1/videos/{video_id}", response_model=Video, responses=JOB_ERRORS, summary="A video's status")
+async def retrieve_video(request: Request, video_id: str) -> JSONResponse:
+    return JSONResponse(_record(_ctx(request), video_id).public())
 
 
-@system_router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-async def metrics(request: Request) -> Response:
-    from prometheus_client import CONTENT_TYPE_LATEST
+@videos_router.get(
+    "/v1/videos/{video_id}/content",
+    responses={200: {"content": {"video/mp4": {}, "image/jpeg": {}}}, **JOB_ERRORS},
+    response_class=FileResponse,
+    summary="Download a finished video (variant=video) or a JPEG of its first frame (variant=thumbnail)",
+)
+async def video_content(request: Request, video_id: str) -> FileResponse:
+    ctx = _ctx(request)
+    variant = request.query_params.get("variant", "video")
+    if variant == "spritesheet":  # OpenAI's third variant: named, so a client learns it is not offered
+        raise ApiError(400, "variant spritesheet is not offered by this server; ask for video or thumbnail", "variant")
+    if variant not in VARIANTS:
+        raise ApiError(400, f"variant must be one of {', '.join(VARIANTS)}, got {quoted(variant)}", "variant")
+    record = _record(ctx, video_id)
+    if record.status == "failed":  # vllm-omni's status for it: the job exists, and will never have content
+        raise ApiError(422, f"video {video_id} failed: it has no content; GET /v1/videos/{video_id} says why")
+    if record.status != "completed":
+        raise ApiError(404, f"video {video_id} is {record.status}: it has no content yet (only completed videos do)")
+    if variant == "thumbnail":
+        path = await asyncio.to_thread(ctx.videos.thumbnail, video_id)  # ffmpeg: off the event loop
+    else:
+        path = ctx.videos.video_file(record)
+    suffix = "mp4" if variant == "video" else "jpg"
+    if path is not None:
+        try:  # opened now and sent from the open file: a DELETE meanwhile cannot cut the answer
+            return OpenedFileResponse(path, media_type=VARIANTS[variant], filename=f"{video_id}.{suffix}")
+        except FileNotFoundError:  # deleted or expired since
+            pass
+    raise ApiError(404, f"video {video_id} was deleted or expired", "video_id")
 
-    return Response(_ctx(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+@videos_router.delete(
+    "/v1/videos/{video_id}", response_model=VideoDeleted, responses=JOB_ERRORS, summary="Cancel or remove a video"
+)
+async def delete_video(request: Request, video_id: str) -> JSONResponse:
+    ctx = _ctx(request)
+    _record(ctx, video_id)
+    pending = ctx.live.get(video_id)
+    if pending is not None:
+        # withdrawn first: queued, it is dropped now; running, the loop stops it at its next step
+        # (on every rank, by the step agreement) and its outcome finds no record to update
+        ctx.queue.withdraw(pending, "deleted")
+    if ctx.videos.delete(video_id) is None:
+        raise ApiError(404, f"no video {quoted(video_id)} on this server (deleted meanwhile)", "video_id")
+    return JSONResponse(VideoDeleted(id=video_id).model_dump())
