@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from wan_spmd.compile_cache import parse_compile_cache
 from wan_spmd.config import TINY_NOTE, ModelFolderError, ModelInfo, generation_defaults
 from wan_spmd.launch import (
     VAE_DTYPES,
@@ -136,8 +137,18 @@ CompileOpt = Annotated[
 WarmupOpt = Annotated[
     str | None,
     typer.Option(
-        help="WxHxF,... throwaway requests before ready (default with --compile: serve the preset's shape, "
+        help="WxHxF,... shapes whose transformer forwards compile before ready (default with --compile: serve "
+        "the preset's shape, "
         "generate/batch their jobs' shapes; 'none' for none)."
+    ),
+]
+CompileCacheOpt = Annotated[
+    str | None,
+    typer.Option(
+        metavar="DIR|none",
+        help="Keep what --compile compiles here across restarts, one subfolder per torch/GPU/layout/model/"
+        "attention/quant key; ranks and replicas may share it (default: $XDG_CACHE_HOME/wan_spmd/compile; "
+        "'none': no cache).",
     ),
 ]
 VaeDtypeOpt = Annotated[str, typer.Option(help="VAE precision for encode and decode: fp32 or bf16.")]
@@ -267,6 +278,7 @@ class RunFlags:
     load_timeout: float
     compile: bool | None
     warmup_shapes: str | None
+    compile_cache: str | None
     vae_dtype: str
     gpu_memory: str
     offload: str
@@ -304,6 +316,7 @@ RUN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("load_timeout", LoadTimeoutOpt, 1800.0),
     ("compile", CompileOpt, None),
     ("warmup_shapes", WarmupOpt, None),
+    ("compile_cache", CompileCacheOpt, None),
     ("vae_dtype", VaeDtypeOpt, "fp32"),
     ("gpu_memory", GpuMemoryOpt, "auto"),
     ("offload", OffloadOpt, "auto"),
@@ -404,6 +417,7 @@ def _engine_options(
         load_timeout_s=run.load_timeout,
         compile=run.compile,
         warmup_shapes=shapes,
+        compile_cache=parse_compile_cache(run.compile_cache),
         auto_warmup_shapes=tuple(dict.fromkeys(shape for shape in auto_warmup if shape is not None)),
         vae_dtype=run.vae_dtype,
         prompt_cache=run.prompt_cache,
@@ -488,9 +502,17 @@ def _run(model: str, info: ModelInfo, engine: EngineOptions, make_front: Callabl
     after the arguments were checked."""
     _check_loras(info, engine)
     _note_tiny(model)
+    from wan_spmd.prefetch import prefetch_weights
+
+    prefetch_weights(info.path, engine.load_format)  # read ahead while torch imports
+    front = make_front() if torchrun_env()[0] == 0 else None
+    if front is not None:
+        try:  # serve listens before torch is imported (seconds): /health says 503 meanwhile
+            front.start()
+        except ValueError:
+            pass  # the engine's own call raises it again, once every rank has joined
     from wan_spmd.engine import run_engine
 
-    front = make_front() if torchrun_env()[0] == 0 else None
     with user_errors():
         return run_engine(info, engine, front)
 
