@@ -31,6 +31,7 @@ from wan_spmd.launch import (
     check_family,
     check_hosts,
     check_layout,
+    parse_cache_spec,
     parse_lora_specs,
     parse_warmup_shapes,
     preset_warmup_shape,
@@ -192,6 +193,23 @@ LoraLowOpt = Annotated[
     list[str] | None,
     typer.Option("--lora-low", metavar="PATH[:SCALE]", help="A LoRA fused into the low-noise expert only."),
 ]
+CacheBackendOpt = Annotated[
+    str,
+    typer.Option(
+        help="Step caching: none, tea_cache or mag_cache (skip transformer blocks on steps that change little; "
+        "vllm-omni's flag). cache_dit is refused with the reason."
+    ),
+]
+CacheConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="JSON for the backend, e.g. '{\"rel_l1_thresh\": 0.2}' (tea_cache: rel_l1_thresh, ret_steps, "
+        "coefficients; mag_cache: magcache_thresh, magcache_K, retention_ratio, mag_ratios)."
+    ),
+]
+CacheSummaryOpt = Annotated[
+    bool, typer.Option("--enable-cache-dit-summary", help="Log each request's step-cache summary (skipped forwards).")
+]
 
 
 def _own_parameters(command: Callable[..., None], drop: str) -> tuple[inspect.Signature, list[inspect.Parameter]]:
@@ -270,6 +288,9 @@ class RunFlags:
     lora: list[str] | None
     lora_high: list[str] | None
     lora_low: list[str] | None
+    cache_backend: str
+    cache_config: str | None
+    enable_cache_dit_summary: bool
 
 
 RUN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
@@ -305,6 +326,9 @@ RUN_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("lora", LoraOpt, None),
     ("lora_high", LoraHighOpt, None),
     ("lora_low", LoraLowOpt, None),
+    ("cache_backend", CacheBackendOpt, "none"),
+    ("cache_config", CacheConfigOpt, None),
+    ("enable_cache_dit_summary", CacheSummaryOpt, False),
 )
 
 
@@ -400,6 +424,7 @@ def _engine_options(
         condition_cache=run.condition_cache,
         vae_encode_reuse=run.vae_encode_reuse,
         loras=parse_lora_specs(info, lora=run.lora, lora_high=run.lora_high, lora_low=run.lora_low),
+        cache=parse_cache_spec(run.cache_backend, run.cache_config, run.enable_cache_dit_summary),
         memory_plan=_memory_plan(info, layout, run),
     )
 
@@ -443,6 +468,7 @@ def _memory_plan(info: ModelInfo, layout: ParallelLayout, run: RunFlags):
         quant=getattr(run, "quant", None) or "none",  # --quant, where the fp8 linears are offered
         vae_dtype=run.vae_dtype,
         offload=run.offload,
+        step_cache=run.cache_backend.strip().lower() != "none",
     )
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from wan_spmd.compile_cache import CompileCache, default_compile_cache
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
-from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
+from wan_spmd.launch import CacheSpec, LoraSpec, ParallelLayout, WarmupShape
 from wan_spmd.memory import Plan
 from wan_spmd.process import process_age_s
 
@@ -79,6 +79,8 @@ class EngineOptions:
     vae_encode_reuse: bool = True
     """The I2V condition's encode reuses a stage's output where its input and cache repeat (exact;
     `vae_reuse`); False: diffusers' encode as it is."""
+    cache: CacheSpec = CacheSpec()
+    """--cache-backend/--cache-config: the step cache installed on the experts after compile."""
 
     @property
     def heartbeat_s(self) -> float:
@@ -177,11 +179,13 @@ class JobRunner:
         from wan_spmd.deliver import deliver
         from wan_spmd.pipeline import JobCancelled
         from wan_spmd.placement import reset_peak_memory
-        from wan_spmd.runtime import JobReport
+        from wan_spmd.runtime import JobAgreement, JobReport
 
         fault, rank = self.fault, self.rank
         graphs_before = compiled_graphs()
         reset_peak_memory(self.pipe.device)  # this job's peak, not the warm-up's or the last job's
+        # the step cache's decisions are agreed on the job's control-plane group, beside its steps
+        cache_agree = control.agree_compute if isinstance(control, JobAgreement) else None
         if fault is not None:
             fault("start", job, rank)
             agreed = control
@@ -190,7 +194,7 @@ class JobRunner:
                 fault(f"{stage} {step}", job, rank)
                 return agreed(step, total, stage)
 
-        state = self.pipe.generate_latents(job.params, control=control, on_step=on_step)
+        state = self.pipe.generate_latents(job.params, control=control, on_step=on_step, cache_agree=cache_agree)
         if new_graphs := compiled_graphs() - graphs_before:
             # warm-up did not cover this shape (or the recompile limit was reached): say so
             log.warning("job %s paid for compiling %d new graph(s) (%s)", job.id, new_graphs, job.params.size)
@@ -315,6 +319,12 @@ def build_pipeline(
         agree = lambda hit: vae_split.all_true(torch.tensor(hit, device=d.device))  # noqa: E731
     pipe.prompt_cache = LruCache("prompt", options.prompt_cache) if options.prompt_cache else None
     pipe.condition_cache = LruCache("condition", options.condition_cache, agree) if options.condition_cache else None
+    if options.cache.enabled:  # after parallelize and compile: the compiled blocks stay as they are
+        from wan_spmd.step_cache import StepCache
+
+        pipe.step_cache = StepCache(options.cache, info.family.name, info.family.expert_names)
+        pipe.step_cache.install(pipe.experts)
+        log.info("step cache: %s", options.cache.describe())
     return pipe
 
 

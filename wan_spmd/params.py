@@ -55,6 +55,12 @@ FIELDS: tuple[RequestField, ...] = (
         "as the 4-step distillation LoRAs are sampled).",
     ),
     RequestField("seed", int, "Random seed; a random one (reported) when absent."),
+    RequestField(
+        "cache_threshold",
+        float,
+        "The step cache's threshold for this request (tea_cache: rel_l1_thresh, mag_cache: magcache_thresh; "
+        "higher skips more); ignored without --cache-backend.",
+    ),
 )
 PARAM_KEYS = tuple(f.name for f in FIELDS)
 SCHEDULERS = ("default", "euler")
@@ -73,6 +79,7 @@ FLOAT_MAX: dict[str, float] = {
     "guidance_scale": 100.0,
     "guidance_scale_2": 100.0,
     "flow_shift": 100.0,
+    "cache_threshold": 10.0,
 }
 # ASCII only: Python's int() and float() also take other scripts' digits ('²', '١') and underscores.
 _INT_TEXT = re.compile(r"[+-]?[0-9]+")
@@ -151,6 +158,8 @@ class GenerationParams:
     """Seconds the job may run once started (Limits.deadline_s of its work); None: no deadline."""
     adjusted: tuple[tuple[str, str, str], ...] = ()
     """(field, requested, used) for each value rounded to what the model takes (lenient fronts only)."""
+    cache_threshold: float | None = None
+    """The step cache's threshold for this job; None: the backend's (--cache-config or its default)."""
 
     @property
     def size(self) -> str:
@@ -488,6 +497,11 @@ def resolve_params(
         raise RequestError(
             f"scheduler must be one of {', '.join(SCHEDULERS)}, got {_shown(scheduler_value)}", "scheduler"
         )
+    cache_threshold = None
+    if pick("cache_threshold") is not None:
+        cache_threshold = _as_float("cache_threshold", pick("cache_threshold"))
+        if not cache_threshold > 0:
+            raise RequestError(f"cache_threshold must be > 0, got {cache_threshold:g}", "cache_threshold")
     seed_value = pick("seed")
     seed = random.randrange(2**32) if seed_value is None else _as_int("seed", seed_value)
     if not 0 <= seed <= MAX_SEED:
@@ -512,4 +526,5 @@ def resolve_params(
         adjusted=tuple(adjusted),
         work=work,
         deadline_s=limits.deadline_s(work),
+        cache_threshold=cache_threshold,
     )
