@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
 from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
+from wan_spmd.options import default
 from wan_spmd.runtime import (
     ControlPlane,
     ControlPlaneLost,
@@ -42,19 +43,20 @@ log = logging.getLogger("wan_spmd")
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How every rank joins, loads and waits; the same flags on every command."""
+    """How every rank joins, loads and waits; the same flags on every command (options.py's rows
+    that feed "engine", whose defaults these are)."""
 
     layout: ParallelLayout = ParallelLayout()
-    device: str = "auto"
-    load_format: str = "auto"
+    device: str = default("device")
+    load_format: str = default("load_format")
     """auto reads the folder's weights; dummy makes random ones (benchmarks without weights)."""
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = default("collective_timeout")
     """Bound on the default group's collectives (inside a job; idle ranks never wait there)."""
-    heartbeat_timeout_s: float = 60.0
+    heartbeat_timeout_s: float = default("heartbeat_timeout")
     """Bound on every control-plane call: a dead or stuck rank is noticed within it."""
-    stop_grace_s: float = 15.0
+    stop_grace_s: float = default("stop_grace")
     """After SIGTERM/SIGINT, how long the loop may take to stop before the process ends itself."""
-    load_timeout_s: float = 1800.0
+    load_timeout_s: float = default("load_timeout")
     """How long ranks wait for each other to finish loading."""
     compile: bool | None = None
     """Compile the experts' blocks; None: on CUDA yes, on the CPU no (`compiling.resolve_compile`)."""
@@ -65,7 +67,7 @@ class EngineOptions:
     None: `auto_warmup_shapes` when the blocks are compiled, none otherwise."""
     auto_warmup_shapes: tuple[WarmupShape, ...] = ()
     """The command's own choice: serve the preset's shape, generate its job's, batch its file's first two."""
-    vae_dtype: str = "fp32"
+    vae_dtype: str = default("vae_dtype")
     parallel_vae: bool = True
     """Split the VAE's encode and decode over every rank (rows of each frame, exact); False: rank 0
     decodes alone."""

@@ -130,3 +130,14 @@ def test_fronts_write_no_video():
                 names = [a.name for a in node.names]
             found += [f"{path.name}: {n}" for n in names if n.split(".")[-1] in writers]
     assert found == []
+
+
+def test_the_option_table_imports_only_the_standard_library():
+    """options.py is read by the CLI before anything else and by the HTTP layer: if this fails, a
+    bad flag value pays for the import of whatever it now pulls in (or a cycle waits for it)."""
+    import sys
+
+    tree = ast.parse((PACKAGE / "options.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in names} <= set(sys.stdlib_module_names) | {"__future__"}, names
