@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for users and CI. On first use it makes a virtual environment (.venv, or
-# $WAN_SPMD_VENV) and installs wan_spmd into it: the CPU torch wheel where there is no GPU.
+# $WAN_SPMD_VENV) and installs wan_spmd into it with a pinned torch: 2.11.0 for CUDA 13 on a GPU
+# machine, the 2.13.0 CPU wheel elsewhere.
 #   ./launch.sh generate --prompt "..." --image examples/example.png   # any wan_spmd command
 #   ./launch.sh test [pytest args]                                      # the test suite
 #   ./launch.sh torchrun --nproc-per-node 2 -m wan_spmd serve ...       # torchrun from the venv
@@ -13,13 +14,19 @@ if [ ! -f "$venv/.installed" ]; then
   echo "launch.sh: setting up $venv (first use only)" >&2
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install -q --upgrade pip
+  # Pinned per platform. A GPU: the torch the benchmarks ran, built for CUDA 13 (pyproject's `gpu`
+  # extra; the NVIDIA driver must be 580 or newer). No GPU: the CPU wheel CI runs (an unpinned or
+  # PyPI torch would pull a multi-GB CUDA build onto a CPU-only machine).
+  extras=test
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    "$venv/bin/python" -m pip install -q "torch>=2.11"
+    "$venv/bin/python" -m pip install -q --index-url https://download.pytorch.org/whl/cu130 "torch==2.11.0"
+    extras=test,gpu
+  elif [ "$(uname -s)" = Darwin ]; then
+    "$venv/bin/python" -m pip install -q "torch==2.13.0"  # macOS wheels on PyPI are CPU (and MPS) builds
   else
-    # Pinned: an open range would pull a multi-GB CUDA build onto a CPU-only machine.
-    "$venv/bin/python" -m pip install -q "torch==2.13.0"
+    "$venv/bin/python" -m pip install -q --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
   fi
-  "$venv/bin/python" -m pip install -q -e "$here[test]"
+  "$venv/bin/python" -m pip install -q -e "$here[$extras]"
   touch "$venv/.installed"
 fi
 

@@ -90,14 +90,19 @@ def write_lora(folder: Path, rank: int) -> int:
 
 def load(folder: Path, lora: Path | None = None) -> dict:
     """Load this rank's shard under torchrun (gloo) and report memory."""
-    from wan_spmd.env import torchrun_env
+    from torch.distributed.device_mesh import init_device_mesh
+
     from wan_spmd.loading import load_expert_sharded
-    from wan_spmd.parallel import tp_mesh
+    from wan_spmd.process import torchrun_env
     from wan_spmd.runtime import init_dist, shutdown
 
     rank, world_size, _ = torchrun_env()
     d = init_dist("cpu")
-    mesh = tp_mesh(d.device, world_size) if world_size > 1 else None
+    mesh = init_device_mesh(d.device.type, (world_size,), mesh_dim_names=("tp",)) if world_size > 1 else None
+    # the libraries the loader uses are imported before the baseline: their code is not the load's
+    import accelerate  # noqa: F401
+    from diffusers import WanTransformer3DModel  # noqa: F401
+
     before = rss_mib()
     deltas = None
     if lora is not None:  # read the LoRA (whole: it is small) and fuse it into each slice as it loads
@@ -144,7 +149,7 @@ if __name__ == "__main__":
     elif args.action == "write-lora":
         print(json.dumps({"lora_mib": write_lora(args.folder, args.rank) / 2**20}))
     else:
-        from wan_spmd.env import finish_process
+        from wan_spmd.process import finish_process
 
         print(json.dumps(load(args.folder, args.lora)))
         finish_process(0)

@@ -2,7 +2,8 @@
 # Whole requests through the real `serve` path on GPUs: dummy Wan2.2-I2V-A14B weights, compiled
 # blocks (the CUDA default), fp32 VAE, warm-up of both cases' shapes before ready; then an HTTP
 # client on the same host: each case's first request after warm-up and a warm one on the raw
-# /v1/videos/sync endpoint, then one on the JSON/base64 /v1/videos beside it; then SIGTERM.
+# /v1/videos/sync endpoint, then one on the JSON/base64 /v1/videos beside it (the server runs with
+# --sync-videos, which makes that answer synchronous); then SIGTERM.
 # Usage (device, repo root, wheels on PYTHONPATH): benchmarks/run_serve_e2e.sh NPROC OUTDIR [serve flags...]
 set -euo pipefail
 nproc=${1:-1}; out=${2:-/tmp/serve_e2e}; shift 2 || true
@@ -15,7 +16,7 @@ shapes=$(for c in $cases; do IFS=: read -r s f _ <<<"$c"; printf '%sx%s,' "$s" "
 start=$(date +%s.%N)
 setsid python3 -m torch.distributed.run --standalone --nproc-per-node "$nproc" -m wan_spmd serve \
   --model "$model" --load-format "$fmt" --port 8765 --output-dir "$out/videos" \
-  --warmup-shapes "${shapes%,}" "$@" > "$out/server.log" 2>&1 &
+  --warmup-shapes "${shapes%,}" --sync-videos "$@" > "$out/server.log" 2>&1 &
 pid=$!
 until python3 -c "import httpx,sys; sys.exit(httpx.get('http://127.0.0.1:8765/health').status_code != 200)" 2>/dev/null; do
   kill -0 $pid 2>/dev/null || { tail -40 "$out/server.log"; exit 1; }

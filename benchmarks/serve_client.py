@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--num-frames", type=int, default=81)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1)
+    # json: the base64 answer of POST /v1/videos, synchronous on a server run with --sync-videos
     parser.add_argument("--endpoint", choices=("sync", "json"), default="json")
     parser.add_argument("--label", default="")
     args = parser.parse_args()

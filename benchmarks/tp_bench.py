@@ -46,9 +46,9 @@ def timed(fn, d, repeats: int) -> list[float]:
 def main() -> None:
     from wan_spmd.config import REAL_MODELS
     from wan_spmd.engine import EngineOptions, build_pipeline
-    from wan_spmd.env import setup_logging, torchrun_env
     from wan_spmd.launch import resolve_layout
     from wan_spmd.params import GenerationParams, decode_image
+    from wan_spmd.process import setup_logging, torchrun_env
     from wan_spmd.runtime import init_dist, shutdown
 
     parser = argparse.ArgumentParser()
@@ -78,7 +78,7 @@ def main() -> None:
         "launch_to_ready_s": time.time() - LAUNCH_T0,
         "loaded_gib": torch.cuda.memory_allocated() / 2**30,
     }
-    transformer = pipe.c.transformer
+    transformer = pipe.experts[0]  # the high-noise expert in its layout (parallel.ParallelExpert)
     dtype = pipe.transformer_dtype
     gen = torch.Generator("cpu").manual_seed(0)
     embeds = (torch.randn(1, 512, 4096, generator=gen) * 0.5).to("cuda", dtype)
@@ -98,7 +98,7 @@ def main() -> None:
         t = torch.tensor([999.0], device="cuda")
 
         def forward(lat=lat, t=t):
-            return transformer(hidden_states=lat, timestep=t, encoder_hidden_states=embeds, return_dict=False)[0]
+            return transformer(lat, t, embeds)
 
         with torch.inference_mode():
             out = forward()  # warm-up (and the first call's compilation of the fused q/k norm)

@@ -22,7 +22,6 @@ import typer
 
 from wan_spmd import options
 from wan_spmd.config import TINY_NAMES, TINY_NOTE, ModelFolderError, ModelInfo, generation_defaults
-from wan_spmd.env import finish_process, setup_logging, torchrun_env
 from wan_spmd.launch import (
     ParallelLayout,
     WarmupShape,
@@ -36,6 +35,7 @@ from wan_spmd.launch import (
     resolve_model,
 )
 from wan_spmd.params import Limits, RequestError, read_image_file, resolve_params
+from wan_spmd.process import env_int, finish_process, setup_logging, torchrun_env
 
 if TYPE_CHECKING:
     from wan_spmd.engine import EngineOptions
@@ -113,6 +113,9 @@ def command(name: str) -> Callable[[Callable[[options.Values], None]], Callable[
 
     def register(run: Callable[[options.Values], None]) -> Callable[[options.Values], None]:
         def callback(**given: Any) -> None:
+            if torchrun_env()[0] == 0:
+                for warning in options.deprecations(name, given):
+                    print(f"warning: {warning}", file=sys.stderr)
             with user_errors():
                 values = options.parse(name, given)
             run(values)
@@ -135,7 +138,7 @@ def _model(values: options.Values) -> tuple[ModelInfo, ParallelLayout]:
     layout = resolve_layout(world_size, tp=values.tp, ulysses=values.ulysses, cfg_parallel=values.cfg_parallel)
     check_layout(layout, info.transformer_config)
     check_family(layout, info.family)
-    check_hosts(layout, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    check_hosts(layout, env_int("LOCAL_WORLD_SIZE", world_size, low=1))
     return info, layout
 
 
@@ -157,6 +160,49 @@ def _engine_options(
         warmup_shapes=shapes,
         auto_warmup_shapes=tuple(dict.fromkeys(shape for shape in auto_warmup if shape is not None)),
         loras=loras,
+        memory_plan=_memory_plan(info, layout, values),
+    )
+
+
+def _card_bytes(device: str) -> int | None:
+    """This rank's GPU memory (torch loads here, after the other arguments passed); None on the CPU."""
+    if device == "cpu":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torchrun_env()[2] % torch.cuda.device_count()).total_memory
+
+
+def _memory_plan(info: ModelInfo, layout: ParallelLayout, values: options.Values):
+    """The placement for --gpu-memory at the largest request planned for (the preset's shape within
+    the --max-* limits), decided before anything loads: a budget nothing fits is refused here with
+    the numbers. None on the CPU unless a budget or an offload was asked for."""
+    from wan_spmd.memory import NO_BUDGET, Request, parse_gpu_memory, plan_for
+    from wan_spmd.params import token_count
+
+    card = _card_bytes(values.device)
+    if card is None and values.gpu_memory == "auto" and values.offload == "auto":
+        return None
+    budget = NO_BUDGET if card is None and values.gpu_memory == "auto" else parse_gpu_memory(values.gpu_memory, card)
+    shape = preset_warmup_shape(generation_defaults(info, values.config)) or (values.max_width, values.max_height, 81)
+    width, height = min(shape[0], values.max_width), min(shape[1], values.max_height)
+    frames = min(shape[2], values.max_frames)
+    multiple = info.spatial_multiple
+    width, height = max(width // multiple * multiple, multiple), max(height // multiple * multiple, multiple)
+    tokens = min(token_count(info, width, height, frames), values.max_work)
+    request = Request(width, height, frames, tokens, info.family.conditioning == "channel_concat")
+    return plan_for(
+        info,
+        request,
+        budget,
+        tp=layout.tp,
+        ulysses=layout.ulysses,
+        world_size=layout.world_size,
+        quant=values.quant,
+        vae_dtype=values.vae_dtype,
+        offload=values.offload,
     )
 
 
@@ -218,8 +264,9 @@ def generate(values: options.Values) -> None:
     from wan_spmd.generate import GenerateFront
     from wan_spmd.jobs import Job
 
-    meta = {"frames_dir": str(values.frames_dir)} if values.frames_dir is not None else {}
-    code = _run(values.model, info, engine, lambda: GenerateFront(Job("generate", params, meta), values.output))
+    frames_dir = str(values.frames_dir) if values.frames_dir is not None else None
+    job = Job("generate", params, frames_dir=frames_dir)
+    code = _run(values.model, info, engine, lambda: GenerateFront(job, values.output))
     if code:
         raise CliExit("", code=code)
 
@@ -228,19 +275,17 @@ def generate(values: options.Values) -> None:
 def batch(values: options.Values) -> None:
     """Generate a video per JSONL line; rerun to resume, shard over many runs. Exit 1 if any line
     failed or the run was interrupted (SIGTERM/SIGINT: the line in flight is recorded, the rerun does it)."""
-    from wan_spmd.batch import check_args
+    from wan_spmd.batch import check_args, check_shared_outputs
 
     requests, output_dir = values.requests, values.output_dir
     with user_errors():
         shard = check_args(requests, output_dir, values.shard_index, values.num_shards)
+        check_shared_outputs(requests, shard)
         info, layout = _model(values)
         defaults = generation_defaults(info, values.config)
         limits = values.into(Limits, "limits")
-        from wan_spmd.batch import first_shapes
-
-        # only when they would be used (compiled, no explicit shapes): it validates lines
-        auto = first_shapes(requests, info, defaults, limits, shard) if values.warmup_shapes is None else ()
-        engine = _engine_options(info, layout, values, auto_warmup=auto)
+        # the file's own warm-up shapes come from rank 0's front (it validates lines, reading images)
+        engine = _engine_options(info, layout, values)
     # rank 0 alone reads the file
     from wan_spmd.batch import BatchFront, BatchSource
 
@@ -282,23 +327,21 @@ def serve(values: options.Values) -> None:
         settings = ServerSettings(
             info=info,
             defaults=defaults,
-            served_model_name=values.served_model_name or values.model,
+            served_model_name=(values.served_model_name or [values.model])[0],
+            model_aliases=tuple(values.served_model_name or ())[1:],
             limits=values.into(Limits, "limits"),
             api_key=api_key,
             world_size=world_size,
             loras=tuple(spec.card() for spec in engine.loras),
-            async_videos=values.async_videos,
+            sync_videos=values.sync_videos,
+            strict_sizes=values.strict_sizes,
         )
-        # torch loads only once the arguments are known to be good
-        from wan_spmd.serve import ServeOptions, run_server
+        from wan_spmd.serve import ServeFront, ServeOptions
 
         serve_options = values.into(
             ServeOptions, "serve", uds=uds, http=values.into(HttpOptions, "http"), replica_name=replica
         )
-    _check_loras(info, engine)
-    _note_tiny(values.model)
-    with user_errors():
-        code = run_server(settings, serve_options, engine)
+    code = _run(values.model, info, engine, lambda: ServeFront(settings, serve_options))
     # main() ends the rank with finish_process, skipping interpreter finalisation under torchrun
     if code:
         raise CliExit("", code=code)
@@ -346,7 +389,14 @@ def make_tiny_cmd(
     dest: Annotated[Path, typer.Argument(help="Folder to write.")],
     variant: Annotated[str, typer.Option(help="The model family.", metavar="|".join(TINY_VARIANTS))] = "i2v",
 ) -> None:
-    """Write a tiny random Wan2.2 checkpoint in the real diffusers layout (noise, not art)."""
+    """Write a tiny random Wan2.2 checkpoint in the real diffusers layout (noise, not art). The folder
+    must be new, empty, or a tiny checkpoint already (which is overwritten)."""
+    from wan_spmd.config import is_tiny_folder
+
+    if dest.exists() and not dest.is_dir():
+        raise CliExit(f"error: {dest} is a file, not a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not is_tiny_folder(dest):
+        raise CliExit(f"error: {dest} is not empty and holds no tiny checkpoint; give a new or empty folder")
     if variant not in TINY_VARIANTS:  # before tiny.py imports torch
         raise CliExit(f"error: --variant must be one of {', '.join(TINY_VARIANTS)}, got {variant!r}")
     from wan_spmd.tiny import make_tiny
@@ -367,7 +417,11 @@ def _exit_together(rank: int, code: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors and exit 2 for bad usage, printed once under torchrun."""
-    rank, world_size, _ = torchrun_env()
+    try:
+        rank, world_size, _ = torchrun_env()
+    except ValueError as exc:  # torchrun sets these; a hand-set one can be anything
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     setup_logging(rank)
     try:
         app(args=argv, standalone_mode=False)

@@ -3,7 +3,9 @@
 Compiling the blocks (not the whole model) is what diffusers' `compile_repeated_blocks` does: the
 40 blocks share one graph, so compile time is one block's, and the rotary tables, embeddings and
 output projection stay eager. `fullgraph=True` turns a graph break into an error instead of a
-silent fallback; the tensor-parallel collectives are functional collectives so they trace.
+silent fallback; the tensor-parallel and Ulysses collectives are functional collectives so they
+trace, and what varies per forward (the token group, the true token count) is an argument or a
+shape, never a Python attribute dynamo would guard on.
 
 Shapes: torch's automatic dynamic shapes. The first shape a block sees compiles a static graph; a
 second one recompiles with a symbolic sequence length that then serves every later size. So two
@@ -13,31 +15,29 @@ still pays one is logged and says so in its timings (`NewCompiledGraphs`).
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
-from torch import nn
 
 log = logging.getLogger("wan_spmd")
 
-RECOMPILE_LIMIT = 64
-"""Per code object. The first and last blocks carry the sequence-region hooks (their own graphs),
-and each has a static and a dynamic variant, with and without even sequence splits: well over
-dynamo's default of 8, past which it would silently run eager."""
+RECOMPILE_LIMIT = 8
+"""Graphs one block may compile, set on each compiled block (dynamo's own default is also 8; the
+global setting is left alone). A block (`parallel.blocks.WanBlock`, shared by every block of both
+experts) compiles one static and one dynamic-sequence graph per token group it runs with: the
+ulysses axis or none, and under CFG-parallel the wide group, so at most 4. Past the limit,
+`fullgraph=True` makes dynamo raise instead of silently running the block eagerly."""
 
 
-def compile_blocks(expert: nn.Module, backend: str = "inductor", fullgraph: bool = True) -> nn.Module:
-    """Compile every block of one expert in place (after parallelize and LoRA fusing)."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 16 * RECOMPILE_LIMIT)
-    # Ulysses keeps the request's true token count as an int beside its padded split; dynamo would
-    # treat it as a constant and compile again for every new count.
-    config.allow_unspec_int_on_nn_module = True
+def compile_blocks(expert, backend: str = "inductor", fullgraph: bool = True):
+    """Compile every block of one expert in place (after parallelize and LoRA fusing): a
+    `ParallelExpert`'s blocks, or a diffusers expert's own (benchmarks)."""
+    kwargs = {"backend": backend, "fullgraph": fullgraph}
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.13
+        kwargs["recompile_limit"] = RECOMPILE_LIMIT
     for block in expert.blocks:
-        block.compile(backend=backend, fullgraph=fullgraph)
+        block.compile(**kwargs)
     return expert
 
 

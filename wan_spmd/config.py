@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,13 +85,26 @@ def _declared(index: dict[str, Any], name: str) -> bool:
     return bool((index.get(name) or [None])[0])
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+"""owner/name, as the Hugging Face Hub names a repo (a relative path of two parts looks the same:
+the message only applies when no such folder exists)."""
+
+
 def inspect_model_folder(path: str | Path) -> ModelInfo:
     """Check that `path` is a Wan2.2 diffusers folder, read its facts and match its family."""
     folder = Path(path).expanduser()
+    if not folder.is_dir() and HUB_ID.fullmatch(str(path)):
+        local = f"~/models/{str(path).split('/')[1]}"
+        raise ModelFolderError(
+            f"--model {path} is a Hugging Face repo id, not a folder here; wan_spmd reads local folders only. "
+            f"Download it first (pip install huggingface_hub): huggingface-cli download {path} --local-dir {local}, "
+            f"then pass --model {local} (or --model tiny for the tiny demo model)"
+        )
     if not folder.is_dir():
         raise ModelFolderError(
-            f"model folder {folder} does not exist; pass --model DIR (a diffusers-format Wan2.2 folder "
-            "such as Wan-AI/Wan2.2-I2V-A14B-Diffusers) or --model tiny"
+            f"model folder {folder} does not exist; pass --model DIR (a diffusers-format Wan2.2 folder, "
+            "downloaded with huggingface-cli download Wan-AI/Wan2.2-I2V-A14B-Diffusers --local-dir DIR) "
+            "or --model tiny"
         )
     index_path = folder / "model_index.json"
     if not index_path.is_file():
@@ -167,6 +181,18 @@ def generation_defaults(info: ModelInfo, config_name: str | None = None) -> dict
     if info.path is not None and (info.path / "generation.toml").is_file():
         defaults.update(read_config_file(info.path / "generation.toml"))
     return defaults
+
+
+TINY_MARK = "# Written by `wan_spmd make-tiny`: a tiny random model, noise not art."
+"""The first line of a tiny checkpoint's generation.toml: how make-tiny knows a folder it may overwrite."""
+
+
+def is_tiny_folder(folder: Path) -> bool:
+    try:
+        with (folder / "generation.toml").open() as toml:
+            return toml.readline().rstrip("\n") == TINY_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def tiny_cache_dir(variant: str) -> Path:

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from wan_spmd.attention import AttentionFn
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
 from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
+from wan_spmd.memory import Plan
 from wan_spmd.options import default
 from wan_spmd.runtime import (
     ControlPlane,
@@ -35,7 +37,6 @@ from wan_spmd.runtime import (
 )
 
 if TYPE_CHECKING:
-    from wan_spmd.parallel.vae import Decoder
     from wan_spmd.pipeline import WanVideoPipeline
 
 log = logging.getLogger("wan_spmd")
@@ -66,13 +67,25 @@ class EngineOptions:
     """(width, height, frames) of the throwaway requests run before the ranks agree they are ready;
     None: `auto_warmup_shapes` when the blocks are compiled, none otherwise."""
     auto_warmup_shapes: tuple[WarmupShape, ...] = ()
-    """The command's own choice: serve the preset's shape, generate its job's, batch its file's first two."""
+    """The command's own choice: serve the preset's shape, generate its job's (batch's come from its
+    front on rank 0, `Front.warmup_shapes`)."""
     vae_dtype: str = default("vae_dtype")
-    parallel_vae: bool = True
-    """Split the VAE's encode and decode over every rank (rows of each frame, exact); False: rank 0
-    decodes alone."""
     loras: tuple[LoraSpec, ...] = ()
     """LoRA files fused into the experts' slices at load, before compile and warm-up."""
+    memory_plan: Plan | None = None
+    """Where the weights live (memory.plan_for, decided before loading for --gpu-memory); None:
+    everything resident (the CPU without a budget)."""
+    attention: str = default("attention")
+    """auto|sdpa|fa3|fa3-fp8 (`kernels.select_attention`): auto is FA3 bf16 where it runs (Hopper)."""
+    quant: str = default("quant")
+    """none|fp8: fp8 rowwise linears in the experts' blocks (torchao), after LoRA fusion and TP slicing."""
+    prompt_cache: int = default("prompt_cache")
+    """Prompt embeddings kept across requests (`caches`); 0: none."""
+    condition_cache: int = default("condition_cache")
+    """I2V condition latents kept across requests (`caches`); 0: none."""
+    vae_encode_reuse: bool = default("vae_encode_reuse")
+    """The I2V condition's encode reuses a stage's output where its input and cache repeat (exact;
+    `vae_reuse`); False: diffusers' encode as it is."""
 
     @property
     def heartbeat_s(self) -> float:
@@ -104,6 +117,10 @@ class Front(Protocol):
     def exit_code(self, jobs: int, signal_name: str | None) -> int:
         """The command's exit status after a clean stop (e.g. 1 if a job failed or was interrupted)."""
 
+    def warmup_shapes(self) -> tuple[WarmupShape, ...]:
+        """Shapes of the front's own work to warm up with when compiled (batch: its file's first two),
+        found on rank 0 alone (it may decode request images) and broadcast to the others."""
+
 
 Fault = Callable[[str, Job, int], None]
 """A test seam: called as fault(stage, job, rank) with stage "start", "step N" before each step's
@@ -111,63 +128,99 @@ agreement, and "deliver" (rank 0); raising there injects a failure into the real
 
 
 class JobRunner:
-    """One job on this rank: denoise with the agreed step control, decode through the decode seam,
-    and on rank 0 stream the frames into the mp4 at the path the front chose."""
+    """One job on this rank: denoise with the agreed step control, decode (split over the ranks
+    where the pipeline's VAE is), and on rank 0 stream the frames into the mp4 at the path the
+    front chose."""
 
-    def __init__(self, pipe: WanVideoPipeline, decoder: Decoder, rank: int, fault: Fault | None = None) -> None:
+    def __init__(self, pipe: WanVideoPipeline, rank: int, fault: Fault | None = None) -> None:
         self.pipe = pipe
-        self.decoder = decoder
         self.rank = rank
         self.fault = fault
+        self.current: Job | None = None
+        """The job in hand (read by the shutdown watch's thread to say what a signal stops)."""
 
     def __call__(
-        self, job: Job, control: Callable[[int, int], bool], on_step: Callable[[int, int], None], output: Path | None
+        self, job: Job, control: Callable[..., bool], on_step: Callable[[int, int], None], output: Path | None
+    ) -> JobReport:
+        self.current = job
+        try:
+            return self._run(job, control, on_step, output)
+        finally:
+            self.current = None
+
+    def _run(
+        self, job: Job, control: Callable[..., bool], on_step: Callable[[int, int], None], output: Path | None
     ) -> JobReport:
         from wan_spmd.compiling import compiled_graphs
         from wan_spmd.deliver import deliver
+        from wan_spmd.pipeline import JobCancelled
+        from wan_spmd.placement import reset_peak_memory
 
         fault, rank = self.fault, self.rank
         graphs_before = compiled_graphs()
+        reset_peak_memory(self.pipe.device)  # this job's peak, not the warm-up's or the last job's
         if fault is not None:
             fault("start", job, rank)
             agreed = control
 
-            def control(step: int, total: int) -> bool:
-                fault(f"step {step}", job, rank)
-                return agreed(step, total)
+            def control(step: int, total: int, stage: str = "step") -> bool:
+                fault(f"{stage} {step}", job, rank)
+                return agreed(step, total, stage)
 
         state = self.pipe.generate_latents(job.params, control=control, on_step=on_step)
         if new_graphs := compiled_graphs() - graphs_before:
             # warm-up did not cover this shape (or the recompile limit was reached): say so
             log.warning("job %s paid for compiling %d new graph(s) (%s)", job.id, new_graphs, job.params.size)
             state.timer.ms["NewCompiledGraphs"] = float(new_graphs)
-        chunks = self.pipe.timed_decode(state, self.decoder(self.pipe, state.latents))
+        # the stop is checked between decoded chunks too (agreed as the steps are): a deadline,
+        # DELETE or SIGTERM lands within one chunk, not after the whole decode
+        chunks = self.pipe.timed_decode(state, control=control)
         if output is None:  # not rank 0: take part in the decoder's collectives, keep nothing
             for _ in chunks:
                 pass
-            return JobReport(timings_ms=state.timer.ms)
+            return JobReport(timings_ms=state.timer.ms, peak_memory=self._peak())
         try:
             if fault is not None:
                 fault("deliver", job, rank)
-            frames_dir = job.meta.get("frames_dir")
-            path, writer_ms = deliver(chunks, output, job.params, Path(frames_dir) if frames_dir else None)
-        except Exception:
+            frames_dir = Path(job.frames_dir) if job.frames_dir else None
+            path, writer_ms = deliver(chunks, output, job.params, frames_dir)
+        except JobCancelled:  # the agreed stop: every rank left the decode at the same chunk
+            raise
+        except Exception as exc:
             # a parallel decoder's other ranks are inside its collectives until the last chunk:
-            # finish the decode with them, then report the failure
+            # finish the decode with them (a stop agreed meanwhile ends it early), then report
+            log.warning("job %s: writing the video failed (%s: %s)", job.id, type(exc).__name__, exc)
             for _ in chunks:
                 pass
             raise
-        return JobReport(path, {**state.timer.ms, **writer_ms})
+        return JobReport(path, {**state.timer.ms, **writer_ms}, peak_memory=self._peak())
+
+    def _peak(self):
+        from wan_spmd.placement import peak_memory
+
+        return peak_memory(self.pipe.device)
 
 
-def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideoPipeline:
-    """Load this rank's part of the model and parallelize it as the layout says."""
+def build_pipeline(
+    d: Dist, info: ModelInfo, options: EngineOptions, attend: AttentionFn | None = None
+) -> WanVideoPipeline:
+    """Load this rank's part of the model and parallelize it as the layout says; every attention in
+    the experts goes through `attend` (a kernel backend of `AttentionFn`'s signature; None: the
+    one `--attention` selects)."""
+    import functools
+
+    import torch
+
+    from wan_spmd.caches import LruCache
     from wan_spmd.compiling import compile_blocks, resolve_compile
+    from wan_spmd.kernels import quantize_fp8, select_attention
     from wan_spmd.models import Dtypes, load_components
-    from wan_spmd.parallel import CfgParallel, build_mesh, cfg_branch, parallelize, tp_submesh
+    from wan_spmd.parallel import CfgParallel, build_mesh, parallelize
     from wan_spmd.parallel.vae import split_vae
     from wan_spmd.pipeline import WanVideoPipeline, serial_cfg
+    from wan_spmd.placement import make_placement
     from wan_spmd.tiny import quiet_hub_logging
+    from wan_spmd.vae_reuse import reuse_encode_mode
 
     quiet_hub_logging()
     start = time.perf_counter()
@@ -175,35 +228,60 @@ def build_pipeline(d: Dist, info: ModelInfo, options: EngineOptions) -> WanVideo
     mesh = build_mesh(layout, d.device)
     dtypes = Dtypes.for_device(d.device, vae=options.vae_dtype)
     components = load_components(
-        info, d.device, dtypes, mesh=tp_submesh(mesh, layout), load_format=options.load_format, loras=options.loras
+        info, d.device, dtypes, mesh=mesh.tp_mesh, load_format=options.load_format, loras=options.loras
     )
     compiled = resolve_compile(options.compile, d.device)
+    kernel_line = "attention: given by the caller"
+    if attend is None:
+        attend, kernel_line = select_attention(options.attention, d.device)
+    experts, quant_lines = [], []
     for expert in components.experts:
-        parallelize(expert, mesh, layout, per_token_timesteps=info.family.expand_timesteps)
+        experts.append(parallelize(expert, mesh, attend, per_token_timesteps=info.family.expand_timesteps))
+        if options.quant == "fp8":
+            # after LoRA fusion (load) and TP's slicing (parallelize), before compile
+            quant_lines.append(quantize_fp8(expert).summary())
         if compiled:
-            compile_blocks(expert, options.compile_backend)
+            compile_blocks(experts[-1], options.compile_backend)
     log.info(
-        "loaded %s on %d rank(s) (%s%s) in %.1f s%s",
+        "loaded %s on %d rank(s) (%s%s) in %.1f s%s; %s; quant %s",
         info.path or info.config_name,
         d.world_size,
         layout.describe(),
         ", blocks compiled" if compiled else "",
         time.perf_counter() - start,
         "".join(f"; fused LoRA {spec.describe()}" for spec in options.loras),
+        kernel_line,
+        options.quant + "".join(f" (expert {i + 1}: {line})" for i, line in enumerate(quant_lines)),
     )
+    plan = options.memory_plan
     # the VAE is whole on every rank: encode and decode split its rows over the world
-    vae_split = split_vae(components.vae, d.world_size, d.rank) if options.parallel_vae else None
-    return WanVideoPipeline(
+    vae_split = split_vae(components.vae, d.world_size, d.rank)
+    pipe = WanVideoPipeline(
         components,
         info,
         d.device,
-        predict_noise=CfgParallel(mesh) if layout.cfg > 1 else serial_cfg,
-        cfg_branch=cfg_branch(mesh, layout),
-        encode_video=vae_split.encode if vae_split is not None else None,
+        predict_noise=CfgParallel(mesh.mesh) if layout.cfg > 1 else serial_cfg,
+        cfg_branch=mesh.cfg_branch,
+        experts=experts,
+        vae_split=vae_split,
+        is_main=d.is_main,
+        placement=make_placement(components, d.device, plan.placement) if plan is not None else None,
     )
+    if options.vae_encode_reuse:  # the I2V condition's encode, split or not
+        if vae_split is not None:
+            vae_split.band_encoder = functools.partial(reuse_encode_mode, agree=vae_split.all_true)
+        else:
+            pipe.condition_encoder = reuse_encode_mode
+    # across requests; a row-split encode is collective, so there every rank agrees on each lookup
+    agree = None
+    if vae_split is not None:
+        agree = lambda hit: vae_split.all_true(torch.tensor(hit, device=d.device))  # noqa: E731
+    pipe.prompt_cache = LruCache("prompt", options.prompt_cache) if options.prompt_cache else None
+    pipe.condition_cache = LruCache("condition", options.condition_cache, agree) if options.condition_cache else None
+    return pipe
 
 
-def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape, ...]) -> float:
+def warm_up(pipe: WanVideoPipeline, shapes: tuple[WarmupShape, ...]) -> float:
     """One throwaway request per shape on every rank (text encode, VAE encode, a step of each
     expert with CFG, decode), so compiles, autotuning and allocator growth are paid before the
     ranks agree they are ready. Returns the seconds it took."""
@@ -230,10 +308,25 @@ def warm_up(pipe: WanVideoPipeline, decoder: Decoder, shapes: tuple[WarmupShape,
             seed=0,
         )
         state = pipe.generate_latents(params)
-        for _ in pipe.timed_decode(state, decoder(pipe, state.latents)):
+        for _ in pipe.timed_decode(state):
             pass
         log.info("warmed up %dx%dx%d", width, height, frames)
     return time.perf_counter() - start
+
+
+def report_resident(d: Dist, pipe: WanVideoPipeline, plan: Plan | None) -> None:
+    """At ready, rank 0 logs the memory plan and every rank's resident weights by component
+    (gathered on the control plane: other ranks log at WARNING only)."""
+    import os
+
+    from wan_spmd.placement import describe_resident, resident_weights
+
+    every = ControlPlane(d).gather_objects(resident_weights(pipe.c), "gathering resident weights")
+    if d.is_main:
+        if plan is not None:
+            log.info("%s", plan.describe(int(os.environ.get("LOCAL_WORLD_SIZE", d.world_size))))
+        for rank, weights in enumerate(every):
+            log.info("resident weights %s", describe_resident(rank, weights))
 
 
 def agree_all_ok(d: Dist, ok: bool) -> bool:
@@ -267,10 +360,10 @@ class _Engine:
         self.front = front
         self.fault = fault
         self.signal_name: str | None = None
+        self.runner: JobRunner | None = None
 
     def run(self, watch: ShutdownWatch) -> int:
         from wan_spmd.compiling import resolve_compile
-        from wan_spmd.parallel.vae import decoder_for
 
         d, ok, lost = self.d, True, False
         try:
@@ -298,14 +391,17 @@ class _Engine:
                     log.error("not every rank loaded the model; stopping")
                 return 1
             # 4. Warm up together (compiles are paid here, not by the first request), agree, loop
-            decoder = decoder_for(pipe.c.vae, d.is_main)
             warm_s = 0.0
             shapes = self.options.warmup_shapes
-            if shapes is None:
-                shapes = self.options.auto_warmup_shapes if resolve_compile(self.options.compile, d.device) else ()
+            if shapes is None and resolve_compile(self.options.compile, d.device):
+                # rank 0's front adds its own (every rank joins the broadcast)
+                mine = self.front.warmup_shapes() if self.front is not None else None
+                theirs = ControlPlane(d).broadcast(mine, "the warm-up shapes")
+                shapes = tuple(dict.fromkeys((*self.options.auto_warmup_shapes, *theirs)))
+            shapes = shapes or ()
             if shapes:
                 try:
-                    warm_s = warm_up(pipe, decoder, shapes)
+                    warm_s = warm_up(pipe, shapes)
                 except Exception:
                     log.exception("rank %d could not warm up", d.rank)
                     ok = False
@@ -314,9 +410,10 @@ class _Engine:
                     if d.is_main:
                         log.error("not every rank warmed up; stopping")
                     return 1
+            report_resident(d, pipe, self.options.memory_plan)
             if self.front is not None:
                 self.front.ready(d.world_size, warm_s)
-            runner = JobRunner(pipe, decoder, d.rank, self.fault)
+            runner = self.runner = JobRunner(pipe, d.rank, self.fault)
             source = self.front.source if self.front is not None else None
             jobs = spmd_loop(d, runner, source, self.options.heartbeat_s)
             return self.front.exit_code(jobs, self.signal_name) if self.front is not None else 0
@@ -337,7 +434,11 @@ class _Engine:
         if self.front is None:
             log.warning("%s: waiting for rank 0 to stop the loop", name)
             return
-        log.info("%s: stopping at the running job's next step", name)
+        running = self.runner.current if self.runner is not None else None
+        if running is not None:
+            log.info("%s: stopping job %s at its next step or decoded chunk", name, running.id)
+        else:
+            log.info("%s: stopping (no job running)", name)
         self.front.on_signal(name)
 
     def on_expire(self, signal_name: str | None) -> None:

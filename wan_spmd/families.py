@@ -51,6 +51,28 @@ class Family:
     default_boundary_ratio: float | None = None
     """The public checkpoint's `boundary_ratio`; None for one expert. A folder's own value wins."""
     image_sizing: ImageSizing = "sqrt_area"
+    decode_token_steps: tuple[tuple[int, float], ...] = ()
+    """The VAE's share of a job's time (decode, and encode where the image is a video condition), per
+    token of the video, in token-steps (`work`), keyed by the transformer's width (heads x head dim):
+    the real checkpoint's, and our tiny checkpoint's (48), each calibrated on its own (`work`)."""
+
+    def work(self, transformer_config: Mapping[str, Any], tokens: int, steps: int) -> int:
+        """A job's estimated time in token-steps (one token through one denoising step, attention
+        aside; the unit of --max-work):
+
+            steps x tokens x (1 + tokens / attention_tokens)  +  decode_token_steps x tokens
+
+        Per token, a block's matrix products cost 6 d^2 + 2 d ffn multiply-adds (self-attention's
+        q/k/v/o, cross-attention's q/o, the FFN) and self-attention's two products 2 d tokens, so
+        attention costs as much as the rest at attention_tokens = 3 d + ffn (29,184 for A14B): the
+        quadratic term. The decode grows with frames x pixels, so with tokens, at a cost per token
+        measured per family (table above). The estimate sets the admitted work and the deadline."""
+        dim = int(transformer_config["num_attention_heads"]) * int(transformer_config["attention_head_dim"])
+        attention_tokens = 3 * dim + int(transformer_config["ffn_dim"])
+        known = dict(self.decode_token_steps)
+        # the row for the nearest width (a folder of another size than ours: its closest calibration)
+        decode = known[min(known, key=lambda w: abs(w - dim))] if known else 0.0
+        return round(steps * tokens * (1 + tokens / attention_tokens) + decode * tokens)
 
     @property
     def spatial_multiple(self) -> int:
@@ -66,6 +88,16 @@ class Family:
         return self.image != "refused"
 
 
+# The VAE's cost per token in token-steps (Family.decode_token_steps), by transformer width. 5120
+# and 3072 (the real checkpoints) are estimates from published timings: a 720p 81-frame Wan2.1-VAE
+# decode takes about half an A14B denoising step at that size (I2V encodes its 81-frame condition
+# too, as much again), and a Wan2.2-VAE decode about two and a half TI2V-5B steps. 48 (our tiny
+# checkpoints) is measured on the CPU, where the tiny VAE dwarfs the tiny transformer
+# (tests/unit/test_work_estimate.py checks it).
+T2V_VAE_COST = ((5120, 2.0), (48, 300.0))
+I2V_VAE_COST = ((5120, 4.0), (48, 500.0))
+TI2V_VAE_COST = ((3072, 6.0), (48, 400.0))
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
@@ -79,6 +111,7 @@ FAMILIES: dict[str, Family] = {
             image="required",
             pipeline_class="WanImageToVideoPipeline",
             default_boundary_ratio=0.9,
+            decode_token_steps=I2V_VAE_COST,
         ),
         Family(
             name="wan2.2-t2v-a14b",
@@ -89,6 +122,7 @@ FAMILIES: dict[str, Family] = {
             conditioning="none",
             image="refused",
             default_boundary_ratio=0.875,
+            decode_token_steps=T2V_VAE_COST,
         ),
         # Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py: vae_stride (4, 16, 16), patch (1, 2, 2);
         # diffusers' scripts/convert_wan_to_diffusers.py: in/out channels 48, one transformer,
@@ -104,6 +138,7 @@ FAMILIES: dict[str, Family] = {
             image="optional",
             expand_timesteps=True,
             image_sizing="best_fit",
+            decode_token_steps=TI2V_VAE_COST,
         ),
     )
 }

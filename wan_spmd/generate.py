@@ -7,21 +7,21 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from wan_spmd.jobs import Job, OfflineFront, Outcome, StopLoop
+from wan_spmd.caches import COUNT_KEYS
+from wan_spmd.jobs import Job, OfflineFront, Outcome, SourceBase, StopLoop
 
 
 def timings_line(timings_ms: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.0f}ms" for k, v in timings_ms.items())
+    return " ".join(f"{k}={v:.0f}{'' if k in COUNT_KEYS else 'ms'}" for k, v in timings_ms.items())
 
 
-class OneJobSource:
+class OneJobSource(SourceBase):
     """Feeds a single job to the SPMD loop, then stops it; shows a progress bar over the steps."""
 
     def __init__(self, job: Job, output: Path) -> None:
         self.job = job
         self.output = output
         self.outcome: Outcome | None = None
-        self.stop_reason: str | None = None
         self._given = False
         self._bar: tqdm | None = None
 
@@ -34,12 +34,6 @@ class OneJobSource:
     def output_path(self, job: Job) -> Path:
         return self.output
 
-    def is_cancelled(self, job: Job) -> bool:
-        return self.stop_reason is not None or job.overdue()
-
-    def request_stop(self, reason: str) -> None:
-        self.stop_reason = reason
-
     def on_step(self, job: Job, step: int, total: int) -> None:
         if self._bar is None:
             self._bar = tqdm(total=total, desc="denoising", unit="step", file=sys.stderr, leave=False)
@@ -49,11 +43,11 @@ class OneJobSource:
         if self._bar is not None:
             self._bar.close()
         self.outcome = outcome
-        if outcome.cancelled and self.stop_reason is None and outcome.job.overdue():
-            print(f"error: generation failed: {outcome.job.deadline_error()}", file=sys.stderr)
+        if outcome.status == "deadline":
+            print(f"error: generation failed: {outcome.stop.reason}", file=sys.stderr)
             return
-        if outcome.cancelled:
-            print(f"error: generation {self.stop_reason or 'cancelled'}: {outcome.error}", file=sys.stderr)
+        if outcome.stop is not None:
+            print(f"error: generation {outcome.stop.reason}: {outcome.error}", file=sys.stderr)
             return
         if not outcome.ok:
             print(f"error: generation failed: {outcome.error}", file=sys.stderr)
@@ -61,10 +55,11 @@ class OneJobSource:
         params = outcome.job.params
         what = f"{params.num_frames} frames, {params.size}, {params.fps} fps, seed {params.seed}"
         print(f"wrote {outcome.video_path} ({what})")
-        frames_dir = outcome.job.meta.get("frames_dir")
-        if frames_dir:
-            print(f"wrote {params.num_frames} PNG frames to {frames_dir}")
+        if outcome.job.frames_dir:
+            print(f"wrote {params.num_frames} PNG frames to {outcome.job.frames_dir}")
         print(f"timings: {timings_line(outcome.timings_ms)}")
+        if outcome.peak_memory is not None:
+            print(f"memory: {outcome.peak_memory.describe()} (the maximum over ranks)")
         for warning in params.warnings:
             print(f"note: {warning}")
 

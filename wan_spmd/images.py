@@ -25,9 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")
+BAND_BYTES = 8 << 20  # rows copied or scaled at a time: bounds the temporaries beside the image
+EXIF_ORIENTATION = 0x0112
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+"""EXIF orientation -> the transpose that shows the image upright (ImageOps.exif_transpose's table)."""
 DECODE_SLOTS = threading.BoundedSemaphore(2)
 """Decodes running at once in this process: each may hold up to max_pixels x 8 bytes (16-bit RGBA)."""
 
@@ -42,7 +54,7 @@ class Pixels:
 
     width: int
     height: int
-    rgb: bytes
+    rgb: bytes | bytearray
 
     def __post_init__(self) -> None:
         if len(self.rgb) != self.width * self.height * 3:
@@ -84,23 +96,45 @@ def decode(data: bytes, max_pixels: int) -> Pixels:
             with DECODE_SLOTS:
                 try:
                     img.load()
-                    rgb = to_rgb8(ImageOps.exif_transpose(img))
+                    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+                    rgb = to_rgb8(img)
+                    img.close()  # the decoded planes go before the copies below are made
+                    if orientation in ORIENTATIONS:  # what ImageOps.exif_transpose does, on the RGB copy
+                        rgb = rgb.transpose(ORIENTATIONS[orientation])
+                    return Pixels(rgb.width, rgb.height, _rgb_bytes(rgb))
+                except ImageError:
+                    raise
                 except Exception as exc:  # truncated or corrupt data: decoders raise many kinds
                     raise ImageError(
                         f"is not a readable image (a corrupt or truncated {img.format}: {type(exc).__name__})"
                     ) from None
-    return Pixels(rgb.width, rgb.height, rgb.tobytes())
+
+
+def _rgb_bytes(img: Image.Image) -> bytearray:
+    """An RGB image's pixels, copied out a band of rows at a time into one buffer: `tobytes()`
+    would hold its chunks and their joined copy at once (twice the image)."""
+    width, height = img.size
+    out = bytearray(width * height * 3)
+    rows = max(1, BAND_BYTES // (width * 3))
+    for top in range(0, height, rows):
+        band = img.crop((0, top, width, min(height, top + rows))).tobytes()
+        out[top * width * 3 : top * width * 3 + len(band)] = band
+    return out
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:
     """8-bit RGB as diffusers' load_image makes it (`convert("RGB")`: alpha dropped, palettes
     expanded), with 16-bit and float greys scaled to 8 bits rather than clipped."""
     if img.mode.startswith("I") or img.mode == "F":
-        values = np.asarray(img, dtype=np.float64)
+        values = np.asarray(img)
         # 16-bit grey (PNG; "I" is how older Pillow opens it): 0..65535 -> 0..255. Float grey: 0..1.
         scale = 255.0 if img.mode == "F" else 255.0 / 65535.0
-        values = np.nan_to_num(values * scale, nan=0.0, posinf=255.0, neginf=0.0)
-        img = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+        grey = np.empty(values.shape, np.uint8)
+        rows = max(1, BAND_BYTES // (8 * max(1, values.shape[1])))
+        for top in range(0, values.shape[0], rows):  # a band at a time: float64 temporaries stay small
+            band = np.nan_to_num(values[top : top + rows].astype(np.float64) * scale, nan=0.0, posinf=255.0, neginf=0.0)
+            grey[top : top + rows] = np.clip(np.rint(band), 0, 255)
+        img = Image.fromarray(grey)
     return img.convert("RGB")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -18,8 +18,14 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from wan_spmd.parallel.tp import attach_param, local_slice, planned_placement
 
-if TYPE_CHECKING:
-    from wan_spmd.lora import ExpertDeltas
+
+class ExpertDeltas(Protocol):
+    """What the loader asks of an expert's LoRA deltas (`lora.ExpertDeltas`) as it reads each slice."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def add_to(self, name: str, local: torch.Tensor, index: tuple[slice, ...]) -> None:
+        """local (fp32, slice `index` of parameter `name`) += every delta of that slice."""
 
 
 def expert_on_meta(config: dict) -> nn.Module:

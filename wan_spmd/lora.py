@@ -13,7 +13,7 @@ Formats, and what happens to every key:
   optional `transformer.` prefix and alpha/rank in the file's `lora_adapter_metadata`).
 - original Wan / ComfyUI / lightx2v (`diffusion_model.blocks.N.self_attn.q.lora_down.weight`,
   `lora_up`, `.alpha`): the blocks' low-rank pairs go through diffusers' own converter
-  (`_convert_non_diffusers_wan_lora_to_diffusers`), and every pair that went in must come out under
+  (`compat.convert_wan_lora`), and every pair that went in must come out under
   the name we expect. The few pairs outside the blocks (head.head, time_projection, the text and
   time embeddings) are ours: that converter refuses their `.alpha` keys. Full-shape deltas are
   ours to apply too, since diffusers 0.42 drops norm `.diff` and `.diff_b` keys (with a debug
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -189,6 +190,19 @@ def _check_full(spec: LoraSpec, key: str, param: str, shape: torch.Size, shapes:
         raise _error(spec, f"{param}: the LoRA's delta is {tuple(shape)} but the model's is {tuple(shapes[param])}")
 
 
+def _checked(spec: LoraSpec, key: str, tensor: torch.Tensor, kind: str) -> torch.Tensor:
+    """An alpha must be one finite number and a down (A) weight of rank at least 1: a NaN or an
+    infinity would poison every fused weight, rank 0 divide by zero."""
+    if kind == "alpha":
+        value = float(tensor.float().reshape(-1)[0]) if tensor.numel() == 1 else math.nan
+        if not math.isfinite(value):
+            shown = f"{value:g}" if tensor.numel() == 1 else f"a tensor of shape {tuple(tensor.shape)}"
+            raise _error(spec, f"{key} must be one finite number, got {shown}")
+    elif kind in ("lora_down.weight", "lora_A.weight") and (tensor.ndim == 0 or tensor.shape[0] == 0):
+        raise _error(spec, f"{key} has rank 0 (shape {tuple(tensor.shape)}); a LoRA pair needs rank >= 1")
+    return tensor
+
+
 def _add_pair(
     spec: LoraSpec, module: str, down: torch.Tensor, up: torch.Tensor, factor: float, shapes, deltas: ExpertDeltas
 ) -> None:
@@ -208,7 +222,7 @@ def _add_pair(
 
 def _read_wan(source: _Source, shapes, deltas: ExpertDeltas, report: LoraReport) -> None:
     """Original Wan / ComfyUI / lightx2v keys: pairs through diffusers' converter, diffs ourselves."""
-    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
+    from wan_spmd.compat import convert_wan_lora
 
     spec = source.spec
     strays = [k for k in source.keys if not k.startswith("diffusion_model.")]
@@ -249,9 +263,9 @@ def _read_wan(source: _Source, shapes, deltas: ExpertDeltas, report: LoraReport)
         if not name.startswith("blocks."):
             # diffusers' converter refuses an alpha outside the blocks (head.head, time_projection):
             # these few pairs are ours, with the same rule W += scale * alpha / rank * up @ down
-            outside.setdefault(target, {})[m["kind"].split(".")[0]] = source.get(key)
+            outside.setdefault(target, {})[m["kind"].split(".")[0]] = _checked(spec, key, source.get(key), m["kind"])
             continue
-        to_convert[key] = source.get(key)
+        to_convert[key] = _checked(spec, key, source.get(key), m["kind"])
         if m["kind"] != "alpha":
             side = "A" if m["kind"] in ("lora_down.weight", "lora_A.weight") else "B"
             expected.add(f"transformer.{target}.lora_{side}.weight")
@@ -267,7 +281,7 @@ def _read_wan(source: _Source, shapes, deltas: ExpertDeltas, report: LoraReport)
     if not to_convert:
         return
     try:
-        converted = _convert_non_diffusers_wan_lora_to_diffusers(dict(to_convert))
+        converted = convert_wan_lora(dict(to_convert))
     except Exception as exc:  # a half pair, an alpha without its weights: diffusers' own words
         raise _error(spec, f"diffusers' converter refused it: {type(exc).__name__}: {exc}") from None
     # Every pair that went in must come out under the name we expect, and nothing else.
@@ -295,14 +309,29 @@ def _peft_factor(spec: LoraSpec, metadata: dict[str, str]):
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return lambda module: spec.scale
-    config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        raise _error(spec, f"its lora_adapter_metadata is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise _error(spec, f"its lora_adapter_metadata must be a JSON object, got {type(config).__name__}")
+    config = {k.removeprefix("transformer."): v for k, v in config.items()}
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise _error(spec, f"per-module {key} in its metadata is not supported")
     if config.get("use_dora") or config.get("use_rslora"):
         raise _error(spec, "DoRA / rsLoRA adapters are not supported (they do not fuse as W += B @ A)")
-    ratio = float(config.get("lora_alpha", config.get("r", 1))) / float(config.get("r", 1))
+    rank, alpha = config.get("r", 1), config.get("lora_alpha", config.get("r", 1))
+    if not _is_number(rank) or not rank >= 1:
+        raise _error(spec, f"its metadata's rank r must be a number >= 1, got {str(rank)[:40]!r}")
+    if not _is_number(alpha) or not math.isfinite(alpha):
+        raise _error(spec, f"its metadata's lora_alpha must be a finite number, got {str(alpha)[:40]!r}")
+    ratio = float(alpha) / float(rank)
     return lambda module: spec.scale * ratio
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _read_peft(source: _Source, shapes, deltas: ExpertDeltas, report: LoraReport) -> None:

@@ -77,6 +77,8 @@ class Option:
     """The option dataclass this value is a field of (Values.into): limits, http, serve, engine."""
     field: str | None = None
     """That dataclass's name for it, where it is not `name`."""
+    deprecated: str | None = None
+    """Kept so that old command lines still start: the warning printed (first) when it is given."""
 
     @property
     def flag(self) -> str:
@@ -153,6 +155,27 @@ def octal_mode(text: str) -> int:
     return mode
 
 
+def gpu_memory_text(text: str) -> str:
+    """`--gpu-memory`'s syntax: auto, GiB per card (48) or a fraction of the card (0.9). The card's
+    memory is read later (memory.parse_gpu_memory, with torch); only the text is checked here."""
+    value = text.strip().lower()
+    if value == "auto":
+        return text
+    if len(value) > MAX_NUMBER_CHARS or not FLOAT_TEXT.fullmatch(value):
+        raise ValueError(f"--gpu-memory must be GiB per card (e.g. 80), a fraction (e.g. 0.9) or auto, got {text!r}")
+    if not 0 < float(value) < math.inf:
+        raise ValueError(f"--gpu-memory must be a positive number, got {text!r}")
+    return text
+
+
+ATTENTION_CHOICES = ("auto", "sdpa", "fa3", "fa3-fp8")
+"""kernels.ATTENTION_CHOICES, repeated here without torch (a unit test keeps them equal)."""
+QUANT_CHOICES = ("none", "fp8")
+"""--quant: the experts' linears as they are, or fp8 rowwise (engine.py, kernels.quantize_fp8)."""
+OFFLOAD_CHOICES = ("auto", "none", "text-encoder", "experts")
+"""memory.OFFLOAD_CHOICES' keys, repeated here (a unit test keeps them equal)."""
+VAE_DTYPES = ("fp32", "bf16")
+
 SCHEDULERS = ("default", "euler")
 """default: the model folder's scheduler (UniPC for Wan2.2); euler: flow-matching Euler whose sigmas,
 before the shift, are 1, 1 - 1/n, ..., 1/n (lightx2v's Wan22StepDistillScheduler; ComfyUI's
@@ -203,8 +226,24 @@ OPTIONS: tuple[Option, ...] = (
          "wan2.2-i2v-a14b).", MODEL, choices=("auto", "dummy"), feeds="engine"),
     _run("device", str, "auto", "auto (cuda:LOCAL_RANK if a GPU is visible), cuda or cpu.", MODEL,
          choices=("auto", "cuda", "cpu"), feeds="engine"),
-    _run("vae_dtype", str, "fp32", "VAE precision for encode and decode.", MODEL, choices=("fp32", "bf16"),
+    _run("vae_dtype", str, "fp32", "VAE precision for encode and decode.", MODEL, choices=VAE_DTYPES,
          feeds="engine"),
+    _run("attention", str, "auto", "Attention kernel: auto (FA3 bf16 where it runs, Hopper; else sdpa), sdpa, fa3 "
+         "or fa3-fp8 (q, k, v in fp8 per head).", MODEL, choices=ATTENTION_CHOICES, feeds="engine"),
+    _run("quant", str, "none", "none, or fp8: the experts' linears in fp8 rowwise (after LoRA fusion and TP "
+         "slicing).", MODEL, choices=QUANT_CHOICES, feeds="engine"),
+    _run("gpu_memory", str, "auto", "GPU memory each card may use: GiB (e.g. 48), a fraction of the card (e.g. "
+         "0.9), or auto (all of it). The placement (what stays on the card, what waits in host memory) is "
+         "planned for it before loading.", MODEL, metavar="GIB|FRACTION|auto", parse=gpu_memory_text),
+    _run("offload", str, "auto", "auto (the cheapest placement that fits --gpu-memory), none, text-encoder (to "
+         "host memory between prompts), or experts (also each expert on the card only while it runs).", MODEL,
+         choices=OFFLOAD_CHOICES),
+    _run("prompt_cache", int, 16, "Prompt embeddings kept across requests (4 MiB each in bf16); 0 disables.",
+         MODEL, min=0, feeds="engine"),
+    _run("condition_cache", int, 8, "I2V image conditions kept across requests (24 MB each at 720p); 0 disables.",
+         MODEL, min=0, feeds="engine"),
+    _run("vae_encode_reuse", bool, True, "Reuse repeated work inside the I2V condition's encode (exact; holds "
+         "~6.5 GB more at 720p fp32).", MODEL, feeds="engine"),
     _run("compile", bool, None, "Compile the experts' repeated blocks.", MODEL,
          default_text="on with CUDA, off on the CPU", feeds="engine"),
     _run("warmup_shapes", str, None, "Throwaway requests before ready ('none' for none).", MODEL,
@@ -240,11 +279,21 @@ OPTIONS: tuple[Option, ...] = (
     _serve("api_key", str, None, "Require Authorization: Bearer KEY (all but /health). Visible in ps: prefer "
            "--api-key-file.", metavar="KEY", envvar="WAN_SPMD_API_KEY"),
     _serve("api_key_file", Path, None, "Read the API key from this file (its first line), out of sight of ps."),
-    _serve("served_model_name", str, None, "Name in /v1/models.", metavar="NAME", default_text="--model"),
-    _serve("replica_name", str, None, "Put in every job id (video_NAME_...) so a balancer can route polls.",
-           metavar="NAME", default_text="the host name"),
-    _serve("async_videos", bool, False, "POST /v1/videos answers a queued job at once for every client "
-           "(without it: for `Prefer: respond-async` and the OpenAI SDK; others wait for the video)."),
+    _serve("served_model_name", list, None, "Name in /v1/models; give it again for more names (aliases) a "
+           "request may use.", metavar="NAME", default_text="--model"),
+    _serve("replica_name", str, None, "Put in every job id (video_NAME_...) so a balancer can route polls. "
+           "Replicas sharing --output-dir need different names.", metavar="NAME", default_text="the host name"),
+    _serve("job_lease", float, 60.0, "Replicas sharing --output-dir: seconds without renewing its lease after "
+           "which a replica is taken for dead and the others fail its unfinished jobs.", above=0,
+           metavar="SECONDS", feeds="serve", field="job_lease_s"),
+    _serve("sync_videos", bool, False, "POST /v1/videos from a plain client waits and answers the mp4 as base64 "
+           "(vllm-omni's earlier API); the OpenAI SDK and `Prefer: respond-async` still get a queued job. "
+           "Default: every client gets one."),
+    _serve("async_videos", bool, False, "Deprecated, does nothing: POST /v1/videos is asynchronous by default.",
+           deprecated="--async-videos is deprecated and does nothing: POST /v1/videos is asynchronous by default "
+           "(--sync-videos restores the synchronous answer)"),
+    _serve("strict_sizes", bool, False, "A size not a multiple of the model's, or frames not 4k+1, is a 400 "
+           "(default: rounded and reported)."),
     _serve("keep_jobs", int, 1000, "Finished video jobs kept (records and files); the oldest finished goes "
            "first.", min=1, feeds="serve"),
     _serve("job_ttl", float, None, "Seconds a finished job's records and files are kept (its expires_at).",
@@ -257,12 +306,12 @@ OPTIONS: tuple[Option, ...] = (
     _run("max_fps", int, 60, "Highest frame rate accepted.", LIMITS, min=1, feeds="limits"),
     _run("max_prompt_chars", int, 10_000, "Longest prompt (and negative prompt) in characters.", LIMITS, min=1,
          feeds="limits"),
-    _run("max_work", int, 4_000_000, "Most transformer tokens x denoising steps per job (the default admits "
-         "1280x720x81 at 52 steps).", LIMITS, min=1, feeds="limits"),
+    _run("max_work", int, 15_000_000, "Most work per job: estimated token-steps, attention and decoding counted "
+         "(the default admits A14B 1280x720x81 at 54 steps).", LIMITS, min=1, feeds="limits"),
     _run("max_image_pixels", int, 25_000_000, "Most pixels of an input image, checked before decoding.", LIMITS,
          min=1, feeds="limits"),
     _run("job_deadline", float, 3600.0, "Seconds a job of --max-work may run; a job of work W gets this x "
-         "max(W / max-work, 0.1), then it is stopped at its next step and fails.", LIMITS, above=0,
+         "max(W / max-work, 0.1), then it is stopped at its next step or decoded chunk and fails.", LIMITS, above=0,
          metavar="SECONDS", feeds="limits", field="deadline_s_at_max_work"),
     _serve("max_upload_bytes", int, 20 * 1024 * 1024, "Largest image upload; 413 beyond.", LIMITS, min=1,
            metavar="BYTES", feeds="limits"),
@@ -273,6 +322,8 @@ OPTIONS: tuple[Option, ...] = (
            "408, closed).", LIMITS, above=0, metavar="SECONDS", feeds="http", field="header_timeout_s"),
     _serve("body_timeout", float, 60.0, "Seconds a request may take to send its body after its headers (then "
            "408, closed).", LIMITS, above=0, metavar="SECONDS", feeds="http", field="body_timeout_s"),
+    _serve("send_timeout", float, 60.0, "Seconds an answer may go without the client taking a byte of it (then "
+           "closed), as nginx's.", LIMITS, above=0, metavar="SECONDS", feeds="http", field="send_timeout_s"),
 )
 # fmt: on
 
@@ -384,6 +435,12 @@ def parse(command: str, given: Mapping[str, Any]) -> Values:
         value = given.get(o.name)
         values[o.name] = parse_value(o, o.default if value is None else value)
     return Values(command, values)
+
+
+def deprecations(command: str, given: Mapping[str, Any]) -> list[str]:
+    """The warnings for the deprecated options given (not None, not False): said before any check,
+    so that a script passing one learns it even when another flag stops the start."""
+    return [o.deprecated for o in options_of(command) if o.deprecated and given.get(o.name) not in (None, False)]
 
 
 def suggest(command: str, typed: str, limit: int = 3) -> list[str]:

@@ -63,8 +63,9 @@ class Limits:
     max_prompt_chars: int = default("max_prompt_chars")
     """Longest prompt or negative prompt; the text encoder keeps 512 tokens, roughly 2-4k characters."""
     max_work: int = default("max_work")
-    """Most transformer tokens x denoising steps per job. 4M admits the presets' largest request,
-    1280x720x81 at 40 steps (21 x 45 x 80 = 75,600 tokens x 40 = 3.02M), and the same at 52 steps."""
+    """Most work per job, in token-steps as `Family.work` estimates it (steps x tokens x (1 + tokens /
+    attention_tokens) + the VAE's share). 15M admits the presets' largest request, A14B
+    1280x720x81 at 40 steps (75,600 tokens: 11.2M), and the same up to 54 steps."""
     deadline_s_at_max_work: float = default("job_deadline")
     """A job of `max_work` must finish within this many seconds; smaller jobs get a share (`deadline_s`)."""
 
@@ -100,9 +101,11 @@ class GenerationParams:
     warnings: tuple[str, ...] = ()
     """What was ignored or derived (unknown keys, rounded frame counts), reported back."""
     work: int = 0
-    """Transformer tokens x denoising steps: what `Limits.max_work` bounds."""
+    """The job's estimated time in token-steps (`Family.work`): what `Limits.max_work` bounds."""
     deadline_s: float | None = None
     """Seconds the job may run once started (Limits.deadline_s of its work); None: no deadline."""
+    adjusted: tuple[tuple[str, str, str], ...] = ()
+    """(field, requested, used) for each value rounded to what the model takes (lenient fronts only)."""
 
     @property
     def size(self) -> str:
@@ -205,6 +208,39 @@ def read_image_file(path: str | Path, field: str = "image", max_bytes: int = Lim
         raise RequestError(f"cannot read {field} {_shown(str(path), 120)}: {exc}", field) from None
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """The largest frame and frame count one model can take under the flags' limits."""
+
+    max_width: int
+    max_height: int
+    max_frames: int
+    multiple: int
+    """Width and height are multiples of this."""
+
+
+def model_limits(info: ModelInfo, limits: Limits = Limits()) -> ModelLimits:
+    """The flags' limits, lowered to what the model's rotary table covers: diffusers' Wan transformer
+    precomputes `rope_max_seq_len` positions per axis (latent frames, rows, columns after the patch),
+    so a larger grid fails inside the first forward (the tiny model's 32 positions: 512 px, 125 frames)."""
+    positions = int(info.transformer_config.get("rope_max_seq_len", 1024))
+    multiple = info.spatial_multiple
+    frames = (positions - 1) * info.family.vae_stride_temporal + 1
+    return ModelLimits(
+        max_width=min(limits.max_width, positions * multiple),
+        max_height=min(limits.max_height, positions * multiple),
+        max_frames=min(limits.max_frames, frames),
+        multiple=multiple,
+    )
+
+
+def _over_limit(value: int, limit: int, flag_limit: int, flag: str) -> str:
+    """Which limit a value ran into, for the error: the flag's, or the model's own (its rotary table)."""
+    if value > flag_limit:
+        return f"over the limit {flag_limit} ({flag})"
+    return f"over this model's limit {limit} (its rotary position table is that short)"
+
+
 def token_count(info: ModelInfo, width: int, height: int, num_frames: int) -> int:
     """Transformer tokens of one video: latent frames x latent rows x latent columns, after the patch."""
     family = info.family
@@ -252,14 +288,20 @@ def resolve_params(
     limits: Limits = Limits(),
     image: bytes | None = None,
     image_field: str = "input_reference",
+    round_to_model: bool = False,
 ) -> GenerationParams:
     """Validate one request against the limits and the model, filling in defaults.
 
     Explicit values the model cannot take are errors; derived values (frames from seconds x fps,
     I2V size from the image) are rounded and reported in `warnings`. `image_field` is what the
     front calls the image in its errors (`input_reference` over HTTP, `image` in the CLI and JSONL).
+    `round_to_model` (the HTTP front, unless strict): an explicit size or frame count the model cannot
+    take is rounded as diffusers rounds (each side down to the model's multiple; frames to
+    `n // 4 * 4 + 1`), reported in `warnings` and `adjusted`, instead of refused.
     """
     warnings: list[str] = []
+    adjusted: list[tuple[str, str, str]] = []
+    bounds = model_limits(info, limits)
     unknown = [k for k in request if k not in PARAM_KEYS and k not in FRONT_KEYS]
     if unknown:
         # bounded: a body may carry a million keys, and the warning goes into the answer and the log
@@ -324,11 +366,19 @@ def resolve_params(
         size_field = "size"
     else:
         raise RequestError("size is required (e.g. 1280x720)", "size")
-    for value, dim, limit in ((width, "width", limits.max_width), (height, "height", limits.max_height)):
+    if round_to_model and (width % multiple or height % multiple) and width >= multiple and height >= multiple:
+        used = (width // multiple * multiple, height // multiple * multiple)
+        adjusted.append((size_field if size_field == "size" else "width", f"{width}x{height}", f"{used[0]}x{used[1]}"))
+        warnings.append(f"size {width}x{height} rounded down to {used[0]}x{used[1]} (multiples of {multiple})")
+        width, height = used
+    for value, dim, limit, flag_limit in (
+        (width, "width", bounds.max_width, limits.max_width),
+        (height, "height", bounds.max_height, limits.max_height),
+    ):
         if value < multiple or value % multiple:
             raise RequestError(f"{dim} {value} must be a positive multiple of {multiple}", size_field)
         if value > limit:
-            raise RequestError(f"{dim} {value} is over the limit {limit}", size_field)
+            raise RequestError(f"{dim} {value} is {_over_limit(value, limit, flag_limit, '--max-' + dim)}", size_field)
 
     # 4. Frames: num_frames wins over seconds x fps
     fps = _as_int("fps", pick("fps") if pick("fps") is not None else 16)
@@ -336,6 +386,11 @@ def resolve_params(
         raise RequestError(f"fps {fps} must be between 1 and {limits.max_fps}", "fps")
     if "num_frames" in req or "seconds" not in req:
         num_frames = _as_int("num_frames", pick("num_frames"))
+        if round_to_model and num_frames >= 1 and num_frames % 4 != 1:
+            used_frames = derive_num_frames(num_frames, 1)
+            adjusted.append(("num_frames", str(num_frames), str(used_frames)))
+            warnings.append(f"num_frames {num_frames} rounded to {used_frames} (4k+1, as diffusers rounds)")
+            num_frames = used_frames
         if num_frames < 1 or num_frames % 4 != 1:
             raise RequestError(f"num_frames {num_frames} must be 4k+1 (e.g. 81, 121)", "num_frames")
         frames_field = "num_frames"
@@ -346,8 +401,9 @@ def resolve_params(
         num_frames = derive_num_frames(seconds, fps)
         frames_field = "seconds"
         warnings.append(f"num_frames {num_frames} from {seconds:g} s x {fps} fps (rounded to 4k+1)")
-    if num_frames > limits.max_frames:
-        raise RequestError(f"num_frames {num_frames} is over the limit {limits.max_frames}", frames_field)
+    if num_frames > bounds.max_frames:
+        where = _over_limit(num_frames, bounds.max_frames, limits.max_frames, "--max-frames")
+        raise RequestError(f"num_frames {num_frames} is {where}", frames_field)
 
     # 5. Sampling
     steps = _as_int("num_inference_steps", pick("num_inference_steps"))
@@ -372,12 +428,13 @@ def resolve_params(
     flow_shift = _as_float("flow_shift", pick("flow_shift"))
     if flow_shift <= 0:
         raise RequestError(f"flow_shift must be > 0, got {flow_shift:g}", "flow_shift")
-    work = token_count(info, width, height, num_frames) * steps
+    tokens = token_count(info, width, height, num_frames)
+    work = info.family.work(info.transformer_config, tokens, steps)
     if work > limits.max_work:
         raise RequestError(
             f"{width}x{height}x{num_frames} frames at {steps} steps is {work} token-steps "
-            f"({token_count(info, width, height, num_frames)} tokens x {steps}), over the limit {limits.max_work} "
-            "(--max-work)",
+            f"({tokens} tokens, {steps} steps, attention and decoding counted), over the limit "
+            f"{limits.max_work} (--max-work)",
             "num_inference_steps",
         )
     scheduler_value = pick("scheduler") or "default"
@@ -407,6 +464,7 @@ def resolve_params(
         seed=seed,
         scheduler=scheduler,
         warnings=tuple(warnings),
+        adjusted=tuple(adjusted),
         work=work,
         deadline_s=limits.deadline_s(work),
     )

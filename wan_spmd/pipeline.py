@@ -16,14 +16,13 @@ numbers match on the same weights and seed, quirks included:
   (of the image alone), while the scheduler keeps stepping its own copy, which is replaced once
   more after the last step. Without an image every token gets t and nothing is replaced.
 
-The pipeline is single-device code: it never calls torch.distributed. Under tensor parallelism the
-experts it is handed are already sharded (their collectives live inside them); three seams let the
-`parallel` package change the rest without the pipeline knowing: `NoisePredictor` (one guided
-noise prediction per step: serial CFG here, CFG-parallel there, with `cfg_branch` saying which
-prompt a rank's group needs), `decode_chunks` (the VAE's causal decode, latent frame by latent
-frame, as uint8 chunks: a parallel decoder hands it a band of rows) and `encode_video` (the I2V
-condition's VAE encode). The runtime passes a per-step
-`StepControl` that agrees across ranks whether to go on.
+The pipeline is single-device code: it never calls torch.distributed. It calls the objects the
+`parallel` package made, without knowing what they do: the `Expert`s (each a `ParallelExpert`
+in its layout, or a whole diffusers expert), the `NoisePredictor` (one guided noise prediction per
+step: serial CFG here, CFG-parallel there, with `cfg_branch` saying which prompt a rank's group
+needs) and the `VaeSplit` (the I2V condition's encode and the chunked decode, `decode_chunks`, split
+over the ranks; without one, rank 0 decodes alone). The runtime passes a per-step `StepControl`
+that agrees across ranks whether to go on.
 """
 
 from __future__ import annotations
@@ -32,8 +31,9 @@ import html
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import ftfy
@@ -41,7 +41,10 @@ import regex as re
 import torch
 from diffusers.video_processor import VideoProcessor
 
+from wan_spmd.caches import COUNT_KEYS, LruCache, lookup_counts, pixels_digest, snapshot
+from wan_spmd.compat import decode_latent_frame, unpatchify
 from wan_spmd.config import ModelInfo
+from wan_spmd.jobs import JobCancelled
 from wan_spmd.models import Components
 from wan_spmd.params import GenerationParams
 
@@ -50,17 +53,40 @@ log = logging.getLogger("wan_spmd")
 MAX_SEQUENCE_LENGTH = 512  # UMT5 context; the experts' cross-attention always sees 512 positions
 
 
-class JobCancelled(RuntimeError):
-    """The step control said stop (a client went away, the server is shutting down)."""
-
-
 class StepControl(Protocol):
-    """Called before each denoising step on every rank; returns False to stop the job.
+    """Called before each denoising step, and between decoded chunks (`stage` "decode"), on every
+    rank that runs the loop; returns False to stop the job.
 
-    The runtime's implementation agrees across ranks, so all ranks stop at the same step.
+    The runtime's implementation agrees across ranks, so all ranks stop at the same step or chunk.
     """
 
-    def __call__(self, step: int, total: int) -> bool: ...
+    def __call__(self, step: int, total: int, stage: str = "step") -> bool: ...
+
+
+class Expert(Protocol):
+    """One expert's noise prediction: latents (B, C, T_lat, h, w), timestep (B,) or per token (B, S),
+    text embeddings (B, 512, D) -> (B, C_out, T_lat, h, w)."""
+
+    def __call__(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class WholeExpert:
+    """A diffusers expert called as diffusers' pipelines call it (one device, no layout)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    def __call__(
+        self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model(
+            hidden_states=hidden_states,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            return_dict=False,
+        )[0]
 
 
 class NoisePredictor(Protocol):
@@ -69,7 +95,7 @@ class NoisePredictor(Protocol):
 
     def __call__(
         self,
-        model: torch.nn.Module,
+        model: Expert,
         model_input: torch.Tensor,
         timestep: torch.Tensor,
         prompt_embeds: torch.Tensor | None,
@@ -79,7 +105,7 @@ class NoisePredictor(Protocol):
 
 
 def serial_cfg(
-    model: torch.nn.Module,
+    model: Expert,
     model_input: torch.Tensor,
     timestep: torch.Tensor,
     prompt_embeds: torch.Tensor,
@@ -87,24 +113,36 @@ def serial_cfg(
     guidance: float | None,
 ) -> torch.Tensor:
     """Both branches on these ranks, one after the other, as diffusers runs them."""
-    noise_pred = model(
-        hidden_states=model_input, timestep=timestep, encoder_hidden_states=prompt_embeds, return_dict=False
-    )[0]
+    noise_pred = model(model_input, timestep, prompt_embeds)
     if guidance is None:
         return noise_pred
-    noise_uncond = model(
-        hidden_states=model_input, timestep=timestep, encoder_hidden_states=negative_embeds, return_dict=False
-    )[0]
+    noise_uncond = model(model_input, timestep, negative_embeds)
     return noise_uncond + guidance * (noise_pred - noise_uncond)
 
 
-VideoEncoder = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
-"""(vae, video (1, 3, F, H, W)) -> the latent mode (1, z, T_lat, H/8, W/8), not normalised."""
+class Placement(Protocol):
+    """Where the weights wait between their stages (placement.Offload): the text encoder is on the
+    device inside `encoding()`, expert `index` from `use_expert(index)` on, and `denoised()` says
+    the last step ran."""
+
+    def encoding(self) -> AbstractContextManager[None]: ...
+
+    def use_expert(self, index: int) -> None: ...
+
+    def denoised(self) -> None: ...
 
 
-def vae_encode_mode(vae: torch.nn.Module, video: torch.Tensor) -> torch.Tensor:
-    """This rank's VAE encodes the whole video (diffusers' `encode(...).latent_dist.mode()`)."""
-    return vae.encode(video).latent_dist.mode()
+class VaeSplit(Protocol):
+    """The VAE's encode and decode split over the ranks (`parallel.vae.RowSplit`)."""
+
+    def encode(self, vae: torch.nn.Module, video: torch.Tensor) -> torch.Tensor:
+        """(vae, video (1, 3, F, H, W)) -> the latent mode (1, z, T_lat, H/8, W/8), on every rank."""
+
+    def decode(
+        self, decode_chunks: Callable[[torch.Tensor], Iterator[torch.Tensor]], latents: torch.Tensor
+    ) -> Iterator[torch.Tensor]:
+        """Whole uint8 chunks (f, H, W, 3) on rank 0, nothing on the others; `decode_chunks` is
+        this pipeline's, handed each rank's part of the latents."""
 
 
 def prompt_clean(text: str) -> str:
@@ -135,7 +173,10 @@ class WanVideoPipeline:
         predict_noise: NoisePredictor = serial_cfg,
         decode_latent_frames: int = 4,
         cfg_branch: str | None = None,
-        encode_video: VideoEncoder | None = None,
+        experts: list[Expert] | None = None,
+        vae_split: VaeSplit | None = None,
+        is_main: bool = True,
+        placement: Placement | None = None,
     ) -> None:
         if len(components.experts) != info.family.experts:
             raise ValueError(f"{info.family.name} has {info.family.experts} expert(s), {len(components.experts)} given")
@@ -143,13 +184,27 @@ class WanVideoPipeline:
         self.info = info
         self.device = device
         self.predict_noise = predict_noise
+        self.experts: list[Expert] = experts or [WholeExpert(m) for m in components.experts]
+        """What each denoising step calls, in the components' order (`parallelize`'s objects under
+        a layout)."""
         self.cfg_branch = cfg_branch
         """Under CFG-parallel, the one guidance branch ("cond"/"uncond") this rank's group runs: the
         text encoder skips the other prompt. None: this rank runs both."""
-        self.encode_video = encode_video or vae_encode_mode
-        """The VAE encode seam (the I2V condition): this rank's VAE alone, or split over the ranks."""
+        self.vae_split = vae_split
+        """The VAE's encode and decode split over the ranks; None: this rank's VAE alone."""
+        self.is_main = is_main
+        """Whether this rank delivers the video (decodes it when the VAE is not split)."""
+        self.placement = placement
+        """Where the weights wait between their stages (placement.Offload); None: all resident."""
         self.decode_latent_frames = decode_latent_frames
         """Latent frames per decoded chunk (each is 4 video frames, the first 1)."""
+        self.prompt_cache: LruCache[torch.Tensor] | None = None
+        """Prompt embeddings across requests (`caches`); None: every prompt is encoded."""
+        self.condition_cache: LruCache[torch.Tensor] | None = None
+        """I2V conditions across requests (`caches`); None: every image is encoded."""
+        self.condition_encoder: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
+        """This rank's own encode of the I2V condition when the VAE is not split, (vae, video) -> latent
+        mode (`vae_reuse.reuse_encode_mode`); None: diffusers' `encode(...).latent_dist.mode()`."""
         self.vae_scale_temporal = int(components.vae.config.scale_factor_temporal)
         self.vae_scale_spatial = int(components.vae.config.scale_factor_spatial)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_spatial)
@@ -166,8 +221,11 @@ class WanVideoPipeline:
     # -- stages ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_prompt(self, prompt: str) -> torch.Tensor:
+    def encode_prompt(self, prompt: str, cached: bool = True) -> torch.Tensor:
         """(1, 512, text_dim) embeddings, zero past the prompt's length, as diffusers makes them."""
+        if cached and self.prompt_cache is not None:
+            key = (prompt, str(self.info.path or self.info.config_name), str(self.c.text_encoder.dtype))
+            return self.prompt_cache.get_or_make(key, lambda: self.encode_prompt(prompt, cached=False))
         inputs = self.c.tokenizer(
             [prompt_clean(prompt)],
             padding="max_length",
@@ -198,9 +256,13 @@ class WanVideoPipeline:
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
     @torch.inference_mode()
-    def image_condition(self, params: GenerationParams) -> torch.Tensor:
+    def image_condition(self, params: GenerationParams, cached: bool = True) -> torch.Tensor:
         """I2V condition (1, 4 + 16, T_lat, h, w): first-frame mask then the image's latent mode."""
         vae = self.c.vae
+        if cached and self.condition_cache is not None:
+            image = params.image
+            key = (pixels_digest(image.width, image.height, image.rgb), params.size, params.num_frames, str(vae.dtype))
+            return self.condition_cache.get_or_make(key, lambda: self.image_condition(params, cached=False))
         # decoded once on rank 0 by validation; here only made into a PIL image
         image = self.video_processor.preprocess(params.image.to_pil(), height=params.height, width=params.width)
         image = image.to(self.device, dtype=torch.float32)  # (1, 3, H, W) in [-1, 1]
@@ -208,7 +270,13 @@ class WanVideoPipeline:
         video_condition = torch.cat(
             [image.unsqueeze(2), image.new_zeros(1, 3, params.num_frames - 1, params.height, params.width)], dim=2
         ).to(vae.dtype)
-        latent = self.encode_video(vae, video_condition).to(torch.float32)
+        if self.vae_split is not None:
+            latent = self.vae_split.encode(vae, video_condition)
+        elif self.condition_encoder is not None:
+            latent = self.condition_encoder(vae, video_condition)
+        else:
+            latent = vae.encode(video_condition).latent_dist.mode()
+        latent = latent.to(torch.float32)
         latent = (latent - self.latents_mean.to(latent)) * self.inv_latents_std.to(latent)
 
         t_scale = self.vae_scale_temporal
@@ -281,6 +349,8 @@ class WanVideoPipeline:
             if control is not None and not control(i, total):
                 raise JobCancelled(f"cancelled at step {i} of {total}")
             model, guidance = self.expert_for(t, boundary_timestep, params)
+            if self.placement is not None:  # the expert switch: this step's expert on the device
+                self.placement.use_expert(0 if model is self.experts[0] else 1)
             model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
             if first_frame is not None:  # the model sees the image's latent as the first frame
                 model_input = (1 - mask) * first_frame + mask * latents
@@ -294,25 +364,39 @@ class WanVideoPipeline:
                 on_step(i + 1, total)
         if first_frame is not None:  # the scheduler stepped its own first frame; the image's is kept
             latents = (1 - mask) * first_frame + mask * latents
+        if self.placement is not None:
+            self.placement.denoised()
         return latents
 
     def expert_for(self, t: torch.Tensor, boundary_timestep: float | None, params: GenerationParams):
         """(expert, guidance) for timestep t: the high-noise expert (`transformer`) while
         t >= boundary, the low-noise one (`transformer_2`) below; one expert runs every step."""
-        if len(self.c.experts) == 1 or boundary_timestep is None:
-            return self.c.experts[0], params.guidance_scale
+        if len(self.experts) == 1 or boundary_timestep is None:
+            return self.experts[0], params.guidance_scale
         if t >= boundary_timestep:  # high-noise stage
-            return self.c.experts[0], params.guidance_scale
-        return self.c.experts[1], params.guidance_scale_2  # low-noise stage
+            return self.experts[0], params.guidance_scale
+        return self.experts[1], params.guidance_scale_2  # low-noise stage
+
+    def decode_chunk_count(self, latents: torch.Tensor) -> int:
+        return -(-latents.shape[2] // self.decode_latent_frames)
+
+    def follow_decode(self, latents: torch.Tensor, control: StepControl | None) -> Iterator[torch.Tensor]:
+        """A rank that decodes nothing (rank 0 decodes alone) still joins every chunk's stop check."""
+        total = self.decode_chunk_count(latents)
+        for done in range(1, total):
+            if control is not None and not control(done, total, "decode"):
+                raise JobCancelled(f"stopped while decoding, after chunk {done} of {total}")
+        yield from ()
 
     @torch.inference_mode()
-    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+    def decode_chunks(self, latents: torch.Tensor, control: StepControl | None = None) -> Iterator[torch.Tensor]:
         """Latents -> uint8 frames (f, H, W, 3) on the device, a few latent frames at a time.
 
         Wan's VAE decodes latent frame by latent frame with a causal cache (diffusers' `_decode`
         loop); we run the same loop and hand out each chunk as soon as it exists, so the mp4 writer
         encodes while the rest decodes. Element-wise post-processing per chunk gives the same bytes
-        as decoding the whole video at once.
+        as decoding the whole video at once. `control` is asked between chunks (not after the last),
+        so a stop lands within one chunk.
         """
         vae = self.c.vae
         latents = latents.to(vae.dtype)
@@ -323,22 +407,21 @@ class WanVideoPipeline:
             num_latent_frames = x.shape[2]
             pending = []
             for i in range(num_latent_frames):
-                vae._conv_idx = [0]
-                out = vae.decoder(
-                    x[:, :, i : i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx, first_chunk=i == 0
-                )
-                pending.append(out)
+                pending.append(decode_latent_frame(vae, x[:, :, i : i + 1], first=i == 0))
                 if len(pending) == self.decode_latent_frames or i == num_latent_frames - 1:
                     video = torch.cat(pending, dim=2) if len(pending) > 1 else pending[0]  # (1, 3, f, H, W)
                     pending = []
                     if vae.config.patch_size is not None:
-                        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
                         video = unpatchify(video, patch_size=vae.config.patch_size)
                     video = video.clamp(-1.0, 1.0)
                     video = (video / 2 + 0.5).clamp(0, 1)
-                    # (1, 3, f, H, W) -> (f, H, W, 3); diffusers' numpy_to_pil rounds the same way
-                    yield (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)
+                    # (1, 3, f, H, W) -> (f, H, W, 3); diffusers' numpy_to_pil rounds the same way.
+                    # Made contiguous on the device: the GPU transposes in microseconds what the
+                    # host (np.ascontiguousarray in the writer) took ~0.3 s per 720p chunk to do
+                    yield (video[0].permute(1, 2, 3, 0) * 255).round().to(torch.uint8).contiguous()
+                    done, total = i // self.decode_latent_frames + 1, self.decode_chunk_count(latents)
+                    if control is not None and done < total and not control(done, total, "decode"):
+                        raise JobCancelled(f"stopped while decoding, after chunk {done} of {total}")
         finally:
             vae.clear_cache()
 
@@ -347,7 +430,7 @@ class WanVideoPipeline:
     def __call__(self, params: GenerationParams, control: StepControl | None = None) -> VideoResult:
         """The whole request in one piece on one device (tests, benchmarks): steps 1-4."""
         state = self.generate_latents(params, control)
-        frames = torch.cat([chunk.cpu() for chunk in self.timed_decode(state)])
+        frames = torch.cat([chunk.cpu() for chunk in self.timed_decode(state, self.decode_chunks(state.latents))])
         return VideoResult(frames=frames, timings_ms=state.timer.ms, latents=state.latents)
 
     def generate_latents(
@@ -359,10 +442,12 @@ class WanVideoPipeline:
         """Steps 1-3, which every rank runs together (the experts' collectives are in here)."""
         timer = _StageTimer(self.device)
         timer.start("PipelineWall")
+        caches = {"Prompt": self.prompt_cache, "Condition": self.condition_cache}
+        counts_before = snapshot(caches)
         do_cfg = params.guidance_scale > 1.0
         # 1. Encode prompts: the negative one only when CFG will run, and under CFG-parallel only
         #    the one this rank's branch needs (None for the other)
-        with timer("TextEncoding"):
+        with timer("TextEncoding"), self.placement.encoding() if self.placement is not None else nullcontext():
             wants_cond = not do_cfg or self.cfg_branch != "uncond"
             wants_uncond = do_cfg and self.cfg_branch != "cond"
             prompt_embeds = self.encode_prompt(params.prompt) if wants_cond else None
@@ -376,6 +461,7 @@ class WanVideoPipeline:
                 condition = self.image_condition(params)
             elif conditioning == "first_frame" and params.image is not None:
                 first_frame = self.first_frame_latent(params)
+        timer.ms.update(lookup_counts(caches, counts_before))  # cache hits and misses, counts not ms
         # 3. Denoising loop over the experts
         with timer("Denoising"):
             latents = self.denoise(
@@ -383,12 +469,27 @@ class WanVideoPipeline:
             )
         return Latents(params, latents, timer)
 
-    def timed_decode(self, state: Latents, chunks: Iterator[torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
-        """Step 4: the decoded chunks (this pipeline's own, or `chunks` from a parallel decoder),
-        timed as Decoding; PipelineWall ends with the last one, and one log line gives the stages."""
+    def decode_video(self, latents: torch.Tensor, control: StepControl | None = None) -> Iterator[torch.Tensor]:
+        """The video's uint8 chunks on the delivering rank (split over the ranks by the `VaeSplit`,
+        or decoded there alone); other ranks take part and get nothing. `control` is asked between
+        chunks on every rank (a rank that decodes nothing still joins the checks)."""
+        decode = partial(self.decode_chunks, control=control)
+        follow = partial(self.follow_decode, control=control)
+        if self.vae_split is not None:
+            yield from self.vae_split.decode(decode, latents, follow)
+        elif self.is_main:
+            yield from decode(latents)
+        else:
+            yield from follow(latents)
+
+    def timed_decode(
+        self, state: Latents, chunks: Iterator[torch.Tensor] | None = None, control: StepControl | None = None
+    ) -> Iterator[torch.Tensor]:
+        """Step 4: the decoded chunks (`decode_video`'s, or `chunks`), timed as Decoding;
+        PipelineWall ends with the last one, and one log line gives the stages."""
         timer, params = state.timer, state.params
         timer.start("Decoding")
-        yield from self.decode_chunks(state.latents) if chunks is None else chunks
+        yield from self.decode_video(state.latents, control) if chunks is None else chunks
         timer.stop("Decoding")
         timer.stop("PipelineWall")
         log.info(
@@ -397,7 +498,7 @@ class WanVideoPipeline:
             params.size,
             params.num_frames,
             params.num_inference_steps,
-            " ".join(f"{k}={v:.0f}ms" for k, v in timer.ms.items()),
+            " ".join(f"{k}={v:.0f}{'' if k in COUNT_KEYS else 'ms'}" for k, v in timer.ms.items()),
         )
 
 

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from wan_spmd.env import torchrun_env
-from wan_spmd.jobs import Job, JobSource, Outcome, StopLoop
-from wan_spmd.pipeline import JobCancelled
+from wan_spmd.jobs import Job, JobCancelled, JobSource, Outcome, StopLoop
+from wan_spmd.memory import PeakMemory
+from wan_spmd.process import torchrun_env
 
 log = logging.getLogger("wan_spmd")
 
@@ -229,6 +229,8 @@ class JobReport:
 
     video_path: Path | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    peak_memory: PeakMemory | None = None
+    """This rank's peak GPU memory during the job (None on the CPU: nothing to measure)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,15 +274,26 @@ class ControlPlane:
             self._call(what, lambda: dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group))
         return bool(flags[0]), bool(flags[1])
 
+    def max_peak_memory(self, peak: PeakMemory | None) -> PeakMemory | None:
+        """The job's peak GPU memory, the maximum over ranks (every rank calls this after a job that
+        every rank finished; None where no rank measured one: the CPU)."""
+        values = torch.tensor([-1.0, -1.0] if peak is None else [peak.allocated_mb, peak.reserved_mb])
+        if self.d.world_size > 1:
+            group = self.d.control_after_job
+            self._call("the peak-memory reduction", lambda: dist.all_reduce(values, op=dist.ReduceOp.MAX, group=group))
+        allocated, reserved = values.tolist()
+        return None if reserved < 0 else PeakMemory(allocated, reserved)
+
     def gather_errors(self, error: str | None) -> list[str | None]:
         """Every rank's error text, on rank 0 (an empty list elsewhere)."""
+        return self.gather_objects(error, "gathering errors")
+
+    def gather_objects(self, obj: Any, what: str) -> list[Any]:
+        """Every rank's `obj` (small, picklable), on rank 0 (an empty list elsewhere)."""
         if self.d.world_size == 1:
-            return [error]
+            return [obj]
         out: list[Any] = [None] * self.d.world_size if self.d.is_main else []
-        self._call(
-            "gathering errors",
-            lambda: dist.gather_object(error, out if self.d.is_main else None, dst=0, group=self.d.control),
-        )
+        self._call(what, lambda: dist.gather_object(obj, out if self.d.is_main else None, dst=0, group=self.d.control))
         return out
 
 
@@ -300,12 +313,13 @@ class JobAgreement:
         self.cancelled = cancelled
         self.ended = False
 
-    def __call__(self, step: int, total: int) -> bool:
+    def __call__(self, step: int, total: int, stage: str = "step") -> bool:
+        """Before denoising step `step` (stage "step"), or after decoded chunk `step` (stage "decode")."""
         cancel = self.plane.d.is_main and self.cancelled()
-        failed, cancel = self.plane.any_flags(False, cancel, f"step {step}", after_job=True)
+        failed, cancel = self.plane.any_flags(False, cancel, f"{stage} {step}", after_job=True)
         if failed:
             self.ended = True
-            raise PeerFailed(f"another rank failed before step {step}")
+            raise PeerFailed(f"another rank failed before {stage} {step}")
         if cancel:
             self.ended = True
             return False
@@ -332,7 +346,7 @@ def run_agreed(
     plane: ControlPlane, job: Job, run_job: RunJob, source: JobSource | None, output: Path | None
 ) -> Outcome:
     """Run one job on this rank; every rank returns after the same collectives."""
-    agreement = JobAgreement(plane, (lambda: source.is_cancelled(job)) if source else (lambda: False))
+    agreement = JobAgreement(plane, (lambda: source.check_stop(job)) if source else (lambda: False))
     on_step = (lambda i, n: source.on_step(job, i, n)) if source else (lambda i, n: None)
     report, error, local_failed, cancelled = None, None, False, False
     try:
@@ -346,15 +360,20 @@ def run_agreed(
     except Exception as exc:  # a job's failure must not end the loop
         error, local_failed = _job_failed(job, plane.d.rank, exc), True
     if cancelled:
-        return Outcome(job, error=error, cancelled=True)
+        return Outcome.settle(job, stopped=True, error=error)
     any_failed = agreement.finish(local_failed)
     if not any_failed and report is not None:
-        return Outcome(job, video_path=report.video_path, timings_ms=report.timings_ms)
+        outcome = Outcome.settle(job, video_path=report.video_path, timings_ms=report.timings_ms)
+        # every rank is here (the agreement said none failed); the CPU has no peak to reduce
+        if plane.d.device.type != "cpu":
+            outcome.peak_memory = plane.max_peak_memory(report.peak_memory)
+        return outcome
     errors = plane.gather_errors(error if local_failed else None)
     if not plane.d.is_main:
-        return Outcome(job, error=error or "failed on another rank")
+        return Outcome.settle(job, error=error or "failed on another rank")
     described = [f"rank {r}: {e}" if plane.d.world_size > 1 else e for r, e in enumerate(errors) if e]
-    return Outcome(job, error="; ".join(described) or "cancelled")
+    # rank 0 alone: a failure while stopping (ffmpeg killed by the same signal) is that stop
+    return Outcome.settle(job, error="; ".join(described) or "failed", shutdown=source.stop_reason if source else None)
 
 
 def spmd_loop(d: Dist, run_job: RunJob, source: JobSource | None, heartbeat_s: float = 5.0) -> int:
@@ -393,7 +412,7 @@ def spmd_loop(d: Dist, run_job: RunJob, source: JobSource | None, heartbeat_s: f
         outcome = run_agreed(plane, job, run_job, source if d.is_main else None, output)
         count += 1
         if d.is_main:
-            outcome.job.meta.setdefault("job_ms", (time.perf_counter() - start) * 1000.0)
+            outcome.job_ms = (time.perf_counter() - start) * 1000.0
             try:
                 source.finish(outcome)
             except Exception:  # delivery trouble (disk full, client gone) must not end the loop

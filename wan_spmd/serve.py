@@ -24,7 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wan_spmd.jobs import Job, Outcome, StopLoop
+from wan_spmd.jobs import Job, Outcome, SourceBase, StopLoop
+from wan_spmd.memory import PeakMemory
 from wan_spmd.options import default
 from wan_spmd.server.http import HttpThread
 from wan_spmd.server.options import HttpOptions
@@ -32,7 +33,6 @@ from wan_spmd.server.queue import Closed, JobFailed, JobQueue, PendingVideo, Una
 from wan_spmd.server.videos import VideoStore, default_replica_name
 
 if TYPE_CHECKING:
-    from wan_spmd.engine import EngineOptions
     from wan_spmd.server.app import ServerSettings
 
 log = logging.getLogger("wan_spmd")
@@ -40,7 +40,7 @@ log = logging.getLogger("wan_spmd")
 LOST = "the server lost one of its ranks (dead or stuck) and is stopping so that it can be restarted; retry shortly"
 
 
-class QueueJobSource:
+class QueueJobSource(SourceBase):
     """The server's JobSource on rank 0: jobs from the HTTP queue, outcomes to their futures and to
     the job store (status, progress, the finished file)."""
 
@@ -50,14 +50,17 @@ class QueueJobSource:
         output_dir: Path,
         videos: VideoStore | None = None,
         observe: Callable[[dict[str, float]], None] | None = None,
+        observe_memory: Callable[[PeakMemory], None] | None = None,
     ) -> None:
         self.queue = queue
         self.output_dir = output_dir
         self.videos = videos if videos is not None else VideoStore(None, default_replica_name())
         self.observe = observe
         """Stage latencies of asynchronous jobs (a synchronous request's route reports its own)."""
+        self.observe_memory = observe_memory
+        """Every completed job's peak GPU memory (the /metrics gauges)."""
         self.stop_reason: str | None = None
-        """Set (from a signal handler too) to stop: the running job is cancelled, the queue closed."""
+        """Set (from a signal handler too) to stop: the running job is stopped, the queue closed."""
         self._running: dict[str, PendingVideo] = {}
         """Jobs handed to the loop and not yet answered, by id."""
 
@@ -75,7 +78,7 @@ class QueueJobSource:
         if item is Closed:
             return StopLoop
         if item is None:
-            self.videos.prune()  # idle: let expired jobs go (--job-ttl) though nobody asks
+            self.videos.sweep()  # idle: let expired jobs and stale temporary files go though nobody asks
             return None
         # The Job is broadcast (pickled) to every rank; its future stays here, on rank 0.
         self._running[item.id] = item
@@ -88,8 +91,9 @@ class QueueJobSource:
         stamp = datetime.fromtimestamp(self._running[job.id].created).strftime("%Y%m%d-%H%M%S")
         return self.output_dir / f"{stamp}_{job.id}.mp4"
 
-    def is_cancelled(self, job: Job) -> bool:
-        return self.stop_reason is not None or self._running[job.id].cancelled or job.overdue()
+    def cancel_reason(self, job: Job) -> str | None:
+        pending = self._running[job.id]
+        return (pending.cancel_reason or "the client went away") if pending.cancelled else None
 
     def on_step(self, job: Job, step: int, total: int) -> None:
         self.videos.progress(job.id, step, total)
@@ -97,12 +101,12 @@ class QueueJobSource:
     def finish(self, outcome: Outcome) -> None:
         """The mp4 is complete and in place (the engine streamed it while decoding): answer."""
         pending = self._running.pop(outcome.job.id)
-        if outcome.cancelled and self.stop_reason is None and outcome.job.overdue():
-            self.videos.fail(pending.id, "generation_failed", outcome.job.deadline_error())
-            pending.resolve(error=JobFailed(outcome.job.deadline_error()))
+        if outcome.status == "deadline":
+            self.videos.fail(pending.id, "generation_failed", outcome.stop.reason)
+            pending.resolve(error=JobFailed(outcome.stop.reason))
             return
-        if outcome.cancelled:
-            reason = self.stop_reason or pending.cancel_reason or "the client went away"
+        if outcome.stop is not None:  # a shutdown, the client gone, DELETE
+            reason = outcome.stop.reason
             log.info("video %s %s: %s", pending.id, outcome.error, reason)
             self.videos.fail(pending.id, "cancelled", f"{outcome.error}: {reason}")
             pending.resolve(error=Unavailable(reason))
@@ -114,7 +118,7 @@ class QueueJobSource:
         timings = dict(outcome.timings_ms)
         timings["Queue"] = (pending.started_at - pending.enqueued_at) * 1000.0
         # broadcast, per-step agreements, frames to host: the loop's time outside PipelineWall + writer
-        job_ms = outcome.job.meta.get("job_ms", (time.perf_counter() - pending.started_at) * 1000.0)
+        job_ms = outcome.job_ms if outcome.job_ms is not None else (time.perf_counter() - pending.started_at) * 1000.0
         timings["Dispatch"] = job_ms - timings.get("PipelineWall", 0.0) - timings.get("Mp4Encoding", 0.0)
         try:  # an asynchronous job's client downloads the file later: nothing to read now
             mp4 = b"" if pending.detached else outcome.video_path.read_bytes()
@@ -124,11 +128,20 @@ class QueueJobSource:
             pending.resolve(error=JobFailed(error))
             return
         # the record first, so a waiting client that reads it finds the job completed
-        if self.videos.complete(pending.id, outcome.video_path, timings) and pending.detached:
-            log.info("video %s completed -> %s", pending.id, outcome.video_path.name)
-            if self.observe is not None:
-                self.observe(timings)
-        pending.resolve(VideoAnswer(mp4=mp4, path=str(outcome.video_path), timings_ms=timings))
+        peak = outcome.peak_memory
+        if self.videos.complete(pending.id, outcome.video_path, timings, peak.peak_memory_mb if peak else None):
+            if self.observe_memory is not None and peak is not None:
+                self.observe_memory(peak)
+            if pending.detached:
+                log.info(
+                    "video %s completed -> %s%s",
+                    pending.id,
+                    outcome.video_path.name,
+                    f"; {peak.describe()}" if peak else "",
+                )
+                if self.observe is not None:
+                    self.observe(timings)
+        pending.resolve(VideoAnswer(mp4=mp4, path=str(outcome.video_path), timings_ms=timings, peak_memory=peak))
 
     def close(self, reason: str) -> None:
         """Answer whatever is still waiting or running (the loop may have ended mid-job)."""
@@ -161,6 +174,9 @@ class ServeOptions:
     """Finished jobs kept (records and files); the oldest finished goes first."""
     job_ttl_s: float | None = None
     """Seconds a finished job is kept; None: until --keep-jobs evicts it."""
+    job_lease_s: float = default("job_lease")
+    """Replicas sharing --output-dir: a replica that has not renewed its lease for this long is
+    taken for dead and its unfinished jobs are failed by the others."""
 
 
 class ServeFront:
@@ -171,22 +187,36 @@ class ServeFront:
 
         self.settings = settings
         self.options = options
-        videos = VideoStore(options.output_dir, options.replica_name, options.keep_jobs, options.job_ttl_s)
+        videos = VideoStore(
+            options.output_dir, options.replica_name, options.keep_jobs, options.job_ttl_s, lease_s=options.job_lease_s
+        )
         self.ctx = ServerContext(settings, JobQueue(options.max_queue), videos=videos)
-        self.source = QueueJobSource(self.ctx.queue, options.output_dir, videos, self.ctx.metrics.observe)
+        videos.on_remote_delete = self._deleted_elsewhere
+        self.source = QueueJobSource(
+            self.ctx.queue, options.output_dir, videos, self.ctx.metrics.observe, self.ctx.metrics.observe_memory
+        )
         self.http = HttpThread(create_app(self.ctx), options.host, options.port, options.uds, options.http)
 
     def start(self) -> None:
         """Read back the jobs of earlier runs, then listen at once, so /health answers 503 while the
         model loads."""
         try:
+            self.options.output_dir.mkdir(parents=True, exist_ok=True)
             jobs = self.ctx.videos.load()
         except OSError as exc:
             raise ValueError(f"cannot read the job records under --output-dir: {exc}") from None
         if jobs:
             log.info("%d job(s) from earlier runs in %s", jobs, self.options.output_dir)
+        self.ctx.videos.keep_lease()
         address = self.http.start()
         log.info("listening on %s (503 on /health until %d rank(s) have loaded)", address, self.settings.world_size)
+
+    def _deleted_elsewhere(self, video_id: str) -> None:
+        """Another replica took a DELETE for one of our jobs: as our own DELETE route does, a queued
+        job leaves the queue, a running one stops at its next step."""
+        pending = self.ctx.live.get(video_id)
+        if pending is not None:
+            self.ctx.queue.withdraw(pending, "deleted")
 
     def ready(self, world_size: int, warmup_s: float) -> None:
         self.ctx.mark_ready()
@@ -209,27 +239,20 @@ class ServeFront:
         """Answer everything still waiting, stop HTTP (removing the socket)."""
         self.ctx.mark_stopping("failed" if lost else "stopping")
         self.source.close(LOST if lost else self.source.stop_reason or "the server is shutting down")
+        self.ctx.videos.close()
         self.http.stop()
 
     def on_expire(self, signal_name: str | None) -> None:
         self.ctx.mark_stopping("failed")
         self.source.abandon(self.source.stop_reason if signal_name and self.source.stop_reason else LOST)
+        self.ctx.videos.close()
         time.sleep(0.5)  # let the HTTP thread write those answers before the process ends
         self.http.remove_socket()
+
+    def warmup_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        return ()  # the preset's shape comes with the engine options
 
     def exit_code(self, jobs: int, signal_name: str | None) -> int:
         stop = self.source.stop_reason
         log.info("stopped after %d job(s)%s", jobs, f": {stop}" if stop else "")
         return 0
-
-
-def run_server(settings: ServerSettings, options: ServeOptions, engine: EngineOptions) -> int:
-    """Every rank: the engine's lifecycle; rank 0 also serves HTTP. Returns the exit status:
-    0 after a stop every rank agreed to, 1 when a rank was lost or could not start."""
-    from wan_spmd.engine import run_engine
-    from wan_spmd.env import torchrun_env
-
-    if torchrun_env()[0] == 0:
-        options.output_dir.mkdir(parents=True, exist_ok=True)
-    front = ServeFront(settings, options) if torchrun_env()[0] == 0 else None
-    return run_engine(settings.info, engine, front)

@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
-from wan_spmd.config import WAN22_VAE, tiny_cache_dir
+from wan_spmd.config import TINY_MARK, WAN22_VAE, tiny_cache_dir
 from wan_spmd.families import FAMILIES, Family
 
 VARIANTS = {"i2v": "wan2.2-i2v-a14b", "t2v": "wan2.2-t2v-a14b", "ti2v": "wan2.2-ti2v-5b"}
@@ -161,7 +161,7 @@ def make_tiny(dest: str | Path, variant: str = "i2v", seed: int = 0) -> Path:
         "refused": 'size = "64x64"',
     }[family.image]
     (dest / "generation.toml").write_text(
-        "# Written by `wan_spmd make-tiny`: a tiny random model, noise not art.\n"
+        f"{TINY_MARK}\n"
         "[generation]\n"
         f"num_inference_steps = 4\nnum_frames = 9\nfps = 8\n{size_line}\n"
         f'flow_shift = {flow_shift}\nnegative_prompt = "blurry, static"\n'

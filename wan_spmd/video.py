@@ -91,12 +91,15 @@ class Mp4Writer:
         self._error: BaseException | None = None
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=QUEUED_CHUNKS)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # found (and checked by running it, in our process group) before the temporary file exists:
+        # a failure here, or a signal to the group that kills the check, leaves nothing behind
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
         self.tmp = part_name(self.path)
         # Not mkstemp: its 0600 would stick to the finished video; 0666 & ~umask is what a reader expects.
         os.close(os.open(self.tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         self._stderr = tempfile.TemporaryFile()  # a pipe could fill and stall ffmpeg while we write
         cmd = [
-            imageio_ffmpeg.get_ffmpeg_exe(),
+            exe,
             "-nostdin",
             "-y",
             "-loglevel",
@@ -124,7 +127,16 @@ class Mp4Writer:
             "mp4",
             ffmpeg_path(self.tmp),
         ]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        # its own session: Ctrl-C or a supervisor's signal to our process group must reach the engine,
+        # which stops at the next chunk and aborts this write, not kill the encoder first
+        try:
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._stderr, start_new_session=True
+            )
+        except BaseException:  # no writer: leave no temporary file either
+            self._stderr.close()
+            self.tmp.unlink(missing_ok=True)
+            raise
         self._thread = threading.Thread(target=self._feed, name="mp4-writer", daemon=True)
         self._thread.start()
 

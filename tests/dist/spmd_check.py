@@ -4,7 +4,7 @@ Modes:
   tp OUT      run the tiny I2V and T2V models; rank 0 saves latents and float video, every rank
               writes its parameter counts for the sharded layers
   tp_ti2v OUT the tiny TI2V model without an image (12 tokens: the sequence regions split them, and
-              the per-token modulation with them) and with one (9 tokens: uneven, all-reduce); rank 0
+              the per-token modulation with them) and with one (9 tokens: uneven, padded to 10); rank 0
               saves latents and float video
   attn OUT    one attention module sharded by the TP plan vs the same module whole
   compile_ti2v OUT  the tiny TI2V model's compiled blocks against eager, text and image
@@ -20,6 +20,11 @@ Modes:
   fault OUT   the SPMD loop over five jobs through the engine's real JobRunner, its fault seam making
               rank 1 fail in two of them (before the first step, and between steps) and rank 0 in
               its delivery of a third; rank 0 writes every outcome
+
+`spmd_check.py MODE OUT [ARG]` runs one mode. `spmd_check.py many OUT MODE[:ARG] ...` runs several in
+one process (one torchrun launch for all the checks of a world size: the tests share it), each in
+OUT/MODE; every rank leaves OUT/MODE/ok-WORLD-RANK when a mode is done, or error-WORLD-RANK.txt with
+the traceback and stops there (a rank that failed mid-collective leaves the others nothing to meet).
 """
 
 from __future__ import annotations
@@ -27,21 +32,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from wan_spmd.config import generation_defaults
 from wan_spmd.engine import EngineOptions, JobRunner, build_pipeline
-from wan_spmd.env import finish_process, setup_logging, torchrun_env
+from wan_spmd.process import finish_process, setup_logging, torchrun_env
 from wan_spmd.jobs import Job, Outcome, StopLoop
 from wan_spmd.launch import resolve_layout, resolve_model
 from wan_spmd.params import resolve_params
-from wan_spmd.parallel.vae import decoder_for
-from wan_spmd.runtime import init_dist, shutdown, spmd_loop
+from wan_spmd.runtime import init_dist, shutdown, spmd_loop, wait_for_all
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "example.png"
 SHARDED = ("attn1.to_", "attn2.to_", "attn1.norm_", "attn2.norm_", "ffn.net.")
+
+
+def tp_mesh(device: torch.device, tp_size: int):
+    """A 1-D mesh over all ranks, for the checks of the TP plan alone."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (tp_size,), mesh_dim_names=("tp",))
 
 
 def local_numel(p: torch.Tensor) -> int:
@@ -97,7 +110,7 @@ def mode_tp_ti2v(d, out: Path) -> None:
 def mode_attn(d, out: Path) -> None:
     from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
-    from wan_spmd.parallel import shard_block, tp_mesh
+    from wan_spmd.parallel import shard_block
 
     torch.manual_seed(0)
     whole = WanTransformerBlock(48, 64, 4, qk_norm="rms_norm_across_heads", cross_attn_norm=True, eps=1e-6)
@@ -128,29 +141,27 @@ REQUESTS = {"cfg": {}, "g1": {"guidance_scale": 1.0, "guidance_scale_2": 1.0}, "
 
 
 def mode_layouts(d, out: Path, names: str) -> None:
-    from wan_spmd.parallel.ulysses import can_widen
-    from wan_spmd.parallel.vae import decoder_for
-
     for name in names.split(","):
         layout = resolve_layout(d.world_size, **LAYOUTS[name])
         counts = {}
         for model in ("tiny", "tiny-t2v"):
             info = resolve_model(model)
             pipe = build_pipeline(d, info, EngineOptions(layout=layout, device="cpu"))
-            decoder = decoder_for(pipe.c.vae, d.is_main)
             for request, extra in REQUESTS.items():
                 state = pipe.generate_latents(params_for(info, **extra))
-                frames = list(pipe.timed_decode(state, decoder(pipe, state.latents)))
+                frames = list(pipe.timed_decode(state))
                 if d.is_main:
                     result = {"latents": state.latents, "frames": torch.cat([f.cpu() for f in frames])}
                     torch.save(result, out / f"{name}-{model}-{request}.pt")
-            for expert, weights in zip(("transformer", "transformer_2"), pipe.c.experts, strict=True):
+            for expert, weights, layout_expert in zip(
+                ("transformer", "transformer_2"), pipe.c.experts, pipe.experts, strict=True
+            ):
                 counts[f"{model}/{expert}"] = {
                     "all": sum(local_numel(p) for p in weights.parameters()),
                     "sharded": sum(
                         local_numel(p) for n, p in weights.blocks.named_parameters() if any(s in n for s in SHARDED)
                     ),
-                    "widens": can_widen(weights),
+                    "widens": layout_expert.can_widen,
                 }
         (out / f"counts-{name}-{d.rank}.json").write_text(json.dumps(counts))
     if d.world_size > 1:
@@ -160,9 +171,7 @@ def mode_layouts(d, out: Path, names: str) -> None:
 def vae_split_error(d, pipe, out: Path) -> None:
     """The row-split VAE against the same VAE whole (its wrappers pass through outside a split),
     on random inputs whose rows split evenly (8) and unevenly (6 latent rows over 4 ranks)."""
-    from wan_spmd.parallel.vae import _SPLITS
-
-    vae, split = pipe.c.vae, _SPLITS[pipe.c.vae]
+    vae, split = pipe.c.vae, pipe.vae_split
     gen = torch.Generator().manual_seed(3)
     result = {}
     with torch.inference_mode():
@@ -212,7 +221,7 @@ def mode_compile(d, out: Path, names: str = "") -> None:
 
 def mode_compile_ti2v(d, out: Path) -> None:
     """TI2V's per-token modulation through compiled blocks (aot_eager, fullgraph) against eager: text
-    at 64x64 (tokens split over 2 ranks), image at 32x96 (uneven: all-reduce) and 96x64."""
+    at 64x64 (tokens split over 2 ranks), image at 32x96 (uneven: padded) and 96x64."""
     info = resolve_model("tiny-ti2v")
     options = EngineOptions(layout=resolve_layout(d.world_size), device="cpu")
     eager = build_pipeline(d, info, options)
@@ -229,7 +238,7 @@ def mode_compile_ti2v(d, out: Path) -> None:
 def mode_dummy(d, out: Path) -> None:
     """Dummy weights made already sharded: the same model at every TP size (tiny architecture)."""
     from wan_spmd.loading import dummy_expert_sharded
-    from wan_spmd.parallel import shard_expert, tp_mesh
+    from wan_spmd.parallel import shard_expert
     from wan_spmd.tiny import tiny_transformer_config
 
     mesh = tp_mesh(d.device, d.world_size) if d.world_size > 1 else None
@@ -249,7 +258,7 @@ def mode_lora(d, out: Path) -> None:
     from wan_spmd.launch import parse_lora_spec
     from wan_spmd.lora import read_deltas
     from wan_spmd.loading import dummy_expert_sharded
-    from wan_spmd.parallel import shard_expert, tp_mesh
+    from wan_spmd.parallel import shard_expert
     from wan_spmd.tiny import tiny_transformer_config
 
     loras = (
@@ -285,7 +294,9 @@ class ListSource:
     def output_path(self, job: Job) -> Path:
         return self.out / f"{job.id}.mp4"
 
-    def is_cancelled(self, job: Job) -> bool:
+    stop_reason = None
+
+    def check_stop(self, job: Job) -> bool:
         return False
 
     def request_stop(self, reason: str) -> None:
@@ -304,19 +315,26 @@ def run_with_faults(d, out: Path, ids: tuple[str, ...], fault) -> int:
     pipe = load_pipeline(d, info)
     # the engine's decoder (row-split over the ranks): a delivery failure on rank 0 must not leave
     # the other ranks inside its collectives
-    runner = JobRunner(pipe, decoder_for(pipe.c.vae, d.is_main), d.rank, fault)
+    runner = JobRunner(pipe, d.rank, fault)
     jobs = [Job(i, params_for(info, size="32x32", num_frames=5)) for i in ids]
     source = ListSource(jobs, out) if d.is_main else None
+    wait_for_all(d, timeout_s=120)  # as serve does: ranks load at their own pace before the loop
     return spmd_loop(d, runner, source, heartbeat_s=0.5)
 
 
 def mode_slow_decode(d, out: Path) -> None:
-    """Rank 0's delivery (decode and mp4, inside the job) takes longer than the control timeout (2 s)."""
+    """Rank 0's delivery (decode and mp4, inside the job) of the first job takes longer (3 s) than the
+    control timeout (2 s, a control group of this mode's own); the second job shows the loop goes on."""
     import time
 
+    import torch.distributed as dist
+
+    if d.world_size > 1:
+        d = dataclasses.replace(d, control=dist.new_group(backend="gloo", timeout=timedelta(seconds=2)))
+
     def slow(stage: str, job: Job, rank: int) -> None:
-        if stage == "deliver":
-            time.sleep(5.0)
+        if stage == "deliver" and job.id == "slow-1":
+            time.sleep(3.0)
 
     run_with_faults(d, out, ("slow-1", "slow-2"), slow)
 
@@ -334,25 +352,51 @@ def mode_fault(d, out: Path) -> None:
     (out / f"ran-{d.rank}.json").write_text(json.dumps(ran))
 
 
+MODES = {
+    "tp": mode_tp,
+    "tp_ti2v": mode_tp_ti2v,
+    "attn": mode_attn,
+    "fault": mode_fault,
+    "dummy": mode_dummy,
+    "lora": mode_lora,
+    "slow_decode": mode_slow_decode,
+    "compile": mode_compile,
+    "layouts": mode_layouts,
+    "compile_ti2v": mode_compile_ti2v,
+}
+
+
+def run_many(d, out: Path, specs: list[str]) -> int:
+    """Each MODE[:ARG] in order, in OUT/MODE; stops at the first that raises (see the module's doc)."""
+    for spec in specs:
+        mode, _, arg = spec.partition(":")
+        folder = out / mode
+        folder.mkdir(parents=True, exist_ok=True)
+        if "torch._dynamo" in sys.modules:
+            # each mode compiles as a process of its own would: dynamo's recompile limits count per
+            # code object, and the blocks of every mode share theirs
+            sys.modules["torch._dynamo"].reset()
+        try:
+            MODES[mode](d, folder, *([arg] if arg else []))
+        except BaseException:
+            (folder / f"error-{d.world_size}-{d.rank}.txt").write_text(traceback.format_exc())
+            return 1
+        (folder / f"ok-{d.world_size}-{d.rank}").touch()
+    return 0
+
+
 if __name__ == "__main__":
     mode, out, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     rank, _, _ = torchrun_env()
     setup_logging(rank)
-    d = init_dist("cpu", control_timeout_s=2.0 if mode == "slow_decode" else 60.0)
+    d = init_dist("cpu")
+    code = 0
     try:
-        modes = {
-            "tp": mode_tp,
-            "tp_ti2v": mode_tp_ti2v,
-            "attn": mode_attn,
-            "fault": mode_fault,
-            "dummy": mode_dummy,
-            "lora": mode_lora,
-            "slow_decode": mode_slow_decode,
-            "compile": mode_compile,
-            "layouts": mode_layouts,
-            "compile_ti2v": mode_compile_ti2v,
-        }
-        modes[mode](d, out, *extra)
+        if mode == "many":
+            code = run_many(d, out, extra)
+        else:
+            MODES[mode](d, out, *extra)
     finally:
-        shutdown(d)
-    finish_process(0)
+        if code == 0:
+            shutdown(d)
+    finish_process(code)

@@ -27,23 +27,10 @@ TP = {"tp2": 2, "u2": 1, "cfg": 1, "cfg-tp2": 2, "tp2-u2": 2}
 WORLD = {**dict.fromkeys(TWO_RANKS, 2), **dict.fromkeys(FOUR_RANKS, 4)}
 
 
-@pytest.fixture(scope="module")
-def layout_runs(cache_home, tiny_i2v, tiny_t2v, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("layouts")
-    alone = subprocess.run(
-        [sys.executable, str(SCRIPT), "layouts", str(out), "tp1"],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    two = run_torchrun_script(SCRIPT, ["layouts", str(out), ",".join(TWO_RANKS)], nproc=2, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    four = run_torchrun_script(SCRIPT, ["layouts", str(out), ",".join(FOUR_RANKS)], nproc=4, timeout=900)
-    assert four.returncode == 0, four.stderr[-3000:]
-    return out
+@pytest.fixture
+def layout_runs(spmd_runs) -> Path:
+    """tp1 alone, the 2-rank layouts, the 4-rank layouts: the shared runs of each world size."""
+    return spmd_runs("layouts", 1, 2, 4)
 
 
 @pytest.mark.parametrize("request_name", ["cfg", "g1", "odd"])

@@ -39,34 +39,20 @@ def test_each_rank_holds_about_half_the_expert_in_host_memory(tmp_path):
     assert ranks[0]["checksum"] != ranks[1]["checksum"]  # different halves
 
 
-def test_dummy_weights_are_the_same_model_at_every_tp_size(cache_home, tmp_path):
+def test_dummy_weights_are_the_same_model_at_every_tp_size(spmd_runs):
     """Dummy weights made already sharded must be the TP=1 model split, or TP benchmarks compare
     different models (sequence-parallel regions on: 48 tokens)."""
-    alone = subprocess.run(
-        [sys.executable, str(CHECK), "dummy", str(tmp_path)], capture_output=True, text=True, env=cli_env(), cwd=ROOT
-    )
-    assert alone.returncode == 0, alone.stderr
-    both = run_torchrun_script(CHECK, ["dummy", str(tmp_path)], nproc=2)
-    assert both.returncode == 0, both.stderr
-    one, two = torch.load(tmp_path / "dummy-1.pt"), torch.load(tmp_path / "dummy-2.pt")
+    out = spmd_runs("dummy", 1, 2)
+    one, two = torch.load(out / "dummy-1.pt"), torch.load(out / "dummy-2.pt")
     assert one.std() > 0.01 and (one - two).abs().max().item() < 1e-5
 
 
-def test_lora_fused_per_slice_tp2_equals_tp1(cache_home, tiny_i2v, tmp_path):
+def test_lora_fused_per_slice_tp2_equals_tp1(spmd_runs):
     """LoRAs (one on the high-noise expert, one on both, in the two formats) fused into each rank's
     slices at TP=2 give TP=1's latents, from the folder and on dummy weights. If this fails, a rank
     took the wrong rows of B or columns of A, or a replicated bias got its delta twice."""
-    from tests.lora_files import write_peft, write_wan
-
-    write_wan(tmp_path / "high.safetensors", 11, diffs=True)
-    write_peft(tmp_path / "all.safetensors", 12)
-    alone = subprocess.run(
-        [sys.executable, str(CHECK), "lora", str(tmp_path)], capture_output=True, text=True, env=cli_env(), cwd=ROOT
-    )
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    both = run_torchrun_script(CHECK, ["lora", str(tmp_path)], nproc=2)
-    assert both.returncode == 0, both.stderr[-3000:]
-    one, two = torch.load(tmp_path / "lora-1.pt"), torch.load(tmp_path / "lora-2.pt")
+    out = spmd_runs("lora", 1, 2)  # the LoRA files: written by the spmd_runs fixture
+    one, two = torch.load(out / "lora-1.pt"), torch.load(out / "lora-2.pt")
     for key in ("latents", "dummy"):
         assert (one[key] - two[key]).abs().max().item() <= 1e-4, key
         assert one[key].std() > 0.01

@@ -18,16 +18,9 @@ SCRIPT = Path(__file__).with_name("spmd_check.py")
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tp_runs(cache_home, tiny_i2v, tiny_t2v, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tp")
-    alone = subprocess.run(
-        [sys.executable, str(SCRIPT), "tp", str(out)], capture_output=True, text=True, env=cli_env(), cwd=ROOT
-    )
-    assert alone.returncode == 0, alone.stderr
-    both = run_torchrun_script(SCRIPT, ["tp", str(out)], nproc=2)
-    assert both.returncode == 0, both.stderr
-    return out
+@pytest.fixture
+def tp_runs(spmd_runs) -> Path:
+    return spmd_runs("tp", 1, 2)
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-t2v"])
@@ -41,23 +34,16 @@ def test_tp2_video_matches_tp1(tp_runs, model):
     assert one["frames"].float().std() > 2
 
 
-@pytest.fixture(scope="module")
-def ti2v_runs(cache_home, tiny_ti2v, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tp-ti2v")
-    alone = subprocess.run(
-        [sys.executable, str(SCRIPT), "tp_ti2v", str(out)], capture_output=True, text=True, env=cli_env(), cwd=ROOT
-    )
-    assert alone.returncode == 0, alone.stderr
-    both = run_torchrun_script(SCRIPT, ["tp_ti2v", str(out)], nproc=2)
-    assert both.returncode == 0, both.stderr
-    return out
+@pytest.fixture
+def ti2v_runs(spmd_runs) -> Path:
+    return spmd_runs("tp_ti2v", 1, 2)
 
 
 @pytest.mark.parametrize("case", ["text", "image"])
 def test_tp2_ti2v_matches_tp1(ti2v_runs, case):
     """TI2V's timestep is per token: if this fails, the per-token modulation was not split with the
-    tokens in the sequence regions (text: 12 tokens, split), or the uneven fallback (image: 9 tokens,
-    all-reduce) or the first-frame conditioning differs between TP=2 and TP=1."""
+    tokens in the sequence regions (text: 12 tokens, split), or the padding of an uneven count (image:
+    9 tokens, padded to 10) or the first-frame conditioning differs between TP=2 and TP=1."""
     one = torch.load(ti2v_runs / f"ti2v-{case}-1.pt")
     two = torch.load(ti2v_runs / f"ti2v-{case}-2.pt")
     assert one["latents"].shape == two["latents"].shape
@@ -77,38 +63,33 @@ def test_each_rank_holds_half_of_the_sharded_weights(tp_runs):
             assert half[key] == (count - replicated_bias) // 2 + replicated_bias, key
 
 
-def test_sharded_attention_with_across_heads_norm_equals_whole(cache_home, tmp_path):
+def test_sharded_attention_with_across_heads_norm_equals_whole(spmd_runs):
     """If this fails, the q/k RMSNorm normalises each rank's heads alone (silently wrong)."""
-    proc = run_torchrun_script(SCRIPT, ["attn", str(tmp_path)], nproc=2)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads((tmp_path / "attn.json").read_text())
+    result = json.loads((spmd_runs("attn", 2) / "attn.json").read_text())
     assert result["ref_std"] > 0.01
     assert result["max_abs"] <= 1e-5
 
 
-def test_failed_job_is_reported_and_the_loop_goes_on(cache_home, tiny_t2v, tmp_path):
+def test_failed_job_is_reported_and_the_loop_goes_on(spmd_runs):
     """A job failing on rank 1 only (before the first step, or between steps) is agreed, reported by
     rank 0 with rank 1's error; a failure in rank 0's own delivery (inside the job) is reported
     too, with no file left behind; and the next job still runs on both ranks."""
-    proc = run_torchrun_script(SCRIPT, ["fault", str(tmp_path)], nproc=2, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    records = json.loads((tmp_path / "fault.json").read_text())
+    out = spmd_runs("fault", 2)
+    records = json.loads((out / "fault.json").read_text())
     assert [r["id"] for r in records] == ["ok-1", "fail-before", "fail-mid", "fail-decode", "ok-2"]
     assert [r["ok"] for r in records] == [True, False, False, False, True]
     assert "rank 1: RuntimeError: injected before the first step" in records[1]["error"]
     assert "rank 1: RuntimeError: injected at step 2" in records[2]["error"]
     assert records[3]["error"] == "rank 0: RuntimeError: injected in decoding"
-    assert json.loads((tmp_path / "ran-0.json").read_text()) == json.loads((tmp_path / "ran-1.json").read_text()) == 5
-    assert sorted(p.name for p in tmp_path.glob("*.mp4")) == ["ok-1.mp4", "ok-2.mp4"]
-    assert not list(tmp_path.glob(".*.part"))
+    assert json.loads((out / "ran-0.json").read_text()) == json.loads((out / "ran-1.json").read_text()) == 5
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["ok-1.mp4", "ok-2.mp4"]
+    assert not list(out.glob(".*.part"))
 
 
-def test_rank0_decoding_longer_than_the_control_timeout(cache_home, tiny_t2v, tmp_path):
+def test_rank0_decoding_longer_than_the_control_timeout(spmd_runs):
     """Rank 0 decodes and writes the mp4 while the others wait at the end-of-job agreement; if that
     wait were bounded by the (short) control timeout, a large video would look like a dead rank 0."""
-    proc = run_torchrun_script(SCRIPT, ["slow_decode", str(tmp_path)], nproc=2, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = json.loads((tmp_path / "fault.json").read_text())
+    records = json.loads((spmd_runs("slow_decode", 2) / "fault.json").read_text())
     assert [(r["id"], r["ok"]) for r in records] == [("slow-1", True), ("slow-2", True)]
 
 
@@ -150,21 +131,14 @@ def test_generate_under_torchrun_writes_the_same_video(cache_home, tiny_i2v, tmp
     assert len(frames[2]) == 9 and max(diffs) <= 1  # 8-bit rounding of a 1e-6 difference at most
 
 
-@pytest.mark.parametrize("nproc, layouts", [(0, "default"), (2, "tp2,u2,cfg")])
-def test_compiled_blocks_trace_whole_and_match_eager(cache_home, tiny_i2v, tmp_path, nproc, layouts):
+@pytest.mark.parametrize("nproc, layouts", [(1, "default"), (2, "tp2,u2,cfg")])
+def test_compiled_blocks_trace_whole_and_match_eager(spmd_runs, nproc, layouts):
     """The experts' blocks compiled with fullgraph=True (aot_eager: the graphs inductor would get)
     alone and under every 2-rank layout (TP with its sequence regions, Ulysses' all-to-alls,
     CFG-parallel). If this fails, a graph break would have stopped a GPU server at start-up, the
     compiled blocks compute something else, or a third request size pays a compile (the
     dynamic-shape policy of wan_spmd.compiling broke)."""
-    args = ["compile", str(tmp_path)] + ([] if layouts == "default" else [layouts])
-    if nproc:
-        proc = run_torchrun_script(SCRIPT, args, nproc=nproc, timeout=600)
-    else:
-        cmd = [sys.executable, str(SCRIPT), *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(), cwd=ROOT, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((tmp_path / f"compile-{nproc or 1}.json").read_text())
+    results = json.loads((spmd_runs("compile", nproc) / f"compile-{nproc}.json").read_text())
     assert sorted(results) == sorted(layouts.split(","))
     for name, result in results.items():
         assert result["max_abs"] <= TOLERANCE, name
@@ -175,10 +149,8 @@ def test_compiled_blocks_trace_whole_and_match_eager(cache_home, tiny_i2v, tmp_p
         assert first >= 1 and second >= first and third == second, (name, result["graphs"])
 
 
-def test_compiled_ti2v_blocks_under_tp2_match_eager(cache_home, tiny_ti2v, tmp_path):
-    """Compiled blocks are the CUDA default: if this fails, TI2V's per-token modulation (narrowed to
-    each rank's tokens by a pre-hook inside the compiled block) breaks the fullgraph trace, which
+def test_compiled_ti2v_blocks_under_tp2_match_eager(spmd_runs):
+    """Compiled blocks are the CUDA default: if this fails, TI2V's per-token modulation (split with
+    the tokens before the compiled blocks, padded where uneven) breaks the fullgraph trace, which
     would stop a GPU server at start-up, or computes something else than eager."""
-    proc = run_torchrun_script(SCRIPT, ["compile_ti2v", str(tmp_path)], nproc=2, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((tmp_path / "compile-ti2v-2.json").read_text())["max_abs"] <= TOLERANCE
+    assert json.loads((spmd_runs("compile_ti2v", 2) / "compile-ti2v-2.json").read_text())["max_abs"] <= TOLERANCE

@@ -57,6 +57,49 @@ def test_bad_arguments_exit_2_before_torch(tmp_path: Path):
     assert not (tmp_path / "o").exists()
 
 
+def test_sharded_outputs_that_collide_are_refused_before_work(tmp_path: Path):
+    """Issue 33.5: two lines of different shards that write one file (ids `a_b` and `a/b` both map
+    to a_b.mp4; one explicit output given twice). Every shard reads the whole file and refuses it
+    with one line naming both lines, exit 2, before torch loads or anything is written. If this
+    fails, the shards overwrite each other's video and both report ok."""
+    from wan_spmd.batch import scan_line, shard_of
+
+    def shard(obj: dict) -> int:
+        return shard_of(scan_line(1, json.dumps(obj).encode()), 2)
+
+    n = next(i for i in range(100) if shard({"id": f"a_b{i}"}) != shard({"id": f"a/b{i}"}))
+    m = next(i for i in range(100) if shard({"id": f"x{i}"}) != shard({"id": f"y{i}"}))
+    files = {
+        "ids": [{"prompt": "one", "id": f"a_b{n}"}, {"prompt": "two", "id": f"a/b{n}"}],
+        "outputs": [
+            {"prompt": "one", "id": f"x{m}", "output": "same.mp4"},
+            {"prompt": "two", "id": f"y{m}", "output": "same.mp4"},
+        ],
+    }
+    probe = (
+        "import sys; from wan_spmd.cli import main\n"
+        "try:\n    main(sys.argv[1:])\n"
+        "except SystemExit as e:\n    print('torch' in sys.modules, e.code)\n"
+    )
+    for name, lines in files.items():
+        requests = write_jsonl(tmp_path / f"{name}.jsonl", ["", *lines])
+        for index in ("0", "1"):
+            args = [
+                "batch",
+                str(requests),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--shard-index",
+                index,
+                "--num-shards",
+                "2",
+            ]
+            proc = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=cli_env())
+            assert proc.stdout.split() == ["False", "2"], proc.stdout + proc.stderr
+            assert proc.stderr.count("\n") == 1 and "lines 2 " in proc.stderr and " and 3 " in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_mixed_file_under_torchrun(tiny_i2v, tmp_path: Path):
     """Good and bad lines in one file under 2 ranks: if this fails, a bad line stops (or hangs) the
     batch, a bad line reaches the other ranks, the manifest loses a line or its reason, duplicates are
@@ -119,6 +162,7 @@ def test_mixed_file_under_torchrun(tiny_i2v, tmp_path: Path):
         assert rec[n]["status"] == "failed" and message in rec[n]["error"], rec[n]
     assert rec[3]["id"] is None and rec[2]["id"] == "dog"
     assert set(rec[1]["timings_ms"]) >= {"Denoising", "Decoding", "PipelineWall"}
+    assert rec[1]["peak_memory_mb"] is None  # the CPU: no peak GPU memory, never a made-up one
     assert rec[2]["warnings"] == ["ignored unknown keys: extra"]
 
     assert rec[1]["output"] == f"{rec[1]['id']}.mp4" and rec[2]["output"] == "sub/dog.mp4"

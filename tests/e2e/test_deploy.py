@@ -158,6 +158,7 @@ def test_manifests_validate_offline_against_kubernetes_schemas(monkeypatch):
         ("batch-job.yaml", "Job"),
         ("lws-two-hosts.yaml", "Service"),
         ("serve.yaml", "Deployment"),
+        ("serve.yaml", "PersistentVolumeClaim"),
         ("serve.yaml", "Service"),
     ]
 
@@ -216,6 +217,23 @@ def test_serve_deployment_and_service():
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+
+def test_serve_replicas_share_one_job_store():
+    """The replicas' --output-dir is one ReadWriteMany claim defined beside them, and no flag pins a
+    replica name (each pod's own name is the default). If this fails, a poll that reaches the other
+    replica gets 404, or two replicas write each other's jobs."""
+    deployment, claim = the("Deployment"), the("PersistentVolumeClaim", "wan-spmd-jobs")
+    pod = deployment["spec"]["template"]["spec"]
+    serve = pod["containers"][0]["args"]
+    assert deployment["spec"]["replicas"] >= 2
+    (store,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == flag(serve, "--output-dir")]
+    volume = {v["name"]: v for v in pod["volumes"]}[store["name"]]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and not store.get("readOnly")
+    assert not any(a.startswith("--replica-name") for a in serve)
+    text = (KUBERNETES / "serve.yaml").read_text()
+    assert "no session affinity is needed" in text and "ReadWriteMany" in text
 
 
 def test_lws_example_names_the_fields_it_relies_on():
@@ -524,3 +542,155 @@ def test_slurm_two_node_script_puts_rank0_on_the_leader(tmp_path: Path):
         serve = parsed.training_script_args
         assert serve[0] == "serve" and "--cfg-parallel" in serve  # only the cfg dimension crosses nodes
         check_wan_flags(serve)
+
+
+# ---------------------------------------------------------------------------------------------
+# The image: the Dockerfile's pins against pyproject, one image name everywhere, flags that exist
+
+DOCKERFILE = ROOT / "Dockerfile"
+IMAGE = "registry.example.com/wan-spmd:0.1.0"
+# Extras the Dockerfile installs that other work is adding to pyproject; allowed until they exist.
+PENDING_EXTRAS = {"hopper"}
+
+
+def shell_commands(text: str) -> list[list[str]]:
+    """The commands of a Dockerfile's RUN lines or a shell script, continuations joined, split on
+    `&&`, `;` and newlines, each as shlex words (comments dropped)."""
+    import shlex
+
+    joined = re.sub(r"\\\n", " ", text)
+    commands = []
+    for line in joined.splitlines():
+        line = re.sub(r"^\s*RUN\s+", "", line)
+        for part in re.split(r"&&|;|\|\|", line):
+            try:
+                words = shlex.split(part, comments=True)
+            except ValueError:
+                continue
+            if words:
+                commands.append(words)
+    return commands
+
+
+def pip_installs(text: str) -> list[list[str]]:
+    """The arguments of every `pip install` (also `python -m pip install`) in `text`."""
+    found = []
+    for words in shell_commands(text):
+        for i in range(len(words) - 1):
+            if words[i].endswith("pip") and words[i + 1] == "install":
+                found.append(words[i + 2 :])
+    return found
+
+
+def pins(args: list[str]) -> dict[str, str]:
+    return dict(a.split("==", 1) for a in args if "==" in a and not a.startswith("-"))
+
+
+def pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_dockerfile_installs_the_pinned_set_of_pyproject():
+    """The Dockerfile installs exactly the pins of pyproject's `gpu` extra (the torch the benchmarks
+    ran: version and CUDA build as docs/benchmarks.md states them) from the index of that CUDA
+    build, on a CUDA runtime base of the same major version, then the project with its `gpu` and
+    `hopper` extras; launch.sh installs the same pin on a GPU machine. If this fails, the image or a
+    GPU venv runs a torch nobody measured, or an extra that pyproject does not define."""
+    extras = pyproject()["project"]["optional-dependencies"]
+    gpu_pins = pins(extras["gpu"])
+    assert set(gpu_pins) == {"torch"}
+    measured = re.findall(r"torch (\d+\.\d+\.\d+)\+cu(\d+)", (ROOT / "docs" / "benchmarks.md").read_text())
+    assert measured and set(measured) == {(gpu_pins["torch"], measured[0][1])}, measured
+    cuda = measured[0][1]  # "130": CUDA 13.0
+
+    text = DOCKERFILE.read_text()
+    base = re.search(r"^FROM nvidia/cuda:(\d+)\.(\d+)\.\d+-(?:cudnn-)?runtime-ubuntu[\d.]+$", text, re.M)
+    assert base and base.group(1) + base.group(2) == cuda, "the base must be CUDA's runtime image of that CUDA"
+    installs = pip_installs(text)
+    torch_install = [a for a in installs if "torch" in pins(a)]
+    assert len(torch_install) == 1 and pins(torch_install[0]) == gpu_pins
+    assert f"https://download.pytorch.org/whl/cu{cuda}" in torch_install[0]
+    assert {k: v for a in installs for k, v in pins(a).items()} == gpu_pins  # nothing else pinned by hand
+    (project,) = [a for a in installs if any(x.startswith(".[") for x in a)]
+    wanted = set(re.fullmatch(r"\.\[(.*)\]", next(x for x in project if x.startswith(".["))).group(1).split(","))
+    assert {"gpu", "hopper"} <= wanted and wanted <= set(extras) | PENDING_EXTRAS, wanted
+    for copied in re.findall(r"^COPY (\S+)", text, re.M):
+        assert (ROOT / copied).exists(), copied
+
+    launch = (ROOT / "launch.sh").read_text()
+    launch_torch = [a for a in pip_installs(launch) if "torch" in pins(a)]
+    gpu_line = [a for a in launch_torch if f"https://download.pytorch.org/whl/cu{cuda}" in a]
+    assert len(gpu_line) == 1 and pins(gpu_line[0]) == gpu_pins
+    assert all("torch" in pins(a) for a in launch_torch) and not re.search(r"torch\s*>=", launch)
+
+
+def test_every_deploy_file_names_the_one_image():
+    """Every Kubernetes container, both Slurm scripts' default WAN_IMAGE (enroot spells the registry
+    `host#image`), and the build command in the Dockerfile and README name the same image. If this
+    fails, one deploy file runs an image the others do not, or one that was never built."""
+    images = [c["image"] for _, doc in manifests() for c in pod_containers(doc)]
+    assert len(images) == 4, images  # serve, batch, the two-host leader and worker
+    named = {f"container {i}": image for i, image in enumerate(images)}
+    for script in sorted(SLURM.glob("*.sbatch")):
+        (default,) = re.findall(r"WAN_IMAGE:-([^}]+)\}", script.read_text())
+        named[script.name] = default.replace("#", "/", 1)
+        assert "--container-image=" in script.read_text() and "WAN_VENV" in script.read_text()
+    for doc in (DOCKERFILE, ROOT / "README.md"):
+        for tag in re.findall(r"docker build -t (\S+) \.", doc.read_text()):
+            named[f"{doc.name} (docker build)"] = tag
+    assert f"{DOCKERFILE.name} (docker build)" in named and "README.md (docker build)" in named
+    assert set(named.values()) == {IMAGE}, named
+
+
+def pod_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The containers of a manifest document's pod templates (Deployment, Job, LeaderWorkerSet)."""
+    spec = doc.get("spec", {})
+    templates = [spec.get("template")]
+    group = spec.get("leaderWorkerTemplate", {})
+    templates += [group.get("leaderTemplate"), group.get("workerTemplate")]
+    return [c for t in templates if t for c in t["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in SLURM.glob("*.sbatch")))
+def test_slurm_scripts_pass_only_wan_spmd_flags(script: str):
+    """Every `-m wan_spmd COMMAND ...` in a Slurm script, parsed as the shell would, passes only
+    options that command has. If this fails, the job starts, loads nothing and exits 2."""
+    import shlex
+
+    text = re.sub(r"\\\n", " ", (SLURM / script).read_text())
+    found = re.findall(r"-m wan_spmd (\w+)([^\n']*)", text)
+    assert found
+    for command, rest in found:
+        check_wan_flags([command, *shlex.split(rest)])
+
+
+def test_kubectl_reads_the_manifests():
+    """kubectl's own decoder on each manifest, where kubectl is installed: `kubectl label --local`
+    parses every document with kubectl's built-in types and needs no cluster (`kubectl apply
+    --dry-run=client` still asks an API server for its resource list). If this fails, kubectl itself
+    would refuse the file."""
+    import shutil
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed here; the schema test above checks the same files offline")
+    names = []
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        proc = subprocess.run(
+            [kubectl, "label", "--local", "-f", str(path), "checked=yes", "-o", "name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        names += proc.stdout.split()
+    assert sorted(names) == [
+        "deployment.apps/wan-spmd",
+        "job.batch/wan-spmd-batch",
+        "leaderworkerset.leaderworkerset.x-k8s.io/wan-spmd-2host",
+        "persistentvolumeclaim/wan-spmd-jobs",
+        "service/wan-spmd",
+        "service/wan-spmd-2host-http",
+    ]

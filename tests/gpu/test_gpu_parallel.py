@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize(
     "model, extra",
     [
-        ("tiny", ["--image", str(EXAMPLE_IMAGE)]),  # 80x48: 45 tokens, uneven -> all-reduce path
+        ("tiny", ["--image", str(EXAMPLE_IMAGE)]),  # 80x48: 45 tokens, uneven -> padded to 46
         ("tiny-t2v", ["--size", "64x64"]),  # 48 tokens: sequence-parallel regions on
     ],
 )

@@ -168,3 +168,27 @@ def test_check_args(tmp_path: Path):
     for req, out_dir, index, count, message in bad:
         with pytest.raises(ValueError, match=message):
             check_args(req, out_dir, index, count)
+
+
+def test_warmup_shapes_come_from_rank_0s_front(tiny_i2v, tmp_path: Path):
+    """A compiled batch warms up with its file's first two distinct valid shapes, found by the front
+    (rank 0 alone: validating a line reads its image) and broadcast by the engine. Bad lines are
+    passed over. If this fails, every rank decodes every request image again, or the warm-up
+    misses the batch's shapes and the first jobs pay for compiling."""
+    from tests.conftest import EXAMPLE_IMAGE
+    from wan_spmd.batch import BatchFront, BatchSource
+    from wan_spmd.config import generation_defaults, inspect_model_folder
+
+    info = inspect_model_folder(tiny_i2v)
+    image = str(EXAMPLE_IMAGE)
+    requests = tmp_path / "r.jsonl"
+    lines = [
+        {"prompt": "bad", "image": image, "size": "33x32"},
+        {"prompt": "a", "image": image, "size": "32x32", "num_frames": 5},
+        {"prompt": "b", "image": image, "size": "32x32", "num_frames": 5},
+        {"prompt": "c", "image": image, "size": "64x32", "num_frames": 9},
+        {"prompt": "d", "image": image, "size": "64x64", "num_frames": 9},
+    ]
+    requests.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    source = BatchSource(requests, tmp_path / "out", info=info, defaults=generation_defaults(info), progress=False)
+    assert BatchFront(source).warmup_shapes() == ((32, 32, 5), (64, 32, 9))

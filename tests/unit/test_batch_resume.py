@@ -59,3 +59,46 @@ def test_remove_stale_parts_removes_what_a_killed_writer_left(tmp_path: Path):
     assert remove_stale_parts(tmp_path / "a.mp4") == [left[0]]
     assert left[1].exists() and (tmp_path / "a.mp4").exists()
     assert remove_stale_parts(tmp_path / "missing" / "z.mp4") == []
+
+
+def test_several_lines_for_one_id_the_last_counts(tmp_path: Path):
+    """A resumed run appends, so one id may have several lines: interrupted, then ok; or ok, then
+    (its video deleted) failed on the rerun. The last line per id is its state: the first job is
+    done, the second is not (its ok line is older than its failure and its video is gone). If this
+    fails, a resume redoes finished work or trusts an ok line its own later run contradicted."""
+    entry_a = scan_line(1, b'{"prompt": "cat", "id": "a"}')
+    entry_b = scan_line(2, b'{"prompt": "dog", "id": "b"}')
+    log = ResultsLog(tmp_path / "results.jsonl")
+    for entry, status in ((entry_a, "interrupted"), (entry_b, "ok"), (entry_a, "ok"), (entry_b, "failed")):
+        output = str(entry.output) if status == "ok" else None
+        log.append({"id": entry.id, "status": status, "output": output, "params_hash": entry.params_hash})
+    log.close()
+    (tmp_path / "a.mp4").write_bytes(b"video")  # b's video was deleted before the run that failed
+    done = read_done(tmp_path)
+    assert is_done(entry_a, done, tmp_path)
+    assert not is_done(entry_b, done, tmp_path)
+
+
+def test_interrupted_line_is_recorded_and_not_counted_done(tiny_t2v, tmp_path: Path, capsys):
+    """SIGTERM while a line runs: the job stops at its next step or chunk, its line is recorded
+    `interrupted` with the signal, and the progress bar does not count it as done (the rerun does
+    it); the bar ends saying why it stopped short. If this fails, the bar claims work that was not
+    done, or the interrupted line is lost."""
+    from wan_spmd.batch import BatchFront, BatchSource
+    from wan_spmd.config import generation_defaults, inspect_model_folder
+    from wan_spmd.jobs import Outcome
+
+    info = inspect_model_folder(tiny_t2v)
+    requests = tmp_path / "r.jsonl"
+    requests.write_text("".join(json.dumps({"prompt": p, "size": "32x32", "num_frames": 5}) + "\n" for p in "ab"))
+    source = BatchSource(requests, tmp_path / "out", info=info, defaults=generation_defaults(info))
+    job = source.next_job(1.0)
+    BatchFront(source).on_signal("SIGTERM")  # the shutdown watch's call
+    assert source.check_stop(job)  # the agreement at the next step says stop
+    source.finish(Outcome.settle(job, stopped=True, error="cancelled at step 1 of 2"))
+    assert source._bar.n == 0
+    assert source.next_job(1.0).__name__ == "StopLoop"  # no further line starts
+    (record,) = [json.loads(x) for x in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert record["status"] == "interrupted" and record["line"] == 1 and "stopped by SIGTERM" in record["error"]
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert source.summary.interrupted == 1 and source.summary.ok == 0

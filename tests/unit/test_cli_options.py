@@ -27,6 +27,14 @@ BAD_VALUES = {
     "seconds not finite": (["serve", "--job-deadline", "nan"], "--job-deadline must be a finite number"),
     "socket mode": (["serve", "--uds-mode", "0400"], "--uds-mode must be octal permissions"),
     "device": (["serve", "--device", "gpu"], "--device must be one of auto, cuda, cpu"),
+    "attention kernel": (["serve", "--attention", "bogus"], "--attention must be one of auto, sdpa, fa3, fa3-fp8"),
+    "quantization": (["generate", "--quant", "int4", "--prompt", "x"], "--quant must be one of none, fp8"),
+    "send timeout": (["serve", "--send-timeout", "0"], "--send-timeout must be > 0 seconds, got 0"),
+    "job lease": (["serve", "--job-lease", "-1"], "--job-lease must be > 0 seconds, got -1"),
+    "gpu memory": (["serve", "--gpu-memory", "-1"], "--gpu-memory must be a positive number, got '-1'"),
+    "gpu memory text": (["batch", "r.jsonl", "--output-dir", "o", "--gpu-memory", "48GB"], "--gpu-memory must be"),
+    "offload": (["serve", "--offload", "cpu"], "--offload must be one of auto, none, text-encoder, experts"),
+    "cache size": (["serve", "--prompt-cache", "-1"], "--prompt-cache must be >= 0, got -1"),
     "unknown flag": (["generate", "--steps", "4"], "No such option: --steps (did you mean --num-inference-steps"),
     "missing value": (["serve", "--port"], "requires an argument"),
 }
@@ -161,3 +169,15 @@ def test_values_parse_to_their_types_and_build_the_option_dataclasses():
         values.prompt  # noqa: B018
     generate = options.parse("generate", {"prompt": "a kite", "num_frames": "9", "seed": None})
     assert generate.request == {"prompt": "a kite", "num_frames": "9"}  # text: params.resolve_params reads it
+
+
+def test_choices_repeated_without_torch_agree_with_their_owners():
+    """options.py repeats the attention kernels and the offload placements so that it never imports
+    torch (kernels.py) or the planner (memory.py); if this fails, one side gained a choice the
+    other would refuse (a flag value accepted, then failing after the model loaded, or never offered)."""
+    from wan_spmd.kernels import ATTENTION_CHOICES
+    from wan_spmd.memory import OFFLOAD_CHOICES
+
+    assert options.ATTENTION_CHOICES == ATTENTION_CHOICES
+    assert options.OFFLOAD_CHOICES == tuple(OFFLOAD_CHOICES)
+    assert options.option("attention").default == "auto" and options.option("quant").default == "none"

@@ -99,6 +99,23 @@ def test_model_folder_errors_name_what_is_missing(tiny_i2v, tmp_path):
         inspect_model_folder(tmp_path)
 
 
+def test_a_hub_id_says_how_to_download_it(tmp_path, monkeypatch):
+    """`--model Wan-AI/...` with no such folder here names the download command for that repo and
+    the --model to pass after it; another missing path says the same in general. If this fails, a
+    newcomer copying the repo id from the model card is told only that a folder is missing."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelFolderError) as hub:
+        inspect_model_folder("Wan-AI/Wan2.2-TI2V-5B-Diffusers")
+    message = str(hub.value)
+    assert (
+        "huggingface-cli download Wan-AI/Wan2.2-TI2V-5B-Diffusers --local-dir ~/models/Wan2.2-TI2V-5B-Diffusers"
+        in message
+    )
+    assert "--model ~/models/Wan2.2-TI2V-5B-Diffusers" in message and "\n" not in message
+    with pytest.raises(ModelFolderError, match="does not exist; .*huggingface-cli download .* --local-dir DIR"):
+        inspect_model_folder(tmp_path / "nowhere" / "x")
+
+
 def _write_folder(root: Path, index: dict, transformer: dict, vae: dict, experts: tuple[str, ...]) -> Path:
     """A model folder's JSON facts only (inspect_model_folder reads no weights)."""
     for component in ("tokenizer", "text_encoder", "scheduler", *experts):

@@ -62,18 +62,21 @@ def test_unknown_keys_warning_is_bounded():
 
 def test_work_bound_admits_the_presets_largest_request():
     """--max-work's default admits the presets' largest request (A14B 1280x720x81 at 40 steps: 75,600
-    tokens x 40) and the same at 52 steps, and refuses 53; the deadline grows with the work. If this
-    fails, the default refuses the presets or admits hours of GPU time."""
+    tokens) and the same up to 54 steps, and refuses 55; the deadline grows with the work, which
+    counts attention's quadratic term and the VAE. If this fails, the default refuses the presets or
+    admits hours of GPU time."""
     for info in (I2V, T2V):
         assert token_count(info, 1280, 720, 81) == 21 * 45 * 80
     limits = Limits()
-    p = resolve({"prompt": "x", "size": "1280x720", "num_frames": 81, "num_inference_steps": 52})
-    assert p.work == 75_600 * 52 <= limits.max_work
-    assert p.deadline_s == pytest.approx(limits.deadline_s_at_max_work * 75_600 * 52 / limits.max_work)
-    with pytest.raises(RequestError, match="4006800 token-steps"):
-        resolve({"prompt": "x", "size": "1280x720", "num_frames": 81, "num_inference_steps": 53})
+    p = resolve({"prompt": "x", "size": "1280x720", "num_frames": 81, "num_inference_steps": 54})
+    attention_tokens = 3 * 5120 + 13824
+    assert p.work == round(54 * 75_600 * (1 + 75_600 / attention_tokens) + 2.0 * 75_600) <= limits.max_work
+    assert p.deadline_s == pytest.approx(limits.deadline_s_at_max_work * p.work / limits.max_work)
+    with pytest.raises(RequestError, match="15080335 token-steps"):
+        resolve({"prompt": "x", "size": "1280x720", "num_frames": 81, "num_inference_steps": 55})
     small = resolve({"prompt": "x", "size": "32x32", "num_frames": 5, "num_inference_steps": 1})
-    assert small.work == 2 * 2 * 2 and small.deadline_s == pytest.approx(limits.deadline_s_at_max_work * 0.1)
+    assert small.work < limits.max_work // 10
+    assert small.deadline_s == pytest.approx(limits.deadline_s_at_max_work * 0.1)
 
 
 def test_params_carry_pixels_not_the_file():

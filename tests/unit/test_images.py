@@ -154,3 +154,45 @@ def test_image_paths_must_be_regular_files(tmp_path: Path):
             read_file(path, 1000)
     assert time.perf_counter() - start < 5
     assert read_file(big, 1001) == bytes(1001)
+
+
+# Peak RSS as VmHWM: getrusage's ru_maxrss survives exec, so a child of pytest would start at pytest's peak.
+_PEAK_SCRIPT = """
+import sys
+from tests.images_util import png_bytes
+from wan_spmd.images import decode
+def peak():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+side, depth, color, channels = (int(a) for a in sys.argv[1:])
+data = png_bytes(side, side, depth, color, (bytes(side * channels * depth // 8) for _ in range(side)))
+before = peak()
+pixels = decode(data, 25_000_000)
+print(peak() - before, pixels.width * pixels.height)
+"""
+
+
+@pytest.mark.parametrize("depth, color, channels", [(8, 6, 4), (16, 0, 1)], ids=["RGBA 8-bit", "grey 16-bit"])
+def test_decode_memory_is_bounded_by_the_pixels(depth, color, channels):
+    """A 25-megapixel PNG (the limit) decodes within 12 bytes of host memory per pixel, measured as
+    the peak RSS (VmHWM) growth of a fresh process: the 3-byte RGB answer, the decoded planes, and bands of
+    temporaries, never whole-image float64 copies or a second copy of the answer. If this fails, two
+    uploads at the limit decoding at once cost gigabytes (issue 33: before, 14 bytes per pixel for
+    RGBA and 33 for 16-bit grey)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, cli_env
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, "5000", str(depth), str(color), str(channels)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown, pixels = (int(v) for v in proc.stdout.split())
+    print(f"peak RSS growth {grown / 2**20:.0f} MiB, {grown / pixels:.1f} bytes per pixel")
+    assert pixels == 25_000_000 and grown < 12 * pixels, f"{grown / pixels:.1f} bytes per pixel"

@@ -13,24 +13,14 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def imports_of(path: Path, modules: set[str], me: str | None = None) -> set[str]:
-    """wan_spmd modules `path` imports, at module or function level; `if TYPE_CHECKING:` excluded."""
+    """wan_spmd modules `path` imports, at module or function level, `if TYPE_CHECKING:` blocks
+    included: a cycle hidden there is still a cycle of the design."""
     me = me or module_name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -83,8 +73,9 @@ def test_no_import_cycles():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
-def test_cycle_finder_sees_function_level_imports(tmp_path):
-    """The checker itself: a cycle through a function-level import is found, TYPE_CHECKING is not."""
+def test_cycle_finder_sees_function_level_and_type_checking_imports(tmp_path):
+    """The checker itself: imports inside functions and `if TYPE_CHECKING:` blocks count (issue 26:
+    loading <-> lora was hidden that way)."""
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}}
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     src = tmp_path / "m.py"
@@ -92,7 +83,11 @@ def test_cycle_finder_sees_function_level_imports(tmp_path):
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import wan_spmd.x\n"
         "def f():\n    from wan_spmd import y\n"
     )
-    assert imports_of(src, {"wan_spmd.x", "wan_spmd.y", "wan_spmd"}, "wan_spmd.m") == {"wan_spmd", "wan_spmd.y"}
+    assert imports_of(src, {"wan_spmd.x", "wan_spmd.y", "wan_spmd"}, "wan_spmd.m") == {
+        "wan_spmd",
+        "wan_spmd.x",
+        "wan_spmd.y",
+    }
 
 
 def test_only_parallel_and_runtime_call_torch_distributed():
@@ -119,7 +114,8 @@ def test_fronts_write_no_video():
     """Issue 11: one delivery path. If this fails, a front (generate, batch, serve glue, HTTP app)
     encodes video itself again, beside the engine's verified, streamed writer."""
     writers = {"write_mp4", "Mp4Writer", "imageio_ffmpeg", "deliver"}
-    fronts = [PACKAGE / "generate.py", PACKAGE / "batch.py", PACKAGE / "serve.py", *(PACKAGE / "server").glob("*.py")]
+    fronts = [PACKAGE / "generate.py", PACKAGE / "serve.py", *(PACKAGE / "batch").glob("*.py")]
+    fronts += [*(PACKAGE / "server").rglob("*.py")]
     found = []
     for path in fronts:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -141,3 +137,32 @@ def test_the_option_table_imports_only_the_standard_library():
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert {name.split(".")[0] for name in names} <= set(sys.stdlib_module_names) | {"__future__"}, names
+
+
+def test_runtime_and_parallel_do_not_import_the_pipeline():
+    """DESIGN.md's arrows: the pipeline calls the runtime's and the parallel package's objects, never
+    the other way (the runtime once imported it for JobCancelled, and parallel/vae.py called back
+    into it). If this fails, one of them imports `wan_spmd.pipeline` again."""
+    graph = import_graph()
+    offenders = [m for m, deps in graph.items() if "wan_spmd.pipeline" in deps]
+    offenders = [m for m in offenders if m == "wan_spmd.runtime" or m.startswith("wan_spmd.parallel")]
+    assert offenders == []
+
+
+def test_private_diffusers_names_only_in_compat():
+    """Issue 26: every private diffusers name (`diffusers...._x`, or an underscore attribute of a
+    diffusers object such as the VAE's `_feat_map`) is used in `wan_spmd/compat.py` alone, which says
+    the tested version range. If this fails, a module leans on a diffusers internal directly."""
+    private_attrs = {"_feat_map", "_conv_idx", "_padding", "_attention_backend", "_parallel_config", "_decode"}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "compat.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffusers"):
+                names = [node.module, *(a.name for a in node.names)]
+                if any(part.startswith("_") for n in names for part in n.split(".")):
+                    offenders.append(f"{path.name}: {ast.unparse(node)}")
+            elif isinstance(node, ast.Attribute) and node.attr in private_attrs:
+                offenders.append(f"{path.name}: {ast.unparse(node)}")
+    assert offenders == []

@@ -173,6 +173,41 @@ def test_bad_files_are_refused_with_one_line(tiny_i2v, tmp_path, extra, message)
     assert str(err.value).startswith("LoRA bad.safetensors: ")
 
 
+def _peft_with_metadata(path, metadata: str):
+    from safetensors.torch import save_file
+
+    tensors = {
+        "transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 48),
+        "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.zeros(48, 4),
+    }
+    save_file(tensors, path, metadata={"lora_adapter_metadata": metadata})
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: write_wan(p, 1, alpha=float("nan")), "alpha must be one finite number, got nan"),
+        (lambda p: write_wan(p, 1, alpha=float("inf"), head_alpha=True), "alpha must be one finite number, got inf"),
+        (lambda p: write_wan(p, 1, rank=0), "has rank 0"),
+        (lambda p: _peft_with_metadata(p, "{not json"), "lora_adapter_metadata is not valid JSON"),
+        (lambda p: _peft_with_metadata(p, '{"r": 4, "lora_alpha": NaN}'), "lora_alpha must be a finite number"),
+        (lambda p: _peft_with_metadata(p, '{"r": 0, "lora_alpha": 4}'), "rank r must be a number >= 1"),
+    ],
+    ids=["alpha NaN", "alpha inf", "rank 0", "metadata not JSON", "metadata alpha NaN", "metadata rank 0"],
+)
+def test_bad_alpha_rank_and_metadata_are_refused_with_one_line(tiny_i2v, tmp_path, make, message):
+    """A NaN or infinite alpha, rank 0, metadata that is not JSON or holds no usable alpha/rank:
+    one LoraError line naming the file. If this fails, a NaN alpha silently poisons every fused
+    weight (black videos), and rank 0 or bad metadata end in a traceback that names no file."""
+    info = inspect_model_folder(tiny_i2v)
+    path = make(tmp_path / "bad.safetensors")
+    with pytest.raises(LoraError) as err:
+        check_loras((parse_lora_spec(str(path)),), info.transformer_config, ("transformer", "transformer_2"))
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert str(err.value).startswith("LoRA bad.safetensors: ")
+
+
 def test_wrong_rank_shape_names_both_shapes(tiny_i2v, tmp_path):
     """A LoRA for a bigger model: the module and both shapes in the message."""
     info = inspect_model_folder(tiny_i2v)

@@ -1,13 +1,19 @@
-"""The TP plan as data, sharded loading and dummy weights, without processes."""
+"""The TP plan as data, sharded loading, and the objects `parallelize` returns, without processes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from torch.distributed.tensor import Replicate, Shard
 
+from wan_spmd.attention import sdpa
 from wan_spmd.config import REAL_MODELS
+from wan_spmd.launch import ParallelLayout
 from wan_spmd.loading import expert_on_meta, load_expert_sharded
+from wan_spmd.parallel import build_mesh, parallelize
 from wan_spmd.parallel.tp import TP_PLAN, planned_placement
 
 
@@ -50,3 +56,73 @@ def test_sharded_loader_without_mesh_equals_from_pretrained(tiny_i2v):
     for name, value in ref_sd.items():
         assert torch.equal(ours_sd[name], value), name
     assert torch.equal(ours.rope.freqs_cos, ref.rope.freqs_cos)
+
+
+def _expert_inputs(model, timestep_per_token: bool):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, model.config.in_channels, 3, 8, 12, generator=gen)  # 3 x 4 x 6 = 72 tokens
+    context = torch.randn(1, 512, model.config.text_dim, generator=gen)
+    t = torch.full((1, 72), 900.0) if timestep_per_token else torch.tensor([900.0])
+    return x, t, context
+
+
+@pytest.mark.parametrize("variant", ["i2v", "ti2v"])
+def test_one_rank_parallel_expert_is_diffusers_forward_bit_for_bit(variant, request):
+    """`parallelize` on one rank returns the object the pipeline calls; its forward (ours, with the
+    layout's split points and the attention seam) must give diffusers' bits. If this fails, the
+    copied forward or block arithmetic drifted from diffusers' (A14B's per-video or TI2V's per-token
+    modulation), or `attention.sdpa` is not what diffusers' default backend computes."""
+    folder = request.getfixturevalue(f"tiny_{variant}")
+    model = load_expert_sharded(folder / "transformer", None, torch.device("cpu"), torch.float32)
+    expert = parallelize(model, build_mesh(ParallelLayout(), torch.device("cpu")))
+    x, t, context = _expert_inputs(model, timestep_per_token=variant == "ti2v")
+    with torch.inference_mode():
+        ref = model(hidden_states=x, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+        got = expert(x, t, context)
+    assert torch.equal(ref, got)
+    assert not expert.can_widen
+
+
+def test_every_attention_goes_through_the_attend_argument(tiny_i2v):
+    """The attention seam: self- and cross-attention of every block call the `attend` handed to
+    `parallelize`, in diffusers' (B, S, heads, head_dim) layout. If this fails, a kernel backend
+    plugged in there would miss some attention."""
+    model = load_expert_sharded(tiny_i2v / "transformer", None, torch.device("cpu"), torch.float32)
+    shapes = []
+
+    def attend(query, key, value):
+        shapes.append((tuple(query.shape), tuple(key.shape)))
+        return sdpa(query, key, value)
+
+    expert = parallelize(model, build_mesh(ParallelLayout(), torch.device("cpu")), attend=attend)
+    x, t, context = _expert_inputs(model, timestep_per_token=False)
+    with torch.inference_mode():
+        expert(x, t, context)
+    heads, head_dim = model.config.num_attention_heads, model.config.attention_head_dim
+    per_block = [
+        ((1, 72, heads, head_dim), (1, 72, heads, head_dim)),
+        ((1, 72, heads, head_dim), (1, 512, heads, head_dim)),
+    ]
+    assert shapes == per_block * model.config.num_layers
+
+
+def test_sdpa_is_diffusers_default_attention_bit_for_bit():
+    """`attention.sdpa` is today's behaviour: diffusers' `dispatch_attention_fn` with its default
+    backend gives the same bits."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 37, 4, 16, generator=gen) for _ in range(3))
+    assert torch.equal(sdpa(q, k, v), dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False))
+
+
+def test_parallel_state_is_explicit():
+    """Issue 26: no module-level registries, no hooks on the experts or the VAE, no private torch
+    mesh API in the parallel package; the layout lives in the objects `parallelize`/`split_vae`
+    return. If this fails, state is hidden again where the pipeline cannot see it."""
+    import wan_spmd.parallel
+
+    package = Path(wan_spmd.parallel.__file__).parent
+    forbidden = ("WeakKeyDictionary", "register_forward_hook", "register_forward_pre_hook", "._flatten(")
+    found = [f"{p.name}: {word}" for p in package.glob("*.py") for word in forbidden if word in p.read_text()]
+    assert found == []

@@ -118,7 +118,7 @@ def test_image_rules():
 
 
 def test_limits_are_flags_not_constants():
-    p = resolve({"prompt": "x", "size": "2048x720"}, limits=Limits(max_width=2048, max_work=5_000_000))
+    p = resolve({"prompt": "x", "size": "2048x720"}, limits=Limits(max_width=2048, max_work=50_000_000))
     assert p.width == 2048
 
 
@@ -154,3 +154,47 @@ def test_ti2v_refuses_sizes_off_32_and_frames_off_4k_plus_1(request_, message):
     with pytest.raises(RequestError, match=re.escape(message)):
         resolve({"prompt": "x", **request_}, info=TI2V)
     assert resolve({"prompt": "x", "size": "1280x720"}, info=T2V).height == 720
+
+
+def test_model_limits_come_from_the_rotary_table(tiny_i2v, tiny_ti2v):
+    """A model takes at most `rope_max_seq_len` latent positions per axis (diffusers precomputes that
+    many rotary angles), on every family: the tiny models' 32 give 512 px (A14B-style, 16 px a
+    position) or 1024 px (TI2V, 32) and 125 frames; the real ones are bound by the flags alone.
+    Past it is a 400 naming the model's limit. If this fails, such a request passes validation and
+    fails inside the first forward (a 500 after the work began)."""
+    from wan_spmd.config import inspect_model_folder
+    from wan_spmd.params import model_limits
+
+    tiny, tiny_5b = inspect_model_folder(tiny_i2v), inspect_model_folder(tiny_ti2v)
+    assert model_limits(tiny) == model_limits(tiny, Limits()) and model_limits(tiny).max_width == 512
+    assert (model_limits(tiny).max_frames, model_limits(tiny_5b).max_width, model_limits(tiny_5b).multiple) == (
+        125,
+        1024,
+        32,
+    )
+    assert (model_limits(I2V).max_width, model_limits(TI2V).max_frames) == (1920, 161)
+    with pytest.raises(RequestError, match="over this model's limit 512") as over:
+        resolve_params({"prompt": "x", "size": "528x48"}, info=tiny, defaults=DEFAULTS, image=png())
+    assert over.value.field == "size"
+    with pytest.raises(RequestError, match="over this model's limit 125"):
+        resolve_params({"prompt": "x", "size": "64x48", "num_frames": 129}, info=tiny, defaults=DEFAULTS, image=png())
+    with pytest.raises(RequestError, match="over the limit 1920"):
+        resolve({"prompt": "x", "size": "1936x720"})
+
+
+def test_round_to_model_rounds_as_diffusers_and_reports_it():
+    """The HTTP front's lenient mode rounds each side down to the model's multiple and frames to
+    n // 4 * 4 + 1, reporting both (warnings, `adjusted`); without it (the CLI, JSONL, a strict
+    request) the same values are errors; a side under the multiple is an error either way."""
+    p = resolve({"prompt": "x", "size": "854x480", "num_frames": 80}, round_to_model=True)
+    assert (p.size, p.num_frames) == ("848x480", 81)
+    assert p.adjusted == (("size", "854x480", "848x480"), ("num_frames", "80", "81"))
+    assert any("rounded down to 848x480" in w for w in p.warnings)
+    p = resolve({"prompt": "x", "width": 1290, "height": 730}, info=TI2V, round_to_model=True)
+    assert (p.size, p.adjusted[0][0]) == ("1280x704", "width")
+    assert resolve({"prompt": "x", "size": "848x480", "num_frames": 81}, round_to_model=True).adjusted == ()
+    for request in ({"size": "854x480"}, {"num_frames": 80}):
+        with pytest.raises(RequestError):
+            resolve({"prompt": "x", **request})
+    with pytest.raises(RequestError, match="positive multiple of 16"):
+        resolve({"prompt": "x", "size": "8x480"}, round_to_model=True)

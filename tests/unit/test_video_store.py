@@ -10,7 +10,7 @@ import pytest
 from starlette.datastructures import Headers
 
 from wan_spmd.params import GenerationParams
-from wan_spmd.server.routes import wants_async
+from wan_spmd.server.routes.videos import wants_async
 from wan_spmd.server.videos import RESTARTED, VideoRecord, VideoStore, check_replica_name, default_replica_name
 
 
@@ -71,7 +71,10 @@ def test_record_fields_ids_and_progress(tmp_path):
     assert video_id.startswith("video_r1_") and len(video_id) == len("video_r1_") + 24
     public = store.get(video_id).public()
     assert (public["object"], public["status"], public["progress"]) == ("video", "queued", 0)
-    assert public["seconds"] == "4.125"  # 33 frames / 8 fps
+    # 33 frames / 8 fps: whole seconds in `seconds` (clients call int() on it), the truth in duration_s
+    assert (public["seconds"], public["duration_s"]) == ("4", 4.125)
+    assert (public["file_name"], public["peak_memory_mb"], public["quality"]) == (None, None, "default")
+    assert VideoRecord.new("v", _params(), "tiny", 0.0, seconds="5").public()["seconds"] == "5"  # as sent
     assert public["created_at"] == 1_800_000_000 and public["error"] is None and "video" not in public
     store.start(video_id)
     for step in range(1, 5):
@@ -181,18 +184,48 @@ def test_replica_names():
 
 
 @pytest.mark.parametrize(
-    ("headers", "server_default", "expected"),
+    ("headers", "sync_videos", "expected"),
     [
-        ({}, False, False),
-        ({}, True, True),
-        ({"Prefer": "respond-async"}, False, True),
-        ({"Prefer": "return=minimal, Respond-Async; wait=10"}, False, True),
-        ({"Prefer": "wait=10"}, False, False),
-        ({"X-Stainless-Lang": "python"}, False, True),
-        ({"User-Agent": "curl/8", "Accept": "application/json"}, False, False),
+        ({}, False, True),
+        ({"User-Agent": "curl/8", "Accept": "application/json"}, False, True),
+        ({}, True, False),
+        ({"Prefer": "respond-async"}, True, True),
+        ({"Prefer": "return=minimal, Respond-Async; wait=10"}, True, True),
+        ({"Prefer": "wait=10"}, True, False),
+        ({"X-Stainless-Lang": "python"}, True, True),
+        ({"User-Agent": "curl/8", "Accept": "application/json"}, True, False),
     ],
 )
-def test_wants_async(headers, server_default, expected):
-    """Who gets a queued job at once: if this fails, curl clients lose their synchronous answer, or
-    the OpenAI SDK's create blocks (and retries) for the whole video."""
-    assert wants_async(Headers(headers), server_default) is expected
+def test_wants_async(headers, sync_videos, expected):
+    """Who gets a queued job at once: everyone by default; with --sync-videos, only a client that asks
+    (Prefer: respond-async) and the OpenAI SDK. If this fails, plain clients wait for the whole video
+    (and lose it to their timeouts), curl | jq scripts lose their synchronous answer under
+    --sync-videos, or the SDK's create blocks (and retries) for the whole video."""
+    assert wants_async(Headers(headers), sync_videos) is expected
+
+
+def test_stale_temporary_videos_are_removed_at_start_and_in_the_sweep(tmp_path):
+    """Issue 33.4: a serve killed mid-write leaves `.<stamp>_<id>-<hex>.mp4.part` in --output-dir.
+    The next start removes this replica's (no job is live then), and the retention sweep removes any
+    whose job is no longer queued or running, never a running job's, another replica's or a file
+    that is not a temporary video. If this fails, partial videos pile up in --output-dir for ever."""
+    clock = Clock()
+    stale = tmp_path / f".20261207-010203_video_r1_{'a' * 24}-{'0' * 12}.mp4.part"
+    other_replica = tmp_path / f".20261207-010203_video_r2_{'b' * 24}-{'1' * 12}.mp4.part"
+    not_ours = tmp_path / ".clip-0123456789ab.mp4.part"  # a batch's name: not this store's
+    for path in (stale, other_replica, not_ours):
+        path.write_bytes(b"\x00" * 10)
+    store = _store(tmp_path, clock)
+    store.load()
+    assert not stale.exists() and other_replica.exists() and not_ours.exists()
+
+    running = VideoRecord.new(store.new_id(), _params(), "tiny", clock())
+    store.add(running)
+    store.start(running.id)
+    live_part = tmp_path / f".20261207-010203_{running.id}-{'2' * 12}.mp4.part"
+    live_part.write_bytes(b"\x00" * 10)
+    store.sweep()
+    assert live_part.exists()  # its writer is still at work
+    store.fail(running.id, "cancelled", "stopped")  # killed before its writer could clean up
+    store.sweep()
+    assert not live_part.exists() and other_replica.exists()

@@ -15,11 +15,12 @@ Written by hand, and why:
   partial sums over the sequence instead of all-reducing them, run that work on each rank's 1/tp
   of the tokens, and all-gather before the next projections (torch's `SequenceParallel` +
   `PrepareModuleInput` idea). Torch's styles assume the sequence splits evenly; Wan's token count
-  (frames x h/2 x w/2) often does not, so the gather/scatter points are hooks of ours that fall
-  back to a plain all-reduce for an uneven sequence.
+  (frames x h/2 x w/2) often does not, so the expert pads its tokens to a multiple of the split
+  (`parallel.expert`), self-attention drops the padding (exact), and the block calls the
+  gather/scatter points explicitly (`TensorParallel`, called by `parallel.blocks.WanBlock`).
 - TI2V's timestep is per token, so each block's modulation (`temb`, (B, S, 6, D)) has a sequence
-  dimension: inside the regions it is narrowed to the rank's tokens before every block (the model
-  hands each block the whole table), or the shift/scale/gate of other ranks' tokens would be applied.
+  dimension: the expert splits it with the tokens once, before the blocks, or the shift/scale/gate
+  of other ranks' tokens would be applied.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -58,10 +59,6 @@ TP_PLAN: dict[str, str] = {
     "ffn.net.0.proj": "colwise",
     "ffn.net.2": "rowwise",
 }
-# Sequence-parallel regions: gather the token shards before these modules' inputs ...
-SP_GATHER = ("attn1", "attn2", "ffn")
-# ... and reduce-scatter the row-parallel partial sums after these outputs.
-SP_SCATTER = ("attn1.to_out.0", "attn2.to_out.0", "ffn.net.2")
 
 
 class AcrossHeadsRMSNorm(nn.Module):
@@ -89,119 +86,69 @@ class AcrossHeadsRMSNorm(nn.Module):
         return (x.float() * torch.rsqrt(sum_sq * self.inv_dim + self.eps)).to(x.dtype) * self.weight
 
 
-@dataclass
-class SequenceRegions:
-    """Per-expert state of the sequence-parallel regions: on for the current forward only when the
-    token count splits evenly over the ranks."""
+@dataclass(frozen=True)
+class TensorParallel:
+    """The tp axis of one layout, and its sequence regions (made once per mesh, shared by the experts).
+
+    With `regions`, the tokens between the row-parallel outputs and the next column-parallel inputs
+    are split over the tp ranks (the expert pads them to a multiple of the split); without, the
+    row-parallel outputs are all-reduced by torch's own style and every rank holds every token."""
 
     group: dist.ProcessGroup
-    tp_size: int
-    tp_rank: int
-    enabled: bool = False
-
-    def split(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) -> this rank's (B, S/tp, D)."""
-        return x.chunk(self.tp_size, dim=1)[self.tp_rank].contiguous()
+    size: int
+    rank: int
+    regions: bool = True
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S/tp, D) on each rank -> (B, S, D) everywhere."""
+        """(B, S/tp, D) on each rank -> (B, S, D) everywhere (the input of a column-parallel region)."""
+        if not self.regions:
+            return x
         local = x.transpose(0, 1).contiguous()  # (S/tp, B, D): a free view for B == 1
         return funcol.all_gather_tensor(local, 0, self.group).transpose(0, 1)
 
     def reduce(self, partial: torch.Tensor) -> torch.Tensor:
-        """Partial sums (B, S, D) -> summed (B, S/tp, D) shard, or all of it when SP is off."""
-        if not self.enabled:
-            return funcol.all_reduce(partial, "sum", self.group)
+        """Row-parallel partial sums (B, S, D) -> the summed (B, S/tp, D) shard of this rank."""
+        if not self.regions:
+            return partial  # RowwiseParallel() has all-reduced them already
         full = partial.transpose(0, 1).contiguous()  # (S, B, D)
         return funcol.reduce_scatter_tensor(full, "sum", 0, self.group).transpose(0, 1)
 
 
-def _enter_blocks(shards: SequenceRegions, module, args, kwargs):
-    hidden = args[0]  # (B, S, D), the patch-embedded tokens, replicated
-    shards.enabled = hidden.shape[1] % shards.tp_size == 0
-    return ((shards.split(hidden) if shards.enabled else hidden), *args[1:]), kwargs
-
-
-def _leave_blocks(shards: SequenceRegions, module, args, output):
-    return shards.gather(output) if shards.enabled else output
-
-
-def _split_modulation(shards: SequenceRegions, module, args, kwargs):
-    """A per-token modulation (B, S, 6, D) follows the tokens into this rank's (B, S/tp, 6, D) view;
-    a per-video one (B, 6, D) applies to every token as it is."""
-    temb = args[2] if len(args) > 2 else kwargs.get("temb")
-    if not shards.enabled or temb is None or temb.ndim != 4:
-        return None
-    local = temb.shape[1] // shards.tp_size
-    temb = temb.narrow(1, shards.tp_rank * local, local)  # a view: no copy of the (large) table
-    if len(args) > 2:
-        return (*args[:2], temb, *args[3:]), kwargs
-    return args, {**kwargs, "temb": temb}
-
-
-def _gather_input(shards: SequenceRegions, module, args, kwargs):
-    if not shards.enabled:
-        return None
-    return (shards.gather(args[0]), *args[1:]), kwargs
-
-
-def _reduce_output(shards: SequenceRegions, module, args, output):
-    return shards.reduce(output)
-
-
-def tp_mesh(device: torch.device, tp_size: int) -> DeviceMesh:
-    """A 1-D mesh over all ranks, for tests of the TP plan alone; the engine takes the tp sub-mesh
-    of `parallel.build_mesh`."""
-    return init_device_mesh(device.type, (tp_size,), mesh_dim_names=("tp",))
-
-
-def _style(name: str, sequence_regions: bool):
+def _style(name: str, regions: bool):
     if name == "colwise":
         return ColwiseParallel()
-    # Row-parallel outputs stay partial sums; `SequenceRegions.reduce` sums them (scatter or all-reduce).
-    return RowwiseParallel(output_layouts=Partial()) if sequence_regions else RowwiseParallel()
+    # With sequence regions the row-parallel outputs stay partial sums: `TensorParallel.reduce`
+    # reduce-scatters them over the tokens.
+    return RowwiseParallel(output_layouts=Partial()) if regions else RowwiseParallel()
 
 
-def shard_block(block: nn.Module, mesh: DeviceMesh, shards: SequenceRegions | None = None) -> nn.Module:
-    """Apply `TP_PLAN` (and, with `shards`, the sequence-parallel regions) to one block, in place."""
+def shard_block(block: nn.Module, mesh: DeviceMesh, regions: bool = False) -> nn.Module:
+    """Apply `TP_PLAN` to one block, in place. With `regions` the row-parallel outputs are left as
+    partial sums for the caller to reduce (`TensorParallel.reduce`, in `parallel.blocks.WanBlock`);
+    without, the block computes the whole block's result on its own (torch's all-reducing style)."""
     tp_size, tp_rank, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
-    dense = {k: _style(v, shards is not None) for k, v in TP_PLAN.items() if v in ("colwise", "rowwise")}
+    dense = {k: _style(v, regions) for k, v in TP_PLAN.items() if v in ("colwise", "rowwise")}
     parallelize_module(block, mesh, dense)
     for name in (k for k, v in TP_PLAN.items() if v == "rmsnorm_across_heads"):
         parent_name, child = name.rsplit(".", 1)
         parent = block.get_submodule(parent_name)
         setattr(parent, child, AcrossHeadsRMSNorm(getattr(parent, child), tp_rank, tp_size, group))
-    # diffusers' processor splits q/k/v by `attn.heads`: it must see the local head count
+    # the attention processors split q/k/v by `attn.heads`: they must see the local head count
     # (cross-attention has no rotary to fail loudly on a wrong count)
     for attn in (block.attn1, block.attn2):
         attn.heads //= tp_size
-    if shards is not None:
-        # after `_enter_blocks` on the first block, which decides whether the regions are on
-        block.register_forward_pre_hook(lambda m, a, k: _split_modulation(shards, m, a, k), with_kwargs=True)
-        for name in SP_GATHER:
-            block.get_submodule(name).register_forward_pre_hook(
-                lambda m, a, k: _gather_input(shards, m, a, k), with_kwargs=True
-            )
-        for name in SP_SCATTER:
-            block.get_submodule(name).register_forward_hook(lambda m, a, o: _reduce_output(shards, m, a, o))
     return block
 
 
-def shard_expert(transformer: nn.Module, mesh: DeviceMesh, sequence_regions: bool = True) -> nn.Module:
-    """Shard every block of one expert, in place.
+def shard_expert(transformer: nn.Module, mesh: DeviceMesh, regions: bool = False) -> nn.Module:
+    """Shard every block of one expert, in place (see `shard_block`).
 
     Weights the plan shards may already be DTensors (sharded loading); otherwise all ranks must
     hold identical full weights, which DTensor distributes from rank 0.
     """
     check_layout(ParallelLayout(tp=mesh.size()), dict(transformer.config))
-    shards = None
-    if sequence_regions:
-        shards = SequenceRegions(mesh.get_group(), mesh.size(), mesh.get_local_rank())
-        blocks = transformer.blocks
-        blocks[0].register_forward_pre_hook(lambda m, a, k: _enter_blocks(shards, m, a, k), with_kwargs=True)
-        blocks[-1].register_forward_hook(lambda m, a, o: _leave_blocks(shards, m, a, o))
     for block in transformer.blocks:
-        shard_block(block, mesh, shards)
+        shard_block(block, mesh, regions)
     return transformer
 
 

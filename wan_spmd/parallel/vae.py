@@ -1,10 +1,9 @@
 """Where the VAE runs: the decode seam's implementations and the split I2V condition encode.
 
-`single_rank_decoder`: rank 0 decodes the whole video, the other ranks yield nothing.
-
-`RowSplit` (what `split_vae` installs where there is more than one rank): every rank holds the whole
-VAE and works on a band of rows of every frame, so the decode of each chunk of latent frames, and
-the I2V condition's encode, are split over all ranks. Why rows, and why it is exact:
+`RowSplit` (what `split_vae` returns where there is more than one rank, and the pipeline calls for
+its VAE encode and decode): every rank holds the whole VAE and works on a band of rows of every
+frame, so the decode of each chunk of latent frames, and the I2V condition's encode, are split over
+all ranks. Without one, rank 0 decodes alone (the pipeline's own path). Why rows, and why it is exact:
 - Latent frames cannot be split over ranks: the decoder is causal in time (each frame's convs read
   a cache of the previous frames' features), so frame i needs frames < i decoded first.
 - A band of rows can be. Wan's VAE normalises per position (RMS over channels), its activations are
@@ -29,7 +28,6 @@ to rank 0 chunk by chunk: rank 0's mp4 writer encodes while the next chunk decod
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -39,19 +37,12 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
+from wan_spmd.compat import causal_conv_padding
+
 log = logging.getLogger("wan_spmd")
 
-Decoder = Callable[["WanVideoPipeline", torch.Tensor], Iterator[torch.Tensor]]  # noqa: F821
-
-
-def single_rank_decoder(is_main: bool) -> Decoder:
-    """Rank 0 decodes the whole video with its own VAE; other ranks have nothing to do."""
-
-    def decode(pipe, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-        if is_main:
-            yield from pipe.decode_chunks(latents)
-
-    return decode
+ChunkDecoder = Callable[[torch.Tensor], Iterator[torch.Tensor]]
+"""latents (1, z, T_lat, h, w) -> uint8 chunks (f, H, W, 3): the pipeline's `decode_chunks`."""
 
 
 def even_bands(rows: int, parts: int) -> list[tuple[int, int]]:
@@ -71,6 +62,9 @@ class RowSplit:
         self.group = group or dist.group.WORLD
         self.bands: list[tuple[int, int]] | None = None
         """Latent-row bands of the running encode/decode; None outside one (the wrappers pass through)."""
+        self.band_encoder: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+        """(vae, band of the video) -> its latent mode; None: `vae.encode(...).latent_dist.mode()`.
+        `vae_reuse.reuse_encode_mode` goes here, with `all_true` as its agreement."""
 
     @property
     def active(self) -> bool:
@@ -83,6 +77,12 @@ class RowSplit:
             yield self.bands[self.rank]
         finally:
             self.bands = None
+
+    def all_true(self, flag: torch.Tensor) -> bool:
+        """Whether `flag` (a 0-dim bool tensor) is true on every rank: one tiny all-reduce."""
+        flag = flag.to(torch.int32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
 
     def heights(self, x: torch.Tensor) -> list[int]:
         """Every rank's band height at `x`'s resolution (rows per latent row x each band)."""
@@ -126,29 +126,34 @@ class RowSplit:
     # -- the two seams --------------------------------------------------------------------------
 
     def encode(self, vae: nn.Module, video: torch.Tensor) -> torch.Tensor:
-        """The pipeline's `encode_video`: each rank encodes a band of rows, all gather the latent."""
+        """The I2V condition's encode (`VaeSplit.encode`): each rank encodes a band of rows, all gather the latent."""
         rows = video.shape[-2] // self.scale
         if rows < self.size:
             return vae.encode(video).latent_dist.mode()
         with self.split(rows) as (start, stop):
             band = video[..., start * self.scale : stop * self.scale, :].contiguous()
+            if self.band_encoder is not None:
+                return self.all_rows(self.band_encoder(vae, band))
             return self.all_rows(vae.encode(band).latent_dist.mode())
 
-    def decoder(self, is_main: bool) -> Decoder:
-        """The decode seam: each chunk decoded on bands, gathered to rank 0 as uint8."""
-
-        def decode(pipe, latents: torch.Tensor) -> Iterator[torch.Tensor]:
-            rows = latents.shape[-2]
-            if rows < self.size:  # fewer latent rows than ranks: rank 0 alone
-                yield from single_rank_decoder(is_main)(pipe, latents)
-                return
-            with self.split(rows) as (start, stop):
-                for chunk in pipe.decode_chunks(latents[..., start:stop, :]):
-                    whole = self.rows_to_main(chunk)
-                    if whole is not None:
-                        yield whole
-
-        return decode
+    def decode(
+        self, decode_chunks: ChunkDecoder, latents: torch.Tensor, follow: ChunkDecoder | None = None
+    ) -> Iterator[torch.Tensor]:
+        """The decode seam: each chunk decoded on this rank's band by `decode_chunks`, gathered to
+        rank 0 as uint8; rank 0 yields the whole chunks, the other ranks nothing. When rank 0
+        decodes alone, the others run `follow` (the pipeline's: it joins each chunk's stop check)."""
+        rows = latents.shape[-2]
+        if rows < self.size:  # fewer latent rows than ranks: rank 0 alone
+            if self.rank == 0:
+                yield from decode_chunks(latents)
+            elif follow is not None:
+                yield from follow(latents)
+            return
+        with self.split(rows) as (start, stop):
+            for chunk in decode_chunks(latents[..., start:stop, :]):
+                whole = self.rows_to_main(chunk)
+                if whole is not None:
+                    yield whole
 
 
 # -- the VAE's row-crossing modules, wrapped -------------------------------------------------------
@@ -165,7 +170,7 @@ class BandCausalConv3d(nn.Module):
         conv = self.conv
         if not self.split.active:
             return conv(x, cache_x)
-        w_pad, _, h_pad, _, t_pad, _ = conv._padding  # (W, W, H, H, T-before, T-after)
+        w_pad, _, h_pad, _, t_pad, _ = causal_conv_padding(conv)  # (W, W, H, H, T-before, T-after)
         if cache_x is not None and t_pad > 0:  # the causal cache first, as the conv itself does
             x = torch.cat([cache_x.to(x.device), x], dim=2)
             t_pad -= cache_x.shape[2]
@@ -217,13 +222,11 @@ class WholeFrameAttention(nn.Module):
         return self.block(self.split.all_rows(x))[..., start : start + heights[self.split.rank], :]
 
 
-_SPLITS: weakref.WeakKeyDictionary[nn.Module, RowSplit] = weakref.WeakKeyDictionary()
-
-
 def split_vae(vae: nn.Module, world_size: int, rank: int) -> RowSplit | None:
-    """Wrap the VAE's row-crossing modules for a row split over the world, in place; None (and the
-    VAE untouched) for one rank or a VAE this split does not cover (Wan2.2-5B's patchified,
-    residual one)."""
+    """Wrap the VAE's row-crossing modules for a row split over the world, in place, and return the
+    split for the pipeline to call; None (and the VAE untouched) for one rank or a VAE this split
+    does not cover (Wan2.2-5B's patchified, residual one). The wrappers pass through outside a
+    split, so the same VAE still decodes whole."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanCausalConv3d, WanResample
 
     if world_size == 1:
@@ -235,9 +238,10 @@ def split_vae(vae: nn.Module, world_size: int, rank: int) -> RowSplit | None:
     for coder in (vae.encoder, vae.decoder):
         for parent in list(coder.modules()):
             for name, child in list(parent.named_children()):
-                if isinstance(child, WanCausalConv3d) and child._padding[2] > 0:
-                    if child._padding[2] != 1:
-                        raise ValueError(f"VAE conv {name} pads {child._padding[2]} rows; the row split takes 1")
+                rows = causal_conv_padding(child)[2] if isinstance(child, WanCausalConv3d) else 0
+                if rows > 0:
+                    if rows != 1:
+                        raise ValueError(f"VAE conv {name} pads {rows} rows; the row split takes 1")
                     setattr(parent, name, BandCausalConv3d(child, split))
                 elif isinstance(child, WanAttentionBlock):
                     setattr(parent, name, WholeFrameAttention(child, split))
@@ -245,11 +249,4 @@ def split_vae(vae: nn.Module, world_size: int, rank: int) -> RowSplit | None:
                     child.resample[1] = BandConv2d(child.resample[1], split)
                 elif isinstance(child, WanResample) and child.mode.startswith("downsample"):
                     child.resample[0] = BandDownPad(split)
-    _SPLITS[vae] = split
     return split
-
-
-def decoder_for(vae: nn.Module, is_main: bool) -> Decoder:
-    """The row-split decoder where `split_vae` was applied to this VAE, else rank 0 alone."""
-    split = _SPLITS.get(vae)
-    return split.decoder(is_main) if split is not None else single_rank_decoder(is_main)

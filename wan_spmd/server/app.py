@@ -18,8 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wan_spmd.server.context import ARRIVED, VIDEO_PATHS, ServerContext, ServerSettings
-from wan_spmd.server.errors import ApiError
-from wan_spmd.server.job_routes import jobs_router
+from wan_spmd.server.errors import ApiError, quoted
 from wan_spmd.server.routes import system_router, videos_router
 
 __all__ = ["ServerContext", "ServerSettings", "create_app"]
@@ -89,7 +88,7 @@ class Front:
         if host is not None and server is not None and not is_own_host(host.decode("latin-1"), server):
             return ApiError(
                 403,
-                f"Host {host.decode('latin-1')!r} is not this server's address; without --api-key only "
+                f"Host {quoted(host.decode('latin-1'))} is not this server's address; without --api-key only "
                 "requests addressed to its IP or localhost are served",
                 "Host",
             )
@@ -97,7 +96,7 @@ class Front:
         if origin is not None and not _is_own_origin(origin.decode("latin-1"), server):
             return ApiError(
                 403,
-                f"Origin {origin.decode('latin-1')!r} is another site; without --api-key requests from web pages "
+                f"Origin {quoted(origin.decode('latin-1'))} is another site; without --api-key requests from web pages "
                 "of other origins are refused",
                 "Origin",
             )
@@ -168,10 +167,13 @@ def create_app(ctx: ServerContext) -> FastAPI:
         title="wan_spmd",
         version="0.1.0",
         summary="Wan2.2 video generation served by one torchrun SPMD program.",
+        # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, a blank page offline.
+        # /openapi.json stays, for any OpenAPI viewer or client generator.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.ctx = ctx
     app.include_router(videos_router)
-    app.include_router(jobs_router)
     app.include_router(system_router)
 
     @app.exception_handler(ApiError)

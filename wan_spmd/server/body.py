@@ -21,9 +21,11 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from wan_spmd.params import Limits
-from wan_spmd.server.errors import ApiError
+from wan_spmd.server.errors import ApiError, quoted
 
 IMAGE_FIELD = "input_reference"
+IMAGE_TEXT_FIELDS = ("input_reference[", "image_reference")
+"""Form fields that may carry an image as text (server.compat decodes them)."""
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 TEXT_SLACK = 1024 * 1024  # room for prompts and numbers beside the largest image
 MAX_FIELD_BYTES = 64 * 1024  # one text field (a prompt is a few hundred bytes)
@@ -54,7 +56,8 @@ async def read_video_request(request: Request, limits: Limits) -> tuple[dict[str
     if media_type not in (*FORM_TYPES, "application/json"):
         raise ApiError(
             415,
-            f"Content-Type {media_type or '(none)'!r} is not accepted; send multipart/form-data or application/json",
+            f"Content-Type {quoted(media_type or '(none)')} is not accepted; "
+            "send multipart/form-data or application/json",
             "Content-Type",
         )
     chunks = body_chunks(request.receive, limits)
@@ -93,7 +96,10 @@ def _parse_json(data: bytes, limits: Limits) -> tuple[dict[str, Any], bytes | No
         raise ApiError(400, "the JSON body is nested too deeply", "body") from None
     if not isinstance(fields, dict):
         raise ApiError(400, f"the JSON body must be an object, got {type(fields).__name__}", "body")
-    reference = fields.pop(IMAGE_FIELD, None)
+    reference = fields.get(IMAGE_FIELD)
+    if isinstance(reference, dict):  # OpenAI's {"image_url": ...} reference: server.compat reads it
+        return fields, None
+    fields.pop(IMAGE_FIELD, None)
     if reference is None or reference == "":
         return fields, None
     if not isinstance(reference, str):
@@ -111,25 +117,26 @@ def _parse_urlencoded(data: bytes, limits: Limits) -> tuple[dict[str, Any], byte
     return fields, decode_base64_image(reference, limits) if reference.strip() else None
 
 
-def decode_base64_image(text: str, limits: Limits) -> bytes:
-    """Base64 or a `data:image/...;base64,` URL -> bytes. URLs and paths are never fetched or opened."""
+def decode_base64_image(text: str, limits: Limits, field: str = IMAGE_FIELD) -> bytes:
+    """Base64 or a `data:image/...;base64,` URL -> bytes. URLs and paths are never fetched or opened.
+    `field` names where the image came (input_reference, image_reference) in the errors."""
     text = text.strip()
     if text.startswith(("http://", "https://", "file:", "/")):
         raise ApiError(
             400,
-            f"{IMAGE_FIELD} must be the image itself (base64 or a data URL); URLs and paths are not fetched",
-            IMAGE_FIELD,
+            f"{field} must be the image itself (base64 or a data URL); URLs and paths are not fetched",
+            field,
         )
     if text.startswith("data:"):
         header, sep, text = text.partition(",")
         if not sep or not header.endswith(";base64"):
-            raise ApiError(400, f"{IMAGE_FIELD} data URL must look like data:image/png;base64,...", IMAGE_FIELD)
+            raise ApiError(400, f"{field} data URL must look like data:image/png;base64,...", field)
     try:
         data = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, f"{IMAGE_FIELD} is not valid base64", IMAGE_FIELD) from None
+        raise ApiError(400, f"{field} is not valid base64", field) from None
     if len(data) > limits.max_upload_bytes:
-        raise _too_large(f"{IMAGE_FIELD} is {len(data)} bytes", limits)
+        raise _too_large(f"{field} is {len(data)} bytes", limits, field)
     return data
 
 
@@ -208,6 +215,8 @@ class _Form:
         if self._name == IMAGE_FIELD:
             is_file = self._filename is not None
             self._limit = self.limits.max_upload_bytes if is_file else body_cap(self.limits)
+        elif self._name.startswith(IMAGE_TEXT_FIELDS) and self._filename is None:
+            self._limit = body_cap(self.limits)  # an image as text: {"image_url": "data:..."} and the like
         elif self._filename is not None:
             raise ApiError(400, f"{self._name} must be a text field, not a file upload", self._name)
         else:

@@ -26,7 +26,7 @@ class ServerSettings:
     defaults: dict[str, Any]
     """Generation defaults (config.generation_defaults), read once at start-up."""
     served_model_name: str
-    """The name /v1/models lists; a request naming another model gets 404."""
+    """The name /v1/models lists first, and the one jobs report when a request names none."""
     limits: Limits = Limits()
     api_key: str | None = None
     """When set, every endpoint but /health needs `Authorization: Bearer KEY`; when not, requests must
@@ -34,9 +34,17 @@ class ServerSettings:
     world_size: int = 1
     loras: tuple[dict[str, Any], ...] = ()
     """What was fused at launch (`LoraSpec.card`: file name, scale, experts, content hash; no path)."""
-    async_videos: bool = False
-    """POST /v1/videos answers a queued job at once for every client, not only for those that ask
-    (`Prefer: respond-async`) or are the OpenAI SDK."""
+    model_aliases: tuple[str, ...] = ()
+    """More names a request may give for the model (--served-model-name given more than once)."""
+    sync_videos: bool = False
+    """POST /v1/videos from a plain client waits and answers the mp4 as base64 (vllm-omni's earlier
+    API); the OpenAI SDK's requests and `Prefer: respond-async` stay asynchronous."""
+    strict_sizes: bool = False
+    """A size or frame count the model cannot take is a 400, not rounded (a request's `strict` wins)."""
+
+    @property
+    def served_model_names(self) -> tuple[str, ...]:
+        return (self.served_model_name, *(a for a in self.model_aliases if a != self.served_model_name))
 
 
 @dataclass
@@ -62,7 +70,9 @@ class ServerContext:
     def track(self, pending: PendingVideo) -> None:
         """Record a job about to be submitted (before the loop can take it) and keep its queue
         entry until it is answered."""
-        record = VideoRecord.new(pending.id, pending.params, self.settings.served_model_name, time.time())
+        model = pending.model or self.settings.served_model_name
+        record = VideoRecord.new(pending.id, pending.params, model, time.time(), seconds=pending.seconds)
+        pending.admitted = record.public()
         self.videos.add(record)
         self.live[pending.id] = pending
         pending.future.add_done_callback(lambda _, done=pending.id: self.live.pop(done, None))

@@ -5,20 +5,27 @@ arrive), and asyncio's accept loop logs a traceback per failed accept when descr
 thousands a second. So we bind the socket ourselves (a Unix socket private from its first moment,
 never someone else's live one), accept connections ourselves (bounded by --max-connections; when
 full, the connection idle longest makes room; out of descriptors, accepting pauses and one line is
-logged now and then), and give every connection read deadlines: the request's headers within
---header-timeout, its body within --body-timeout. uvicorn's `H11Protocol` parses HTTP; the
-subclass below adds only those deadlines. No torch here.
+logged now and then), and give every connection deadlines: the request's headers within
+--header-timeout, its body within --body-timeout, and an answer must keep moving: no progress in
+sending it for --send-timeout closes the connection (nginx's send_timeout). A client that pipelines
+requests and never reads its answers holds at most one answer in our buffer (the next request waits
+until the last answer has gone to the kernel), and when the connections are full, one stalled like
+that is closed to make room as an idle one is. uvicorn's `H11Protocol` parses HTTP; the subclass
+below adds only those deadlines and that flow control. No torch here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import logging
 import os
 import socket
 import stat
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +40,9 @@ from wan_spmd.server.options import HttpOptions
 
 log = logging.getLogger("wan_spmd")
 
+_OUTQ = getattr(termios, "TIOCOUTQ", None)
+"""ioctl for a socket's unacknowledged send queue (Linux's SIOCOUTQ has TIOCOUTQ's number)."""
+
 OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 ACCEPT_BATCH = 64  # accepts per wake-up, so a flood of connects cannot starve answering
 ACCEPT_PAUSE_S = 0.1  # wait after running out of descriptors before accepting again
@@ -41,6 +51,9 @@ STARVED_LOG_EVERY_S = 30.0
 LINGER_S = 2.0  # after an answer sent before the body was read: drain (and drop) this long, then close
 KEEP_ALIVE_S = 5  # uvicorn's idle keep-alive, kept explicit
 DESCRIPTOR_RESERVE = 128  # descriptors rank 0 needs beside connections (libraries, gloo, files)
+UNREAD_AHEAD_BYTES = 64 * 1024  # answers a client may leave unread before its next pipelined request waits
+SEND_POLL_S = 0.1  # how often a connection with unread answers is looked at (progress, room for the next)
+STALLED_EVICT_S = 1.0  # an answer stalled this long (or --send-timeout, if shorter) may be closed to make room
 
 
 class ConnectionGuard:
@@ -63,8 +76,9 @@ class ConnectionGuard:
             self._on_change(len(self.open))
 
     def make_room(self) -> bool:
-        """Whether one more connection may be held, closing the one idle longest if need be."""
-        return len(self.open) < self.options.max_connections or self.evict_idle()
+        """Whether one more connection may be held, closing the one idle longest, or else the one
+        whose answer has stalled longest, if need be."""
+        return len(self.open) < self.options.max_connections or self.evict_idle() or self.evict_stalled()
 
     def evict_idle(self) -> bool:
         """Close the connection that has waited longest for a request's headers (never one whose
@@ -75,15 +89,38 @@ class ConnectionGuard:
         min(idle, key=lambda c: c.waiting_since).drop("evicted")
         return True
 
+    def evict_stalled(self) -> bool:
+        """Close the connection whose answer has made no progress for longest, if that is at least
+        STALLED_EVICT_S (or --send-timeout): its client is not reading, and a client that is keeps
+        its place. False when there is none."""
+        now = time.monotonic()
+        stalled = [(c.stalled_since(now), c) for c in self.open]
+        stalled = [(since, c) for since, c in stalled if since is not None]
+        if not stalled:
+            return False
+        since, connection = min(stalled, key=lambda pair: pair[0])
+        if now - since < min(STALLED_EVICT_S, self.options.send_timeout_s):
+            return False
+        connection.drop("evicted")
+        return True
+
 
 class GuardedH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 connection plus read deadlines.
+    """uvicorn's HTTP/1.1 connection plus read deadlines and a send deadline.
 
     Phases follow h11's view of the client: IDLE (waiting for a request's headers: --header-timeout,
     and the connection may be evicted), SEND_BODY (--body-timeout), then nothing while the app works
     on the answer, which may take minutes. An answer sent before the body was read (413, 429, 401)
     is followed by a short linger that drops the rest, so the client reads the answer rather than a
     reset; the connection then closes.
+
+    Sending is watched apart from the phases: the transport pauses us as soon as any byte waits in
+    its buffer (the kernel's socket buffers are the only ones), and while paused, --send-timeout
+    without a byte leaving closes the connection, even one already closing (which asyncio would
+    otherwise keep until its buffer drains, for ever if nobody reads). A pipelined next request is
+    taken up only once the client has read all but UNREAD_AHEAD_BYTES of the answers before it
+    (counting the kernel's unacknowledged send queue), so a client that sends many and reads none
+    holds about one answer, not thirty.
     """
 
     def __init__(self, config: uvicorn.Config, server_state: Any, app_state: dict[str, Any], guard: ConnectionGuard):
@@ -95,17 +132,26 @@ class GuardedH11Protocol(H11Protocol):
         self._phase: str | None = "headers"
         self._phase_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._unsent = 0
+        """Unread bytes (see `unread_bytes`) when sending last made progress."""
+        self._sent_at: float | None = None
+        """When sending last made progress (None while nothing waits on the client)."""
+        self._next_request_waits = False
+        """An answer is complete but its client has not read it: the next pipelined request waits."""
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if self.dropped:  # evicted before it was attached to its transport
-            transport.close()
+            transport.abort()
             return
+        transport.set_write_buffer_limits(high=0, low=0)  # paused whenever a byte waits: see the class doc
         self._arm("headers", self.guard.options.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self._cancel_send_timer()
         self.guard.discard(self)
         super().connection_lost(exc)
 
@@ -131,8 +177,90 @@ class GuardedH11Protocol(H11Protocol):
             self.flow.resume_reading()  # read on and drop it (h11 skips body data once we are done)
             self._arm("linger", LINGER_S)
             return
+        if self.flow.write_paused or self.unread_bytes() > UNREAD_AHEAD_BYTES:
+            self._next_request_waits = True  # the client is not reading its answers: take no next request yet
+            self._watch_sending()
+            return
         super().on_response_complete()
         self._follow_client()
+
+    # sending
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_sending()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._send_check()
+
+    def unread_bytes(self) -> int:
+        """Bytes of our answers the client has not taken: in the transport's buffer, and in the
+        kernel's send queue not yet acknowledged (a client that reads nothing fills its window)."""
+        unread = self.transport.get_write_buffer_size()
+        sock = self.transport.get_extra_info("socket")
+        if _OUTQ is not None and sock is not None and not self.transport.is_closing():
+            try:
+                unread += struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+            except (OSError, ValueError):
+                pass
+        return unread
+
+    def stalled_since(self, now: float) -> float | None:
+        """Since when sending has made no progress, or None if nothing waits to be sent."""
+        if self._sent_at is None or self.transport is None:
+            return None
+        unread = self.unread_bytes()
+        if unread < self._unsent:  # the client took bytes since we last looked: progress
+            self._unsent, self._sent_at = unread, now
+        return self._sent_at
+
+    def _watch_sending(self) -> None:
+        """Start (or go on) checking that what waits to be sent keeps moving."""
+        if self._sent_at is None:
+            self._unsent, self._sent_at = self.unread_bytes(), time.monotonic()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(SEND_POLL_S, self._send_check)
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_check(self) -> None:
+        """Take up the next pipelined request once the client has read the answers before it; close
+        the connection when nothing it was sent has moved for --send-timeout."""
+        self._cancel_send_timer()
+        if self.transport is None:
+            return
+        closing = self.dropped or self.transport.is_closing()
+        if self._next_request_waits and closing:
+            self._next_request_waits = False  # no next request on a connection that is closing
+        if self._next_request_waits and not self.flow.write_paused and self.unread_bytes() <= UNREAD_AHEAD_BYTES:
+            self._next_request_waits = False
+            self._sent_at = None
+            super().on_response_complete()
+            self._follow_client()
+        if not self.flow.write_paused and not self._next_request_waits:
+            self._sent_at = None  # nothing waits on the client
+            return
+        now = time.monotonic()
+        since = self.stalled_since(now)
+        if since is not None and now - since >= self.guard.options.send_timeout_s:
+            if not self.dropped:  # a connection we were closing anyway was counted then
+                self.guard.on_close("send_timeout")
+            self.drop_now()
+            return
+        self._watch_sending()
+
+    def drop_now(self) -> None:
+        """Close at once, throwing away whatever waits to be sent (nobody is reading it)."""
+        self.dropped = True
+        self.waiting_since = None
+        self.guard.discard(self)
+        self._cancel_timer()
+        self._cancel_send_timer()
+        if self.transport is not None:
+            self.transport.abort()
 
     # deadlines
     def _follow_client(self) -> None:
@@ -184,6 +312,9 @@ class GuardedH11Protocol(H11Protocol):
         self._cancel_timer()
         if self.transport is None:
             return  # connection_made closes it
+        if self.flow.write_paused:  # its client is not reading what it was sent: a 408 would wait too
+            self.drop_now()
+            return
         if message is not None and not self.transport.is_closing():
             self.transport.write(raw_error(408, message))
         self.transport.close()
@@ -253,7 +384,7 @@ class Listener:
         if exc.errno in OUT_OF_DESCRIPTORS:
             self._starved += 1
             for _ in range(EVICT_WHEN_STARVED):
-                if not self.guard.evict_idle():
+                if not (self.guard.evict_idle() or self.guard.evict_stalled()):
                     break
                 self._starved_evicted += 1
         now = time.monotonic()

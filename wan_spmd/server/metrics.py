@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from wan_spmd.caches import COUNT_KEYS
+from wan_spmd.memory import MIB, PeakMemory
+
 # Stage latencies run from milliseconds (tiny model on CPU) to many minutes (A14B at 720p).
 BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 2400)
 
@@ -55,7 +58,8 @@ class ServerMetrics:
         self.connections_closed = Counter(
             "wan_spmd_connections_closed",
             "HTTP connections the server closed on its own, by reason (header_timeout, body_timeout, "
-            "evicted: idle, closed to make room; refused: over --max-connections with none idle).",
+            "send_timeout: its answer unread for --send-timeout; evicted: idle or its answer stalled, closed to "
+            "make room; refused: over --max-connections with none idle or stalled).",
             ["reason"],
             registry=self.registry,
         )
@@ -66,6 +70,35 @@ class ServerMetrics:
             buckets=BUCKETS_S,
             registry=self.registry,
         )
+        # absent until a job has run on a GPU: the CPU has no peak to report
+        self.peak_memory = Gauge(
+            "wan_spmd_job_peak_memory_bytes",
+            "Peak GPU memory of the last completed job, the maximum over ranks, by kind (allocated by tensors, "
+            "reserved by the allocator: what the card must hold).",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.max_peak_memory = Gauge(
+            "wan_spmd_max_job_peak_memory_bytes",
+            "The largest job peak GPU memory since the server started, the maximum over ranks, by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self._max_peak: dict[str, float] = {}
+        self.cache_lookups = Counter(
+            "wan_spmd_cache_lookups",
+            "Lookups in the caches kept across requests (prompt embeddings, I2V conditions), by result "
+            "(hit: no encode at all; miss).",
+            ["cache", "result"],
+            registry=self.registry,
+        )
+
+    def observe_memory(self, peak: PeakMemory) -> None:
+        """The last completed job's peak GPU memory (max over ranks), and the largest since start."""
+        for kind, mib in (("allocated", peak.allocated_mb), ("reserved", peak.reserved_mb)):
+            self._max_peak[kind] = max(self._max_peak.get(kind, 0.0), mib * MIB)
+            self.peak_memory.labels(kind=kind).set(mib * MIB)
+            self.max_peak_memory.labels(kind=kind).set(self._max_peak[kind])
 
     def count(self, endpoint: str, outcome: str) -> None:
         self.requests.labels(endpoint=endpoint, outcome=outcome).inc()
@@ -75,6 +108,10 @@ class ServerMetrics:
 
     def observe(self, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
+            if stage in COUNT_KEYS:  # a count of cache lookups, not a latency
+                cache, result = COUNT_KEYS[stage]
+                self.cache_lookups.labels(cache=cache, result=result).inc(ms)
+                continue
             self.stage_seconds.labels(stage=stage).observe(ms / 1000.0)
 
     def render(self) -> bytes:

@@ -18,6 +18,9 @@ class HttpOptions:
     """A request's headers must arrive within this long (from the connection or the previous answer)."""
     body_timeout_s: float = default("body_timeout")
     """A request's body must arrive within this long after its headers."""
+    send_timeout_s: float = default("send_timeout")
+    """An answer must make progress (bytes taken by the client) at least this often, as nginx's
+    send_timeout; a connection whose unread answers stall longer is closed."""
     uds_mode: int = default("uds_mode")
     """Permissions of the Unix socket file: only its owner may connect by default."""
     backlog: int = 256

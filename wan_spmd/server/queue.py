@@ -12,7 +12,9 @@ import time
 from collections import deque
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from typing import Any
 
+from wan_spmd.memory import PeakMemory
 from wan_spmd.params import GenerationParams
 
 
@@ -37,6 +39,8 @@ class VideoAnswer:
     """The copy under --output-dir (a server-chosen name)."""
     timings_ms: dict[str, float]
     """The pipeline's stages and PipelineWall, plus Queue, Dispatch and Mp4Encoding."""
+    peak_memory: PeakMemory | None = None
+    """The job's peak GPU memory, the maximum over ranks (None on the CPU)."""
 
 
 @dataclass
@@ -57,6 +61,13 @@ class PendingVideo:
     """Why it was cancelled (the client went away, deleted), for the answer and the job's record."""
     detached: bool = False
     """An asynchronous job: nobody awaits the future, so the finished mp4 is not read into memory."""
+    model: str | None = None
+    """The served name the request gave (an alias, perhaps); None: the server's first name."""
+    seconds: str | None = None
+    """`seconds` as the client wrote it, for the job's record; None: the duration, whole seconds."""
+    admitted: dict[str, Any] | None = None
+    """The job's video object as it was admitted (queued): the answer to an asynchronous create,
+    whatever the loop has done with the job since."""
 
     def resolve(self, answer: VideoAnswer | None = None, error: BaseException | None = None) -> None:
         """Deliver the answer or the error, once; a future the waiter already dropped is left alone."""
@@ -85,8 +96,6 @@ class JobQueue:
         self._closed_reason: str | None = None
         self._taken: set[str] = set()
         """Ids taken by the loop whose answer is not out yet."""
-        self._reserved = 0
-        """Places held by requests still being read and validated (see `reserve`)."""
 
     @property
     def depth(self) -> int:
@@ -108,13 +117,12 @@ class JobQueue:
             self._append(pending)
         return pending
 
-    def reserve(self) -> Reservation:
-        """Hold a place before the request's body is read, so a full queue answers 429 without
-        reading (or spooling) anything; QueueFull / Unavailable at once otherwise."""
+    def check_room(self) -> None:
+        """QueueFull / Unavailable now if a request would be refused: lets a full queue answer 429
+        before a body is read. It holds no place: a request takes one only in `submit`, once its
+        body is complete and valid, so bodies that never come keep nobody out."""
         with self._cond:
-            self._check_room(self._reserved)
-            self._reserved += 1
-        return Reservation(self)
+            self._check_room(0)
 
     def withdraw(self, pending: PendingVideo, reason: str = "the client went away") -> bool:
         """Its client is gone (or the job was deleted): mark it cancelled and, if it still waits,
@@ -134,25 +142,12 @@ class JobQueue:
         if self._closed_reason is not None:
             raise Unavailable(self._closed_reason)
         if len(self._items) + reserved >= self.max_size:
-            raise QueueFull(
-                f"{len(self._items)} requests are waiting and {reserved} more are being received "
-                f"(--max-queue {self.max_size})"
-            )
+            raise QueueFull(f"{len(self._items)} requests are waiting (--max-queue {self.max_size})")
 
     def _append(self, pending: PendingVideo) -> None:
         pending.enqueued_at = time.perf_counter()
         self._items.append(pending)
         self._cond.notify()
-
-    def _settle(self, pending: PendingVideo | None) -> None:
-        """A reservation ends: its place becomes `pending` in the queue, or free again (None)."""
-        with self._cond:
-            self._reserved -= 1
-            if pending is None:
-                return
-            if self._closed_reason is not None:
-                raise Unavailable(self._closed_reason)
-            self._append(pending)
 
     def take(self, timeout: float) -> PendingVideo | None | type[Closed]:
         """The oldest waiting request; None after `timeout` idle; Closed once closed.
@@ -188,29 +183,3 @@ class JobQueue:
         for pending in dropped:
             pending.resolve(error=Unavailable(reason))
         return len(dropped)
-
-
-class Reservation:
-    """A place in the queue held while a request is read and validated: `submit` turns it into the
-    request's place; leaving the `with` block without submitting gives it back."""
-
-    def __init__(self, queue: JobQueue) -> None:
-        self._queue: JobQueue | None = queue
-
-    def submit(self, pending: PendingVideo) -> PendingVideo:
-        queue, self._queue = self._queue, None
-        if queue is None:
-            raise RuntimeError("this reservation was already used")
-        queue._settle(pending)
-        return pending
-
-    def release(self) -> None:
-        queue, self._queue = self._queue, None
-        if queue is not None:
-            queue._settle(None)
-
-    def __enter__(self) -> Reservation:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()

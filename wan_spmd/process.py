@@ -1,4 +1,5 @@
-"""torchrun's environment and logging set-up, without torch, so bad arguments fail fast."""
+"""This process as torchrun started it: its rank from the environment, its logging, its exit;
+without torch, so bad arguments fail fast."""
 
 from __future__ import annotations
 
@@ -8,12 +9,25 @@ import sys
 
 
 def torchrun_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) without torchrun."""
-    return (
-        int(os.environ.get("RANK", "0")),
-        int(os.environ.get("WORLD_SIZE", "1")),
-        int(os.environ.get("LOCAL_RANK", "0")),
-    )
+    """(rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) without torchrun.
+    ValueError naming the variable if one is not a whole number in its range (a hand-set RANK=abc)."""
+    world_size = env_int("WORLD_SIZE", 1, low=1)
+    rank = env_int("RANK", 0, low=0)
+    if rank >= world_size:
+        raise ValueError(f"environment variable RANK={rank} must be below WORLD_SIZE={world_size}")
+    return rank, world_size, env_int("LOCAL_RANK", 0, low=0)
+
+
+def env_int(name: str, default: int, low: int) -> int:
+    """An environment variable holding a whole number >= `low` (ASCII digits only), or `default`
+    when unset; ValueError quoting (the start of) what it holds otherwise."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or int(value) < low:
+        raise ValueError(f"environment variable {name}={text[:40]!r} must be a whole number >= {low}")
+    return int(value)
 
 
 def setup_logging(rank: int, level: str = "INFO") -> None:
