@@ -239,9 +239,9 @@ OPTIONS: tuple[Option, ...] = (
          "host memory between prompts), or experts (also each expert on the card only while it runs).", MODEL,
          choices=OFFLOAD_CHOICES),
     _run("prompt_cache", int, 16, "Prompt embeddings kept across requests (4 MiB each in bf16); 0 disables.",
-         MODEL, min=0, feeds="engine"),
+         MODEL, min=0, metavar="ENTRIES", feeds="engine"),
     _run("condition_cache", int, 8, "I2V image conditions kept across requests (24 MB each at 720p); 0 disables.",
-         MODEL, min=0, feeds="engine"),
+         MODEL, min=0, metavar="ENTRIES", feeds="engine"),
     _run("vae_encode_reuse", bool, True, "Reuse repeated work inside the I2V condition's encode (exact; holds "
          "~6.5 GB more at 720p fp32).", MODEL, feeds="engine"),
     _run("compile", bool, None, "Compile the experts' repeated blocks.", MODEL,
@@ -373,12 +373,12 @@ def _shown(number: float) -> str:
 
 def _bounds(o: Option, value: float) -> None:
     got = f"got {_shown(value)}"
+    unit = {"SECONDS": " seconds", "ENTRIES": " entries"}.get(o.metavar or "", "")
     if o.min is not None and o.max is not None and not o.min <= value <= o.max:
         raise ValueError(f"{o.flag} must be within {_shown(o.min)}..{_shown(o.max)}, {got}")
     if o.min is not None and value < o.min:
-        raise ValueError(f"{o.flag} must be >= {_shown(o.min)}, {got}")
+        raise ValueError(f"{o.flag} must be >= {_shown(o.min)}{unit}, {got}")
     if o.above is not None and not value > o.above:
-        unit = " seconds" if o.metavar == "SECONDS" else ""
         raise ValueError(f"{o.flag} must be > {_shown(o.above)}{unit}, {got}")
     if o.max is not None and value > o.max:
         raise ValueError(f"{o.flag} must be <= {_shown(o.max)}, {got}")

@@ -34,7 +34,7 @@ BAD_VALUES = {
     "gpu memory": (["serve", "--gpu-memory", "-1"], "--gpu-memory must be a positive number, got '-1'"),
     "gpu memory text": (["batch", "r.jsonl", "--output-dir", "o", "--gpu-memory", "48GB"], "--gpu-memory must be"),
     "offload": (["serve", "--offload", "cpu"], "--offload must be one of auto, none, text-encoder, experts"),
-    "cache size": (["serve", "--prompt-cache", "-1"], "--prompt-cache must be >= 0, got -1"),
+    "cache size": (["serve", "--prompt-cache", "-1"], "--prompt-cache must be >= 0 entries, got -1"),
     "unknown flag": (["generate", "--steps", "4"], "No such option: --steps (did you mean --num-inference-steps"),
     "missing value": (["serve", "--port"], "requires an argument"),
 }
