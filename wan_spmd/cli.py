@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from wan_spmd import options
+from wan_spmd.compile_cache import parse_compile_cache
 from wan_spmd.config import TINY_NAMES, TINY_NOTE, ModelFolderError, ModelInfo, generation_defaults
 from wan_spmd.launch import (
     ParallelLayout,
@@ -28,6 +29,7 @@ from wan_spmd.launch import (
     check_family,
     check_hosts,
     check_layout,
+    parse_cache_spec,
     parse_lora_specs,
     parse_warmup_shapes,
     preset_warmup_shape,
@@ -158,8 +160,10 @@ def _engine_options(
         "engine",
         layout=layout,
         warmup_shapes=shapes,
+        compile_cache=parse_compile_cache(values.compile_cache),
         auto_warmup_shapes=tuple(dict.fromkeys(shape for shape in auto_warmup if shape is not None)),
         loras=loras,
+        cache=parse_cache_spec(values.cache_backend, values.cache_config, values.enable_cache_dit_summary),
         memory_plan=_memory_plan(info, layout, values),
     )
 
@@ -203,6 +207,7 @@ def _memory_plan(info: ModelInfo, layout: ParallelLayout, values: options.Values
         quant=values.quant,
         vae_dtype=values.vae_dtype,
         offload=values.offload,
+        step_cache=values.cache_backend.strip().lower() != "none",
     )
 
 
@@ -236,9 +241,17 @@ def _run(model: str, info: ModelInfo, engine: EngineOptions, make_front: Callabl
     after the arguments were checked."""
     _check_loras(info, engine)
     _note_tiny(model)
+    from wan_spmd.prefetch import prefetch_weights
+
+    prefetch_weights(info.path, engine.load_format)  # read ahead while torch imports
+    front = make_front() if torchrun_env()[0] == 0 else None
+    if front is not None:
+        try:  # serve listens before torch is imported (seconds): /health says 503 meanwhile
+            front.start()
+        except ValueError:
+            pass  # the engine's own call raises it again, once every rank has joined
     from wan_spmd.engine import run_engine
 
-    front = make_front() if torchrun_env()[0] == 0 else None
     with user_errors():
         return run_engine(info, engine, front)
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -30,9 +32,10 @@ ulysses axis or none, and under CFG-parallel the wide group, so at most 4. Past 
 `fullgraph=True` makes dynamo raise instead of silently running the block eagerly."""
 
 
-def compile_blocks(expert, backend: str = "inductor", fullgraph: bool = True):
+def compile_blocks(expert, backend: str | Callable[..., Any] = "inductor", fullgraph: bool = True):
     """Compile every block of one expert in place (after parallelize and LoRA fusing): a
-    `ParallelExpert`'s blocks, or a diffusers expert's own (benchmarks)."""
+    `ParallelExpert`'s blocks, or a diffusers expert's own (benchmarks). `backend`: a torch.compile
+    backend's name, or a callable one (the engine's `compile_cache.CachedBackend`)."""
     kwargs = {"backend": backend, "fullgraph": fullgraph}
     if "recompile_limit" in inspect.signature(torch.compile).parameters:  # torch >= 2.13
         kwargs["recompile_limit"] = RECOMPILE_LIMIT

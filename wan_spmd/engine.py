@@ -14,30 +14,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from wan_spmd.attention import AttentionFn
+from wan_spmd.compile_cache import CompileCache, default_compile_cache
 from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
-from wan_spmd.launch import LoraSpec, ParallelLayout, WarmupShape
+from wan_spmd.launch import CacheSpec, LoraSpec, ParallelLayout, WarmupShape
 from wan_spmd.memory import Plan
 from wan_spmd.options import default
-from wan_spmd.runtime import (
-    ControlPlane,
-    ControlPlaneLost,
-    Dist,
-    JobReport,
-    ShutdownWatch,
-    init_dist,
-    shutdown,
-    spmd_loop,
-    wait_for_all,
-)
+from wan_spmd.process import process_age_s
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch: imported when the engine runs, so a server listens before it loads
+    from wan_spmd.attention import AttentionFn
     from wan_spmd.pipeline import WanVideoPipeline
+    from wan_spmd.runtime import Dist, JobReport, ShutdownWatch
 
 log = logging.getLogger("wan_spmd")
 
@@ -64,7 +56,7 @@ class EngineOptions:
     compile_backend: str = "inductor"
     """`aot_eager` in CPU tests: traces the same graphs (a graph break still fails) without inductor."""
     warmup_shapes: tuple[WarmupShape, ...] | None = None
-    """(width, height, frames) of the throwaway requests run before the ranks agree they are ready;
+    """(width, height, frames) whose transformer forwards (`warmup`) run before the ranks agree they are ready;
     None: `auto_warmup_shapes` when the blocks are compiled, none otherwise."""
     auto_warmup_shapes: tuple[WarmupShape, ...] = ()
     """The command's own choice: serve the preset's shape, generate its job's (batch's come from its
@@ -79,6 +71,9 @@ class EngineOptions:
     """auto|sdpa|fa3|fa3-fp8 (`kernels.select_attention`): auto is FA3 bf16 where it runs (Hopper)."""
     quant: str = default("quant")
     """none|fp8: fp8 rowwise linears in the experts' blocks (torchao), after LoRA fusion and TP slicing."""
+    compile_cache: Path | None = field(default_factory=default_compile_cache)
+    """--compile-cache: the folder torch's compile caches persist in, one subfolder per key
+    (`compile_cache`); None: torch's caches off."""
     prompt_cache: int = default("prompt_cache")
     """Prompt embeddings kept across requests (`caches`); 0: none."""
     condition_cache: int = default("condition_cache")
@@ -86,6 +81,8 @@ class EngineOptions:
     vae_encode_reuse: bool = default("vae_encode_reuse")
     """The I2V condition's encode reuses a stage's output where its input and cache repeat (exact;
     `vae_reuse`); False: diffusers' encode as it is."""
+    cache: CacheSpec = CacheSpec()
+    """--cache-backend/--cache-config: the step cache installed on the experts after compile."""
 
     @property
     def heartbeat_s(self) -> float:
@@ -99,10 +96,12 @@ class Front(Protocol):
     source: JobSource
 
     def start(self) -> None:
-        """Before loading (serve listens here, so /health says 503 while loading); ValueError to fail."""
+        """Before loading (serve listens here, so /health says 503 while loading); ValueError to fail.
+        The CLI calls it once before torch is imported and the engine once more: the second call
+        raises the first one's error again, or does nothing."""
 
-    def ready(self, world_size: int, warmup_s: float) -> None:
-        """Every rank has loaded and warmed up (in `warmup_s` seconds)."""
+    def ready(self, world_size: int, startup: Startup) -> None:
+        """Every rank has loaded and warmed up; `startup` says where the time went."""
 
     def on_signal(self, name: str) -> None:
         """SIGTERM/SIGINT arrived (shutdown watch's thread): stop admitting; the source's
@@ -120,6 +119,33 @@ class Front(Protocol):
     def warmup_shapes(self) -> tuple[WarmupShape, ...]:
         """Shapes of the front's own work to warm up with when compiled (batch: its file's first two),
         found on rank 0 alone (it may decode request images) and broadcast to the others."""
+
+
+@dataclass
+class Startup:
+    """Where rank 0's start-up went, for the ready line."""
+
+    before_load_s: float = 0.0
+    """Process start to loading: imports, the process group, the front."""
+    load_s: float = 0.0
+    """Weights read (or made), parallelized, quantized."""
+    warmup_s: float = 0.0
+    compile_s: float = 0.0
+    """Of warmup_s: dynamo's tracing and the backend's compiles (or loads from the cache)."""
+    graphs: int = 0
+    cache_hits: int = 0
+    cache: CompileCache | None = None
+
+    def describe(self) -> str:
+        """imports 4.1 s, load 2.3 s, compile 12.0 s (4 graphs, 4 from the cache), warm-up compute 3.1 s"""
+        parts = [f"imports {self.before_load_s:.1f} s", f"load {self.load_s:.1f} s"]
+        if self.cache is not None:
+            cached = "no cache" if self.cache.folder is None else f"{self.cache_hits} from the cache"
+            parts.append(f"compile {self.compile_s:.1f} s ({self.graphs} graph(s), {cached})")
+            parts.append(f"warm-up compute {max(self.warmup_s - self.compile_s, 0.0):.1f} s")
+        elif self.warmup_s:
+            parts.append(f"warm-up {self.warmup_s:.1f} s")
+        return ", ".join(parts)
 
 
 Fault = Callable[[str, Job, int], None]
@@ -155,10 +181,13 @@ class JobRunner:
         from wan_spmd.deliver import deliver
         from wan_spmd.pipeline import JobCancelled
         from wan_spmd.placement import reset_peak_memory
+        from wan_spmd.runtime import JobAgreement, JobReport
 
         fault, rank = self.fault, self.rank
         graphs_before = compiled_graphs()
         reset_peak_memory(self.pipe.device)  # this job's peak, not the warm-up's or the last job's
+        # the step cache's decisions are agreed on the job's control-plane group, beside its steps
+        cache_agree = control.agree_compute if isinstance(control, JobAgreement) else None
         if fault is not None:
             fault("start", job, rank)
             agreed = control
@@ -167,7 +196,7 @@ class JobRunner:
                 fault(f"{stage} {step}", job, rank)
                 return agreed(step, total, stage)
 
-        state = self.pipe.generate_latents(job.params, control=control, on_step=on_step)
+        state = self.pipe.generate_latents(job.params, control=control, on_step=on_step, cache_agree=cache_agree)
         if new_graphs := compiled_graphs() - graphs_before:
             # warm-up did not cover this shape (or the recompile limit was reached): say so
             log.warning("job %s paid for compiling %d new graph(s) (%s)", job.id, new_graphs, job.params.size)
@@ -202,18 +231,19 @@ class JobRunner:
 
 
 def build_pipeline(
-    d: Dist, info: ModelInfo, options: EngineOptions, attend: AttentionFn | None = None
+    d: Dist, info: ModelInfo, options: EngineOptions, attend: AttentionFn | None = None, startup: Startup | None = None
 ) -> WanVideoPipeline:
     """Load this rank's part of the model and parallelize it as the layout says; every attention in
     the experts goes through `attend` (a kernel backend of `AttentionFn`'s signature; None: the
-    one `--attention` selects)."""
+    one `--attention` selects). `startup` gets the load's seconds and the compile cache."""
     import functools
 
     import torch
 
     from wan_spmd.caches import LruCache
+    from wan_spmd.compile_cache import CachedBackend, open_compile_cache, runtime_key
     from wan_spmd.compiling import compile_blocks, resolve_compile
-    from wan_spmd.kernels import quantize_fp8, select_attention
+    from wan_spmd.kernels import BACKENDS, quantize_fp8, select_attention
     from wan_spmd.models import Dtypes, load_components
     from wan_spmd.parallel import CfgParallel, build_mesh, parallelize
     from wan_spmd.parallel.vae import split_vae
@@ -224,6 +254,8 @@ def build_pipeline(
 
     quiet_hub_logging()
     start = time.perf_counter()
+    if startup is not None:  # the imports above (diffusers, transformers) count as imports
+        startup.before_load_s = process_age_s()
     layout = options.layout
     mesh = build_mesh(layout, d.device)
     dtypes = Dtypes.for_device(d.device, vae=options.vae_dtype)
@@ -234,6 +266,15 @@ def build_pipeline(
     kernel_line = "attention: given by the caller"
     if attend is None:
         attend, kernel_line = select_attention(options.attention, d.device)
+    backend: CachedBackend | str = options.compile_backend
+    if compiled:  # before the first compile: torch's caches under --compile-cache, keyed
+        attention = next((name for name, fn in BACKENDS.items() if fn is attend), getattr(attend, "__name__", "?"))
+        key = runtime_key(
+            d.device, layout.describe(), info.family.name, dtypes.transformer, attention, options.quant, backend
+        )
+        backend = CachedBackend(options.compile_backend, open_compile_cache(options.compile_cache, key))
+        if startup is not None:
+            startup.cache = backend.cache
     experts, quant_lines = [], []
     for expert in components.experts:
         experts.append(parallelize(expert, mesh, attend, per_token_timesteps=info.family.expand_timesteps))
@@ -241,13 +282,15 @@ def build_pipeline(
             # after LoRA fusion (load) and TP's slicing (parallelize), before compile
             quant_lines.append(quantize_fp8(expert).summary())
         if compiled:
-            compile_blocks(experts[-1], options.compile_backend)
+            compile_blocks(experts[-1], backend)
+    if startup is not None:
+        startup.load_s = time.perf_counter() - start
     log.info(
         "loaded %s on %d rank(s) (%s%s) in %.1f s%s; %s; quant %s",
         info.path or info.config_name,
         d.world_size,
         layout.describe(),
-        ", blocks compiled" if compiled else "",
+        f", blocks compiled ({backend.cache.describe()})" if compiled else "",
         time.perf_counter() - start,
         "".join(f"; fused LoRA {spec.describe()}" for spec in options.loras),
         kernel_line,
@@ -278,40 +321,31 @@ def build_pipeline(
         agree = lambda hit: vae_split.all_true(torch.tensor(hit, device=d.device))  # noqa: E731
     pipe.prompt_cache = LruCache("prompt", options.prompt_cache) if options.prompt_cache else None
     pipe.condition_cache = LruCache("condition", options.condition_cache, agree) if options.condition_cache else None
+    if options.cache.enabled:  # after parallelize and compile: the compiled blocks stay as they are
+        from wan_spmd.step_cache import StepCache
+
+        pipe.step_cache = StepCache(options.cache, info.family.name, info.family.expert_names)
+        pipe.step_cache.install(pipe.experts)
+        log.info("step cache: %s", options.cache.describe())
     return pipe
 
 
-def warm_up(pipe: WanVideoPipeline, shapes: tuple[WarmupShape, ...]) -> float:
-    """One throwaway request per shape on every rank (text encode, VAE encode, a step of each
-    expert with CFG, decode), so compiles, autotuning and allocator growth are paid before the
-    ranks agree they are ready. Returns the seconds it took."""
-    from wan_spmd.images import Pixels
-    from wan_spmd.params import GenerationParams
+def measure_warm_up(pipe: WanVideoPipeline, shapes: tuple[WarmupShape, ...], startup: Startup) -> None:
+    """`warmup.warm_up`, with its compiles counted: graphs, cache hits, and dynamo's seconds."""
+    from torch._dynamo.utils import compilation_time_metrics
 
-    start = time.perf_counter()
-    two_experts = len(pipe.c.experts) == 2
-    for width, height, frames in shapes:
-        params = GenerationParams(
-            prompt="warm-up",
-            negative_prompt="",
-            image=Pixels(width, height, bytes([128]) * (width * height * 3)) if pipe.info.family.takes_image else None,
-            width=width,
-            height=height,
-            num_frames=frames,
-            fps=16,
-            num_inference_steps=2,
-            guidance_scale=5.0,  # CFG on: both branches (and the cfg-parallel exchange) run
-            guidance_scale_2=5.0,
-            # flow_shift 1 puts the 2 timesteps at 999 and 500: one on each side of 750
-            boundary_ratio=0.75 if two_experts else None,
-            flow_shift=1.0,
-            seed=0,
-        )
-        state = pipe.generate_latents(params)
-        for _ in pipe.timed_decode(state):
-            pass
-        log.info("warmed up %dx%dx%d", width, height, frames)
-    return time.perf_counter() - start
+    from wan_spmd.compile_cache import cache_hits
+    from wan_spmd.compiling import compiled_graphs
+    from wan_spmd.warmup import warm_up
+
+    def dynamo_s() -> float:
+        return sum(compilation_time_metrics.get("_compile.compile_inner", ()))
+
+    graphs, hits, compile_s = compiled_graphs(), cache_hits(), dynamo_s()
+    startup.warmup_s = warm_up(pipe, shapes)
+    startup.graphs = compiled_graphs() - graphs
+    startup.cache_hits = cache_hits() - hits
+    startup.compile_s = dynamo_s() - compile_s
 
 
 def report_resident(d: Dist, pipe: WanVideoPipeline, plan: Plan | None) -> None:
@@ -320,6 +354,7 @@ def report_resident(d: Dist, pipe: WanVideoPipeline, plan: Plan | None) -> None:
     import os
 
     from wan_spmd.placement import describe_resident, resident_weights
+    from wan_spmd.runtime import ControlPlane
 
     every = ControlPlane(d).gather_objects(resident_weights(pipe.c), "gathering resident weights")
     if d.is_main:
@@ -332,6 +367,8 @@ def report_resident(d: Dist, pipe: WanVideoPipeline, plan: Plan | None) -> None:
 def agree_all_ok(d: Dist, ok: bool) -> bool:
     """One control-plane all-reduce after start-up: it returns only once every rank got here, and
     says whether every rank is ready (loaded, and on rank 0 its front started)."""
+    from wan_spmd.runtime import ControlPlane
+
     failed, _ = ControlPlane(d).any_flags(not ok, False)
     return not failed
 
@@ -342,6 +379,8 @@ def run_engine(info: ModelInfo, options: EngineOptions, front: Front | None, fau
     `front` is rank 0's (None elsewhere). 0 after a clean stop unless the front says otherwise,
     1 when a rank was lost or could not start.
     """
+    from wan_spmd.runtime import ShutdownWatch, init_dist
+
     d = init_dist(options.device, options.collective_timeout_s, options.heartbeat_timeout_s)
     engine = _Engine(d, info, options, front if d.is_main else None, fault)
     with ShutdownWatch(engine.on_signal, engine.on_expire, grace_s=options.stop_grace_s) as watch:
@@ -364,6 +403,7 @@ class _Engine:
 
     def run(self, watch: ShutdownWatch) -> int:
         from wan_spmd.compiling import resolve_compile
+        from wan_spmd.runtime import ControlPlane, ControlPlaneLost, shutdown, spmd_loop, wait_for_all
 
         d, ok, lost = self.d, True, False
         try:
@@ -378,9 +418,10 @@ class _Engine:
             #    collectives (mesh set-up), and rank 0 has just spent a moment on its front
             wait_for_all(d, self.options.load_timeout_s)
             pipe = None
+            startup = Startup()
             if ok:
                 try:
-                    pipe = build_pipeline(d, self.info, self.options)
+                    pipe = build_pipeline(d, self.info, self.options, startup=startup)
                 except Exception:
                     log.exception("rank %d could not load the model", d.rank)
                     ok = False
@@ -391,7 +432,6 @@ class _Engine:
                     log.error("not every rank loaded the model; stopping")
                 return 1
             # 4. Warm up together (compiles are paid here, not by the first request), agree, loop
-            warm_s = 0.0
             shapes = self.options.warmup_shapes
             if shapes is None and resolve_compile(self.options.compile, d.device):
                 # rank 0's front adds its own (every rank joins the broadcast)
@@ -401,7 +441,7 @@ class _Engine:
             shapes = shapes or ()
             if shapes:
                 try:
-                    warm_s = warm_up(pipe, shapes)
+                    measure_warm_up(pipe, shapes, startup)
                 except Exception:
                     log.exception("rank %d could not warm up", d.rank)
                     ok = False
@@ -412,7 +452,7 @@ class _Engine:
                     return 1
             report_resident(d, pipe, self.options.memory_plan)
             if self.front is not None:
-                self.front.ready(d.world_size, warm_s)
+                self.front.ready(d.world_size, startup)
             runner = self.runner = JobRunner(pipe, d.rank, self.fault)
             source = self.front.source if self.front is not None else None
             jobs = spmd_loop(d, runner, source, self.options.heartbeat_s)

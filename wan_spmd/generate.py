@@ -12,7 +12,8 @@ from wan_spmd.jobs import Job, OfflineFront, Outcome, SourceBase, StopLoop
 
 
 def timings_line(timings_ms: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.0f}{'' if k in COUNT_KEYS else 'ms'}" for k, v in timings_ms.items())
+    counts = (k in COUNT_KEYS or k.startswith("StepCache") for k in timings_ms)  # counts, not ms
+    return " ".join(f"{k}={v:.0f}{'' if c else 'ms'}" for (k, v), c in zip(timings_ms.items(), counts, strict=True))
 
 
 class OneJobSource(SourceBase):

@@ -188,7 +188,7 @@ class OfflineFront:
     def start(self) -> None:
         pass
 
-    def ready(self, world_size: int, warmup_s: float) -> None:
+    def ready(self, world_size: int, startup: object) -> None:
         pass
 
     def on_signal(self, name: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from wan_spmd.config import REAL_MODELS, TINY_NAMES, ModelFolderError, ModelInfo, inspect_model_folder, tiny_cache_dir
 from wan_spmd.families import Family
-from wan_spmd.options import split_warmup_shapes
+from wan_spmd.options import CACHE_BACKENDS, CACHE_DIT_REFUSED, split_warmup_shapes
 
 
 @dataclass(frozen=True)
@@ -238,3 +238,86 @@ def parse_lora_specs(info: ModelInfo, **by_flag: list[str] | None) -> tuple[Lora
                 raise ValueError(f"{flag}: {info.family.name} has one expert; use --lora")
             specs.append(parse_lora_spec(text, flag))
     return tuple(specs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Step caching (--cache-backend, --cache-config): the names vllm-omni's server takes
+
+# Each backend's --cache-config keys and their types; anything else is refused by name.
+CACHE_CONFIG_KEYS: dict[str, dict[str, type]] = {
+    "tea_cache": {"rel_l1_thresh": float, "ret_steps": int, "coefficients": list},
+    "mag_cache": {"magcache_thresh": float, "magcache_K": int, "retention_ratio": float, "mag_ratios": list},
+}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """`--cache-backend` with its `--cache-config` (a launch-time choice; a request may only move the
+    backend's threshold, `cache_threshold`)."""
+
+    backend: str = "none"
+    config: tuple[tuple[str, Any], ...] = ()
+    """The --cache-config keys given, checked against CACHE_CONFIG_KEYS (lists as tuples: frozen)."""
+    summary: bool = False
+    """--enable-cache-dit-summary: log each request's skip summary at INFO."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.backend != "none"
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.config)
+
+    def describe(self) -> str:
+        given = ", ".join(f"{k}={v if not isinstance(v, tuple) else f'<{len(v)} values>'}" for k, v in self.config)
+        return self.backend + (f" ({given})" if given else "")
+
+
+def _config_value(backend: str, key: str, kind: type, value: Any) -> Any:
+    bad = f"--cache-config {key} must be "
+    if kind is list:
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        ):
+            raise ValueError(bad + f"a non-empty list of numbers, got {str(value)[:40]}")
+        return tuple(float(v) for v in value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(bad + f"a number, got {str(value)[:40]}")
+    if kind is int:
+        if value != int(value) or value < 0:
+            raise ValueError(bad + f"an integer >= 0, got {value}")
+        return int(value)
+    if key == "retention_ratio" and not 0 <= value <= 1:
+        raise ValueError(bad + f"within [0, 1], got {value}")
+    if key != "retention_ratio" and not value > 0:
+        raise ValueError(bad + f"> 0, got {value}")
+    return float(value)
+
+
+def parse_cache_spec(backend: str, config: str | None, summary: bool = False) -> CacheSpec:
+    """--cache-backend NAME --cache-config JSON -> CacheSpec, or ValueError naming what is wrong."""
+    import json
+
+    name = backend.strip().lower()
+    if name not in CACHE_BACKENDS:
+        raise ValueError(f"--cache-backend must be one of {', '.join(CACHE_BACKENDS)}, got {backend!r}")
+    if name == "cache_dit":
+        raise ValueError(CACHE_DIT_REFUSED)
+    given: dict[str, Any] = {}
+    if config is not None and config.strip():
+        try:
+            given = json.loads(config)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--cache-config is not JSON ({exc.msg} at character {exc.pos})") from None
+        if not isinstance(given, dict):
+            raise ValueError("--cache-config must be a JSON object, e.g. '{\"rel_l1_thresh\": 0.2}'")
+    if given and name == "none":
+        raise ValueError("--cache-config needs --cache-backend tea_cache or mag_cache")
+    allowed = CACHE_CONFIG_KEYS.get(name, {})
+    unknown = sorted(k for k in given if k not in allowed)
+    if unknown:
+        raise ValueError(f"--cache-config: {name} takes {', '.join(allowed)}; unknown: {', '.join(unknown)}")
+    values = tuple((k, _config_value(name, k, allowed[k], v)) for k, v in given.items())
+    return CacheSpec(backend=name, config=values, summary=summary)

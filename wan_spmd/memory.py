@@ -224,6 +224,7 @@ def activations(
     vae_dtype: str = "fp32",
     parallel_vae: bool = True,
     vae_tiled: bool = False,
+    step_cache: bool = False,
 ) -> Activations:
     """The activation model: a forward's peak is `FORWARD_HIDDEN_COPIES` hidden states plus
     `FORWARD_FFN_COPIES` FFN intermediates of the rank's share of the tokens (tp splits the heads
@@ -236,6 +237,9 @@ def activations(
     hidden = request.tokens * dim * 2
     intermediate = request.tokens * ffn * 2
     denoise = (FORWARD_HIDDEN_COPIES * hidden + FORWARD_FFN_COPIES * intermediate) // share + FORWARD_FIXED
+    if step_cache:  # one residual of the rank's tokens per guidance branch it runs (step_cache.residual_bytes)
+        branches = 1 if world_size > share else 2  # CFG-parallel: one branch per rank
+        denoise += -(-request.tokens // share) * dim * 2 * branches
     pixels = request.width * request.height / (world_size if parallel_vae else 1)
     scale = (1.0 if vae_dtype == "fp32" else 0.5) * (VAE_TILED_FRACTION if vae_tiled else 1.0)
     decode = int(VAE_DECODE_BYTES_PER_PIXEL_FP32 * pixels * scale)
@@ -364,6 +368,7 @@ def plan(
     parallel_vae: bool = True,
     placement: str = "auto",
     built: tuple[str, ...] = BUILT,
+    step_cache: bool = False,
 ) -> Plan:
     """The cheapest placement whose expected peak fits `budget` (or the one asked for, priced);
     raises BudgetTooSmall naming the numbers when none does, or when only one this version does not
@@ -376,7 +381,9 @@ def plan(
     tried: list[Plan] = []
     for name in candidates:
         tiled = PLACEMENTS.index(name) >= PLACEMENTS.index("vae_tiled")
-        acts = activations(request, transformer_config, tp, ulysses, world_size, vae_dtype, parallel_vae, tiled)
+        acts = activations(
+            request, transformer_config, tp, ulysses, world_size, vae_dtype, parallel_vae, tiled, step_cache
+        )
         stages, on_card, host, moved = _stages(weights, acts, name)
         stage = max(stages, key=lambda s: stages[s])
         peak = int((stages[stage] + CUDA_CONTEXT) / (1 - FRAGMENTATION))
@@ -491,8 +498,10 @@ def plan_for(
     vae_dtype: str = "fp32",
     parallel_vae: bool = True,
     offload: str = "auto",
+    step_cache: bool = False,
 ) -> Plan:
-    """The plan for one rank of this model, layout and request within `budget` bytes per card."""
+    """The plan for one rank of this model, layout and request within `budget` bytes per card
+    (`step_cache`: --cache-backend holds residuals while denoising)."""
     if offload not in OFFLOAD_CHOICES:
         raise ValueError(f"--offload must be one of {', '.join(OFFLOAD_CHOICES)}, got {offload!r}")
     weights = weights_for(info, tp, quant, vae_dtype)
@@ -512,4 +521,5 @@ def plan_for(
         # a tensor-parallel expert's slices are DTensors, and fp8 weights torchao's tensor
         # subclasses, which the offload does not move (yet)
         built=BUILT if tp == 1 and quant == "none" else tuple(p for p in BUILT if p != "experts"),
+        step_cache=step_cache,
     )

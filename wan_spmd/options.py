@@ -20,6 +20,7 @@ command reads it as `values.NAME`.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -175,6 +176,37 @@ QUANT_CHOICES = ("none", "fp8")
 OFFLOAD_CHOICES = ("auto", "none", "text-encoder", "experts")
 """memory.OFFLOAD_CHOICES' keys, repeated here (a unit test keeps them equal)."""
 VAE_DTYPES = ("fp32", "bf16")
+CACHE_BACKENDS = ("none", "cache_dit", "tea_cache", "mag_cache")
+"""--cache-backend's names (vllm-omni's); launch.parse_cache_spec builds the backend from them."""
+CACHE_DIT_REFUSED = (
+    "--cache-backend cache_dit is not offered: cache-dit 1.5.3's pins fit ours (torch>=2.7.1, diffusers>=0.36), "
+    "but it patches diffusers' transformer forward, which our parallel experts do not run, and decides each skip "
+    "from its own rank's token shard, so ranks would decide differently and hang; use tea_cache or mag_cache"
+)
+
+
+def cache_backend_text(text: str) -> str:
+    """--cache-backend: one of CACHE_BACKENDS (any case); cache_dit refused with its reason."""
+    name = text.strip().lower()
+    if name not in CACHE_BACKENDS:
+        raise ValueError(f"--cache-backend must be one of {', '.join(CACHE_BACKENDS)}, got {text!r}")
+    if name == "cache_dit":
+        raise ValueError(CACHE_DIT_REFUSED)
+    return text
+
+
+def cache_config_text(text: str) -> str:
+    """--cache-config's syntax, a JSON object; its keys are checked against the backend later
+    (launch.parse_cache_spec, which knows each backend's)."""
+    if text.strip():
+        try:
+            given = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--cache-config is not JSON ({exc.msg} at character {exc.pos})") from None
+        if not isinstance(given, dict):
+            raise ValueError("--cache-config must be a JSON object, e.g. '{\"rel_l1_thresh\": 0.2}'")
+    return text
+
 
 SCHEDULERS = ("default", "euler")
 """default: the model folder's scheduler (UniPC for Wan2.2); euler: flow-matching Euler whose sigmas,
@@ -205,6 +237,9 @@ OPTIONS: tuple[Option, ...] = (
     _request("scheduler", str, "default (the model folder's, UniPC) or euler (flow-matching Euler over evenly "
              "spaced steps, as the 4-step distillation LoRAs are sampled).", choices=SCHEDULERS),
     _request("seed", int, "Random seed; a random one (reported) when absent.", default_text="random"),
+    _request("cache_threshold", float, "The step cache's threshold for this request (tea_cache: rel_l1_thresh, "
+             "mag_cache: magcache_thresh; higher skips more); ignored without --cache-backend.", max=10.0,
+             default_text="--cache-config's"),
     _generate("image", str, None, "Input image path (image-to-video models).", metavar="PATH"),
     _generate("output", Path, "output.mp4", "Where the mp4 goes."),
     _generate("frames_dir", Path, None, "Also write every frame as a lossless PNG here."),
@@ -246,9 +281,20 @@ OPTIONS: tuple[Option, ...] = (
          "~6.5 GB more at 720p fp32).", MODEL, feeds="engine"),
     _run("compile", bool, None, "Compile the experts' repeated blocks.", MODEL,
          default_text="on with CUDA, off on the CPU", feeds="engine"),
-    _run("warmup_shapes", str, None, "Throwaway requests before ready ('none' for none).", MODEL,
+    _run("warmup_shapes", str, None, "Shapes whose transformer forwards compile before ready ('none' for none).", MODEL,
          metavar="WxHxF,...", parse=_warmup_text,
          default_text="with --compile: serve the preset's shape, generate/batch their jobs' shapes"),
+    _run("compile_cache", str, None, "Keep what --compile compiles here across restarts, one subfolder per "
+         "torch/GPU/layout/model/attention/quant key; ranks and replicas may share it ('none': no cache).", MODEL,
+         metavar="DIR|none", default_text="$XDG_CACHE_HOME/wan_spmd/compile"),
+    _run("cache_backend", str, "none", "Step caching: none, tea_cache or mag_cache (skip transformer blocks on "
+         "steps that change little; vllm-omni's flag). cache_dit is refused with the reason.", MODEL,
+         metavar="|".join(CACHE_BACKENDS), parse=cache_backend_text),
+    _run("cache_config", str, None, "JSON for the backend, e.g. '{\"rel_l1_thresh\": 0.2}' (tea_cache: "
+         "rel_l1_thresh, ret_steps, coefficients; mag_cache: magcache_thresh, magcache_K, retention_ratio, "
+         "mag_ratios).", MODEL, metavar="JSON", parse=cache_config_text),
+    _run("enable_cache_dit_summary", bool, False, "Log each request's step-cache summary (skipped forwards).",
+         MODEL),
     _run("lora", list, None, "A LoRA (.safetensors) fused into every expert at load; repeatable.", MODEL,
          metavar="PATH[:SCALE]"),
     _run("lora_high", list, None, "A LoRA fused into the high-noise expert only.", MODEL, metavar="PATH[:SCALE]"),

@@ -106,6 +106,8 @@ class GenerationParams:
     """Seconds the job may run once started (Limits.deadline_s of its work); None: no deadline."""
     adjusted: tuple[tuple[str, str, str], ...] = ()
     """(field, requested, used) for each value rounded to what the model takes (lenient fronts only)."""
+    cache_threshold: float | None = None
+    """The step cache's threshold for this job; None: the backend's (--cache-config or its default)."""
 
     @property
     def size(self) -> str:
@@ -443,6 +445,11 @@ def resolve_params(
         raise RequestError(
             f"scheduler must be one of {', '.join(SCHEDULERS)}, got {_shown(scheduler_value)}", "scheduler"
         )
+    cache_threshold = None
+    if pick("cache_threshold") is not None:
+        cache_threshold = _as_float("cache_threshold", pick("cache_threshold"))
+        if not cache_threshold > 0:
+            raise RequestError(f"cache_threshold must be > 0, got {cache_threshold:g}", "cache_threshold")
     seed_value = pick("seed")
     seed = random.randrange(2**32) if seed_value is None else _as_int("seed", seed_value)
     if not 0 <= seed <= MAX_SEED:
@@ -467,4 +474,5 @@ def resolve_params(
         adjusted=tuple(adjusted),
         work=work,
         deadline_s=limits.deadline_s(work),
+        cache_threshold=cache_threshold,
     )

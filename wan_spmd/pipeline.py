@@ -22,7 +22,8 @@ in its layout, or a whole diffusers expert), the `NoisePredictor` (one guided no
 step: serial CFG here, CFG-parallel there, with `cfg_branch` saying which prompt a rank's group
 needs) and the `VaeSplit` (the I2V condition's encode and the chunked decode, `decode_chunks`, split
 over the ranks; without one, rank 0 decodes alone). The runtime passes a per-step `StepControl`
-that agrees across ranks whether to go on.
+that agrees across ranks whether to go on. A `step_cache` (wan_spmd.step_cache), when set, decides
+before each step whether the experts' blocks run or reuse their last residual.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import ftfy
 import regex as re
@@ -47,6 +48,9 @@ from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import JobCancelled
 from wan_spmd.models import Components
 from wan_spmd.params import GenerationParams
+
+if TYPE_CHECKING:
+    from wan_spmd.step_cache import Agree, StepCache
 
 log = logging.getLogger("wan_spmd")
 
@@ -205,6 +209,8 @@ class WanVideoPipeline:
         self.condition_encoder: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
         """This rank's own encode of the I2V condition when the VAE is not split, (vae, video) -> latent
         mode (`vae_reuse.reuse_encode_mode`); None: diffusers' `encode(...).latent_dist.mode()`."""
+        self.step_cache: StepCache | None = None
+        """Set (and installed on the experts) by the engine for --cache-backend tea_cache/mag_cache."""
         self.vae_scale_temporal = int(components.vae.config.scale_factor_temporal)
         self.vae_scale_spatial = int(components.vae.config.scale_factor_spatial)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_spatial)
@@ -351,6 +357,8 @@ class WanVideoPipeline:
             model, guidance = self.expert_for(t, boundary_timestep, params)
             if self.placement is not None:  # the expert switch: this step's expert on the device
                 self.placement.use_expert(0 if model is self.experts[0] else 1)
+            if self.step_cache is not None:  # decided (and agreed) before the step's forwards
+                self.step_cache.begin_step(i, total, t, model)
             model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
             if first_frame is not None:  # the model sees the image's latent as the first frame
                 model_input = (1 - mask) * first_frame + mask * latents
@@ -359,6 +367,8 @@ class WanVideoPipeline:
             noise_pred = self.predict_noise(
                 model, model_input, timestep, prompt_embeds, negative_embeds, guidance if do_cfg else None
             )
+            if self.step_cache is not None:
+                self.step_cache.end_step()
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if on_step is not None:
                 on_step(i + 1, total)
@@ -438,8 +448,10 @@ class WanVideoPipeline:
         params: GenerationParams,
         control: StepControl | None = None,
         on_step: Callable[[int, int], None] | None = None,
+        cache_agree: Agree | None = None,
     ) -> Latents:
-        """Steps 1-3, which every rank runs together (the experts' collectives are in here)."""
+        """Steps 1-3, which every rank runs together (the experts' collectives are in here).
+        `cache_agree` agrees the step cache's decisions across ranks (the runtime's; None: alone)."""
         timer = _StageTimer(self.device)
         timer.start("PipelineWall")
         caches = {"Prompt": self.prompt_cache, "Condition": self.condition_cache}
@@ -462,11 +474,26 @@ class WanVideoPipeline:
             elif conditioning == "first_frame" and params.image is not None:
                 first_frame = self.first_frame_latent(params)
         timer.ms.update(lookup_counts(caches, counts_before))  # cache hits and misses, counts not ms
-        # 3. Denoising loop over the experts
-        with timer("Denoising"):
-            latents = self.denoise(
-                params, latents, condition, prompt_embeds, negative_embeds, control, on_step, first_frame=first_frame
-            )
+        # 3. Denoising loop over the experts (the step cache, if any, fresh for this job)
+        cache = self.step_cache
+        if cache is not None:
+            branches = 2 if do_cfg else 1
+            cache.begin_job(params.cache_threshold, params.width, params.height, branches, cache_agree)
+        try:
+            with timer("Denoising"):
+                latents = self.denoise(
+                    params,
+                    latents,
+                    condition,
+                    prompt_embeds,
+                    negative_embeds,
+                    control,
+                    on_step,
+                    first_frame=first_frame,
+                )
+        finally:
+            if cache is not None:  # the residuals are freed however the job ends
+                timer.ms.update(cache.end_job().timings())
         return Latents(params, latents, timer)
 
     def decode_video(self, latents: torch.Tensor, control: StepControl | None = None) -> Iterator[torch.Tensor]:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+
+_IMPORTED = time.monotonic()
 
 
 def torchrun_env() -> tuple[int, int, int]:
@@ -28,6 +31,19 @@ def env_int(name: str, default: int, low: int) -> int:
     if not (value.isascii() and value.isdigit()) or int(value) < low:
         raise ValueError(f"environment variable {name}={text[:40]!r} must be a whole number >= {low}")
     return int(value)
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux's /proc; elsewhere since this module was imported,
+    which misses only the interpreter's own start)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
 
 
 def setup_logging(rank: int, level: str = "INFO") -> None:

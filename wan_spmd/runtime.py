@@ -325,6 +325,15 @@ class JobAgreement:
             return False
         return True
 
+    def agree_compute(self, step: int, compute: bool) -> bool:
+        """The step cache's decision for `step`, agreed: compute when any rank wants to. The same
+        (failed, flag) all-reduce as a step's, so a peer's failure report met here ends the job alike."""
+        failed, compute = self.plane.any_flags(False, compute, f"step {step}'s cache decision", after_job=True)
+        if failed:
+            self.ended = True
+            raise PeerFailed(f"another rank failed before step {step}")
+        return compute
+
     def finish(self, failed: bool) -> bool:
         """Agree at the end of the job; True if any rank failed (or an earlier agreement ended it).
 

@@ -33,6 +33,7 @@ from wan_spmd.server.queue import Closed, JobFailed, JobQueue, PendingVideo, Una
 from wan_spmd.server.videos import VideoStore, default_replica_name
 
 if TYPE_CHECKING:
+    from wan_spmd.engine import Startup
     from wan_spmd.server.app import ServerSettings
 
 log = logging.getLogger("wan_spmd")
@@ -196,19 +197,32 @@ class ServeFront:
             self.ctx.queue, options.output_dir, videos, self.ctx.metrics.observe, self.ctx.metrics.observe_memory
         )
         self.http = HttpThread(create_app(self.ctx), options.host, options.port, options.uds, options.http)
+        self._started = False
+        self._start_error: ValueError | None = None
 
     def start(self) -> None:
         """Read back the jobs of earlier runs, then listen at once, so /health answers 503 while the
-        model loads."""
+        model loads. The CLI calls it before torch is imported and the engine again: the second
+        call only raises the first one's error, for the engine to agree on with the other ranks."""
+        if self._started:
+            if self._start_error is not None:
+                raise self._start_error
+            return
+        self._started = True
         try:
             self.options.output_dir.mkdir(parents=True, exist_ok=True)
             jobs = self.ctx.videos.load()
         except OSError as exc:
-            raise ValueError(f"cannot read the job records under --output-dir: {exc}") from None
+            self._start_error = ValueError(f"cannot read the job records under --output-dir: {exc}")
+            raise self._start_error from None
         if jobs:
             log.info("%d job(s) from earlier runs in %s", jobs, self.options.output_dir)
         self.ctx.videos.keep_lease()
-        address = self.http.start()
+        try:
+            address = self.http.start()
+        except ValueError as exc:
+            self._start_error = exc
+            raise
         log.info("listening on %s (503 on /health until %d rank(s) have loaded)", address, self.settings.world_size)
 
     def _deleted_elsewhere(self, video_id: str) -> None:
@@ -218,14 +232,14 @@ class ServeFront:
         if pending is not None:
             self.ctx.queue.withdraw(pending, "deleted")
 
-    def ready(self, world_size: int, warmup_s: float) -> None:
+    def ready(self, world_size: int, startup: Startup) -> None:
         self.ctx.mark_ready()
         loras = self.settings.loras  # named by file, scale and content hash, never by path
         log.info(
-            "ready: %s on %d rank(s)%s, writing videos to %s%s",
+            "ready: %s on %d rank(s) in %s, writing videos to %s%s",
             self.settings.served_model_name,
             world_size,
-            f" after {warmup_s:.1f} s of warm-up" if warmup_s else "",
+            startup.describe(),
             self.options.output_dir,
             "".join(f"; LoRA {c['name']} x{c['scale']:g} ({c['experts']}, sha256 {c['sha256']})" for c in loras),
         )

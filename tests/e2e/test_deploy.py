@@ -162,6 +162,7 @@ def test_manifests_validate_offline_against_kubernetes_schemas(monkeypatch):
         ("lws-two-hosts.yaml", "Service"),
         ("serve.yaml", "Deployment"),
         ("serve.yaml", "PersistentVolumeClaim"),
+        ("serve.yaml", "PersistentVolumeClaim"),
         ("serve.yaml", "Service"),
     ]
 
@@ -237,6 +238,20 @@ def test_serve_replicas_share_one_job_store():
     assert not any(a.startswith("--replica-name") for a in serve)
     text = (KUBERNETES / "serve.yaml").read_text()
     assert "no session affinity is needed" in text and "ReadWriteMany" in text
+
+
+def test_serve_replicas_share_one_compile_cache():
+    """--compile-cache is a writable ReadWriteMany claim of its own, apart from the job store. If this
+    fails, every restart or scale-up compiles again (the cache dies with the container), or the
+    cache's folders land among the job records."""
+    deployment, claim = the("Deployment"), the("PersistentVolumeClaim", "wan-spmd-compile-cache")
+    pod = deployment["spec"]["template"]["spec"]
+    serve = pod["containers"][0]["args"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == flag(serve, "--compile-cache")]
+    volume = {v["name"]: v for v in pod["volumes"]}[mount["name"]]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and not mount.get("readOnly")
+    assert flag(serve, "--compile-cache") != flag(serve, "--output-dir")
 
 
 def test_lws_example_names_the_fields_it_relies_on():
@@ -693,6 +708,7 @@ def test_kubectl_reads_the_manifests():
         "deployment.apps/wan-spmd",
         "job.batch/wan-spmd-batch",
         "leaderworkerset.leaderworkerset.x-k8s.io/wan-spmd-2host",
+        "persistentvolumeclaim/wan-spmd-compile-cache",
         "persistentvolumeclaim/wan-spmd-jobs",
         "service/wan-spmd",
         "service/wan-spmd-2host-http",

@@ -403,8 +403,14 @@ def test_unread_answers_do_not_hold_the_server(server, target):
             data=_form(num_inference_steps="1"),
             files={"input_reference": ("in.png", _png(), "image/png")},
         )
-        assert r.status_code == 200 and r.json()["status"] == "completed", r.text[:300]
-        path = f"/v1/videos/{r.json()['id']}/content"
+        assert r.status_code == 200, r.text[:300]
+        video_id = r.json()["id"]  # queued at once (asynchronous by default): wait for its video
+        _wait_for(
+            lambda: server.client.get(f"/v1/videos/{video_id}").json()["status"] == "completed",
+            120,
+            "the video to complete",
+        )
+        path = f"/v1/videos/{video_id}/content"
     reasons = ("send_timeout", "evicted")
     closed_before = {
         reason: _metric(server.client, "wan_spmd_connections_closed_total", reason=reason) for reason in reasons

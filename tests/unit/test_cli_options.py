@@ -35,6 +35,8 @@ BAD_VALUES = {
     "gpu memory text": (["batch", "r.jsonl", "--output-dir", "o", "--gpu-memory", "48GB"], "--gpu-memory must be"),
     "offload": (["serve", "--offload", "cpu"], "--offload must be one of auto, none, text-encoder, experts"),
     "cache size": (["serve", "--prompt-cache", "-1"], "--prompt-cache must be >= 0 entries, got -1"),
+    "step cache backend": (["serve", "--cache-backend", "cache_dit"], "--cache-backend cache_dit is not offered"),
+    "step cache config": (["serve", "--cache-config", "[1]"], "--cache-config must be a JSON object"),
     "unknown flag": (["generate", "--steps", "4"], "No such option: --steps (did you mean --num-inference-steps"),
     "missing value": (["serve", "--port"], "requires an argument"),
 }

@@ -92,6 +92,13 @@ class ServerMetrics:
             ["cache", "result"],
             registry=self.registry,
         )
+        self.step_cache_forwards = Counter(
+            "wan_spmd_step_cache_forwards",
+            "Transformer forwards of finished requests under --cache-backend, by expert and whether the "
+            "step cache skipped them (StepCacheSkipped/<expert> of StepCacheForwards/<expert>).",
+            ["expert", "result"],
+            registry=self.registry,
+        )
 
     def observe_memory(self, peak: PeakMemory) -> None:
         """The last completed job's peak GPU memory (max over ranks), and the largest since start."""
@@ -111,6 +118,11 @@ class ServerMetrics:
             if stage in COUNT_KEYS:  # a count of cache lookups, not a latency
                 cache, result = COUNT_KEYS[stage]
                 self.cache_lookups.labels(cache=cache, result=result).inc(ms)
+                continue
+            if stage.startswith("StepCache"):  # the step cache's forward counts, not a latency
+                kind, _, expert = stage.partition("/")
+                result = "skipped" if kind == "StepCacheSkipped" else "all"
+                self.step_cache_forwards.labels(expert=expert, result=result).inc(ms)
                 continue
             self.stage_seconds.labels(stage=stage).observe(ms / 1000.0)
 
