@@ -23,6 +23,7 @@ from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import Job, JobSource
 from wan_spmd.launch import CacheSpec, LoraSpec, ParallelLayout, WarmupShape
 from wan_spmd.memory import Plan
+from wan_spmd.options import default
 from wan_spmd.process import process_age_s
 
 if TYPE_CHECKING:  # torch: imported when the engine runs, so a server listens before it loads
@@ -35,19 +36,20 @@ log = logging.getLogger("wan_spmd")
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How every rank joins, loads and waits; the same flags on every command."""
+    """How every rank joins, loads and waits; the same flags on every command (options.py's rows
+    that feed "engine", whose defaults these are)."""
 
     layout: ParallelLayout = ParallelLayout()
-    device: str = "auto"
-    load_format: str = "auto"
+    device: str = default("device")
+    load_format: str = default("load_format")
     """auto reads the folder's weights; dummy makes random ones (benchmarks without weights)."""
-    collective_timeout_s: float = 600.0
+    collective_timeout_s: float = default("collective_timeout")
     """Bound on the default group's collectives (inside a job; idle ranks never wait there)."""
-    heartbeat_timeout_s: float = 60.0
+    heartbeat_timeout_s: float = default("heartbeat_timeout")
     """Bound on every control-plane call: a dead or stuck rank is noticed within it."""
-    stop_grace_s: float = 15.0
+    stop_grace_s: float = default("stop_grace")
     """After SIGTERM/SIGINT, how long the loop may take to stop before the process ends itself."""
-    load_timeout_s: float = 1800.0
+    load_timeout_s: float = default("load_timeout")
     """How long ranks wait for each other to finish loading."""
     compile: bool | None = None
     """Compile the experts' blocks; None: on CUDA yes, on the CPU no (`compiling.resolve_compile`)."""
@@ -59,24 +61,24 @@ class EngineOptions:
     auto_warmup_shapes: tuple[WarmupShape, ...] = ()
     """The command's own choice: serve the preset's shape, generate its job's (batch's come from its
     front on rank 0, `Front.warmup_shapes`)."""
-    vae_dtype: str = "fp32"
+    vae_dtype: str = default("vae_dtype")
     loras: tuple[LoraSpec, ...] = ()
     """LoRA files fused into the experts' slices at load, before compile and warm-up."""
     memory_plan: Plan | None = None
     """Where the weights live (memory.plan_for, decided before loading for --gpu-memory); None:
     everything resident (the CPU without a budget)."""
-    attention: str = "auto"
+    attention: str = default("attention")
     """auto|sdpa|fa3|fa3-fp8 (`kernels.select_attention`): auto is FA3 bf16 where it runs (Hopper)."""
-    quant: str = "none"
+    quant: str = default("quant")
     """none|fp8: fp8 rowwise linears in the experts' blocks (torchao), after LoRA fusion and TP slicing."""
     compile_cache: Path | None = field(default_factory=default_compile_cache)
     """--compile-cache: the folder torch's compile caches persist in, one subfolder per key
     (`compile_cache`); None: torch's caches off."""
-    prompt_cache: int = 16
+    prompt_cache: int = default("prompt_cache")
     """Prompt embeddings kept across requests (`caches`); 0: none."""
-    condition_cache: int = 8
+    condition_cache: int = default("condition_cache")
     """I2V condition latents kept across requests (`caches`); 0: none."""
-    vae_encode_reuse: bool = True
+    vae_encode_reuse: bool = default("vae_encode_reuse")
     """The I2V condition's encode reuses a stage's output where its input and cache repeat (exact;
     `vae_reuse`); False: diffusers' encode as it is."""
     cache: CacheSpec = CacheSpec()

@@ -15,6 +15,7 @@ from typing import Any
 
 from wan_spmd.config import REAL_MODELS, TINY_NAMES, ModelFolderError, ModelInfo, inspect_model_folder, tiny_cache_dir
 from wan_spmd.families import Family
+from wan_spmd.options import CACHE_BACKENDS, CACHE_DIT_REFUSED, split_warmup_shapes
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,6 @@ def resolve_model(model: str, load_format: str = "auto") -> ModelInfo:
     return inspect_model_folder(model)
 
 
-VAE_DTYPES = ("fp32", "bf16")
 WarmupShape = tuple[int, int, int]
 """(width, height, num_frames) of one warm-up request."""
 
@@ -143,22 +143,15 @@ WarmupShape = tuple[int, int, int]
 def parse_warmup_shapes(text: str, spatial_multiple: int, max_frames: int = 161) -> tuple[WarmupShape, ...]:
     """`--warmup-shapes 1280x720x81,832x480x81` -> shapes; `none` -> (). Each must be a size the
     model can take (multiples of its spatial multiple, 4k+1 frames), else one line naming it."""
-    if text.strip().lower() in ("", "none"):
-        return ()
     shapes = []
-    for item in text.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 3 or not all(p.isascii() and p.isdigit() for p in parts):
-            raise ValueError(f"--warmup-shapes: {item.strip()!r} is not WIDTHxHEIGHTxFRAMES (e.g. 832x480x81)")
-        width, height, frames = (int(p) for p in parts)
+    for item, width, height, frames in split_warmup_shapes(text):
         for name, value in (("width", width), ("height", height)):
             if value < spatial_multiple or value % spatial_multiple or value > 4096:
                 raise ValueError(
-                    f"--warmup-shapes: {name} {value} in {item.strip()!r} is not a multiple of {spatial_multiple} "
-                    "within 4096"
+                    f"--warmup-shapes: {name} {value} in {item!r} is not a multiple of {spatial_multiple} within 4096"
                 )
         if frames % 4 != 1 or not 1 <= frames <= max_frames:
-            raise ValueError(f"--warmup-shapes: {frames} frames in {item.strip()!r} is not 4k+1 within {max_frames}")
+            raise ValueError(f"--warmup-shapes: {frames} frames in {item!r} is not 4k+1 within {max_frames}")
         shapes.append((width, height, frames))
     return tuple(dict.fromkeys(shapes))
 
@@ -250,17 +243,11 @@ def parse_lora_specs(info: ModelInfo, **by_flag: list[str] | None) -> tuple[Lora
 # ---------------------------------------------------------------------------------------------
 # Step caching (--cache-backend, --cache-config): the names vllm-omni's server takes
 
-CACHE_BACKENDS = ("none", "cache_dit", "tea_cache", "mag_cache")
 # Each backend's --cache-config keys and their types; anything else is refused by name.
 CACHE_CONFIG_KEYS: dict[str, dict[str, type]] = {
     "tea_cache": {"rel_l1_thresh": float, "ret_steps": int, "coefficients": list},
     "mag_cache": {"magcache_thresh": float, "magcache_K": int, "retention_ratio": float, "mag_ratios": list},
 }
-CACHE_DIT_REFUSED = (
-    "--cache-backend cache_dit is not offered: cache-dit 1.5.3's pins fit ours (torch>=2.7.1, diffusers>=0.36), "
-    "but it patches diffusers' transformer forward, which our parallel experts do not run, and decides each skip "
-    "from its own rank's token shard, so ranks would decide differently and hang; use tea_cache or mag_cache"
-)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,72 +17,21 @@ from typing import Any
 from wan_spmd import images
 from wan_spmd.config import ModelInfo
 from wan_spmd.images import Pixels
+from wan_spmd.options import FLOAT_TEXT, INT_TEXT, MAX_NUMBER_CHARS, REQUEST_FIELDS, SCHEDULERS, Option, default
 
-
-@dataclass(frozen=True)
-class RequestField:
-    """One request key: its name everywhere (HTTP form and JSON key, JSONL key, CLI flag with dashes),
-    the type a client should send, and the one help text the CLI and the OpenAPI page both show."""
-
-    name: str
-    type: type
-    help: str
-
-
-# The one field table. The CLI options (cli.request_options) and the HTTP form model
-# (server.wire.VideoForm) are made from it; values arrive as text or JSON scalars and are validated
-# by `resolve_params` alone. The image is each front's own (`input_reference` upload over HTTP, an
-# `image` path in the CLI and JSONL).
-FIELDS: tuple[RequestField, ...] = (
-    RequestField("prompt", str, "What the video shows (required)."),
-    RequestField("negative_prompt", str, "What to steer away from."),
-    RequestField("size", str, "WIDTHxHEIGHT in multiples of the model's (16 A14B, 32 TI2V), e.g. 1280x720."),
-    RequestField("width", int, "Frame width in pixels, given with height; size wins."),
-    RequestField("height", int, "Frame height in pixels, given with width; size wins."),
-    RequestField("seconds", float, "Duration; num_frames = seconds x fps rounded down to 4k+1."),
-    RequestField("fps", int, "Frames per second of the video."),
-    RequestField("num_frames", int, "4k+1 frames, e.g. 81; wins over seconds."),
-    RequestField("num_inference_steps", int, "Denoising steps."),
-    RequestField("guidance_scale", float, "CFG scale of the high-noise expert; CFG runs only when > 1."),
-    RequestField("guidance_scale_2", float, "CFG scale of the low-noise expert (defaults to guidance_scale)."),
-    RequestField("boundary_ratio", float, "Where the two experts switch, in [0, 1] (the model's own by default)."),
-    RequestField("flow_shift", float, "Shift of the flow-matching noise schedule."),
-    RequestField(
-        "scheduler",
-        str,
-        "default (the model folder's, UniPC) or euler (flow-matching Euler over evenly spaced steps, "
-        "as the 4-step distillation LoRAs are sampled).",
-    ),
-    RequestField("seed", int, "Random seed; a random one (reported) when absent."),
-    RequestField(
-        "cache_threshold",
-        float,
-        "The step cache's threshold for this request (tea_cache: rel_l1_thresh, mag_cache: magcache_thresh; "
-        "higher skips more); ignored without --cache-backend.",
-    ),
-)
+# The one field table is options.OPTIONS' request rows: the CLI options (cli.py) and the HTTP form
+# model (server.wire.VideoForm) are made from it; values arrive as text or JSON scalars and are
+# validated by `resolve_params` alone. The image is each front's own (`input_reference` upload over
+# HTTP, an `image` path in the CLI and JSONL).
+FIELDS: tuple[Option, ...] = REQUEST_FIELDS
 PARAM_KEYS = tuple(f.name for f in FIELDS)
-SCHEDULERS = ("default", "euler")
-"""default: the model folder's scheduler (UniPC for Wan2.2); euler: flow-matching Euler whose sigmas,
-before the shift, are 1, 1 - 1/n, ..., 1/n (lightx2v's Wan22StepDistillScheduler; ComfyUI's
-euler sampler with the simple schedule)."""
 FRONT_KEYS = frozenset({"model", "image", "input_reference", "id", "output"})
 MAX_SEED = 2**63 - 1
-MAX_NUMBER_CHARS = 32  # longer than any number a field takes (a seed has at most 19 digits)
 MAX_SHOWN_KEYS = 10  # unknown keys named in the warning; the rest are counted
 MAX_SHOWN_KEY_CHARS = 40
 # Every float field's largest value, checked as it is parsed, before any arithmetic (1e308 seconds
 # would overflow x fps); the lower bounds are each field's own check, right after parsing.
-FLOAT_MAX: dict[str, float] = {
-    "seconds": 3600.0,
-    "guidance_scale": 100.0,
-    "guidance_scale_2": 100.0,
-    "flow_shift": 100.0,
-    "cache_threshold": 10.0,
-}
-# ASCII only: Python's int() and float() also take other scripts' digits ('²', '١') and underscores.
-_INT_TEXT = re.compile(r"[+-]?[0-9]+")
-_FLOAT_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+FLOAT_MAX: dict[str, float] = {f.name: f.max for f in FIELDS if f.type is float and f.max is not None}
 
 
 class RequestError(ValueError):
@@ -96,29 +44,29 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """The validation limits every front shares (each has a flag)."""
+    """The validation limits every front shares (each has a flag; the defaults are the flags')."""
 
-    max_width: int = 1920
+    max_width: int = default("max_width")
     """Widest frame in pixels."""
-    max_height: int = 1920
+    max_height: int = default("max_height")
     """Tallest frame in pixels."""
-    max_frames: int = 161
+    max_frames: int = default("max_frames")
     """Most frames per video."""
-    max_steps: int = 200
+    max_steps: int = default("max_steps")
     """Most denoising steps (the least is 1)."""
-    max_fps: int = 60
+    max_fps: int = default("max_fps")
     """Highest frame rate."""
-    max_upload_bytes: int = 20 * 1024 * 1024
+    max_upload_bytes: int = default("max_upload_bytes")
     """Largest image upload (or image file)."""
-    max_image_pixels: int = 25_000_000
+    max_image_pixels: int = default("max_image_pixels")
     """Most pixels (width x height, read from the header before decoding) of an input image."""
-    max_prompt_chars: int = 10_000
+    max_prompt_chars: int = default("max_prompt_chars")
     """Longest prompt or negative prompt; the text encoder keeps 512 tokens, roughly 2-4k characters."""
-    max_work: int = 15_000_000
+    max_work: int = default("max_work")
     """Most work per job, in token-steps as `Family.work` estimates it (steps x tokens x (1 + tokens /
     attention_tokens) + the VAE's share). 15M admits the presets' largest request, A14B
     1280x720x81 at 40 steps (75,600 tokens: 11.2M), and the same up to 54 steps."""
-    deadline_s_at_max_work: float = 3600.0
+    deadline_s_at_max_work: float = default("job_deadline")
     """A job of `max_work` must finish within this many seconds; smaller jobs get a share (`deadline_s`)."""
 
     def deadline_s(self, work: int) -> float:
@@ -192,7 +140,7 @@ def _as_int(name: str, value: Any) -> int:
             raise RequestError(f"{name} {_shown(value)} is out of range", name)
         return value
     text = value.strip() if isinstance(value, str) else ""
-    if len(text) > MAX_NUMBER_CHARS or not _INT_TEXT.fullmatch(text):
+    if len(text) > MAX_NUMBER_CHARS or not INT_TEXT.fullmatch(text):
         raise RequestError(f"{name} must be an integer (ASCII digits), got {_shown(value)}", name)
     return int(text)
 
@@ -205,7 +153,7 @@ def _as_float(name: str, value: Any) -> float:
         text = value.strip()
         if text.lower().lstrip("+-") in ("nan", "inf", "infinity"):
             raise RequestError(f"{name} must be a finite number, got {_shown(value)}", name)
-        if len(text) > MAX_NUMBER_CHARS or not _FLOAT_TEXT.fullmatch(text):
+        if len(text) > MAX_NUMBER_CHARS or not FLOAT_TEXT.fullmatch(text):
             raise RequestError(f"{name} must be a number (ASCII digits), got {_shown(value)}", name)
         value = text
     try:
@@ -240,7 +188,7 @@ def parse_size(value: Any, name: str = "size") -> tuple[int, int]:
     if (
         len(text) > MAX_NUMBER_CHARS
         or len(parts) != 2
-        or not all(_INT_TEXT.fullmatch(p.strip()) and p.strip()[0] != "+" and p.strip()[0] != "-" for p in parts)
+        or not all(INT_TEXT.fullmatch(p.strip()) and p.strip()[0] != "+" and p.strip()[0] != "-" for p in parts)
     ):
         raise RequestError(f"{name} must look like WIDTHxHEIGHT (e.g. 1280x720), got {_shown(value)}", name)
     return int(parts[0]), int(parts[1])

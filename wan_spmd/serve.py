@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING
 
 from wan_spmd.jobs import Job, Outcome, SourceBase, StopLoop
 from wan_spmd.memory import PeakMemory
+from wan_spmd.options import default
 from wan_spmd.server.http import HttpThread
 from wan_spmd.server.options import HttpOptions
 from wan_spmd.server.queue import Closed, JobFailed, JobQueue, PendingVideo, Unavailable, VideoAnswer
-from wan_spmd.server.videos import LEASE_S, VideoStore, default_replica_name
+from wan_spmd.server.videos import VideoStore, default_replica_name
 
 if TYPE_CHECKING:
     from wan_spmd.engine import Startup
@@ -161,20 +162,20 @@ class QueueJobSource(SourceBase):
 class ServeOptions:
     """The serve command's transport options (the request limits live in ServerSettings)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = default("host")
+    port: int = default("port")
     uds: str | None = None
-    max_queue: int = 16
-    output_dir: Path = Path("outputs")
+    max_queue: int = default("max_queue")
+    output_dir: Path = default("output_dir", "serve")
     http: HttpOptions = HttpOptions()
     """Connection limit, read deadlines and the Unix socket's mode."""
     replica_name: str = field(default_factory=default_replica_name)
     """In every job id (video_<replica>_...), so a balancer can route polls to the replica that has the job."""
-    keep_jobs: int = 1000
+    keep_jobs: int = default("keep_jobs")
     """Finished jobs kept (records and files); the oldest finished goes first."""
     job_ttl_s: float | None = None
     """Seconds a finished job is kept; None: until --keep-jobs evicts it."""
-    job_lease_s: float = LEASE_S
+    job_lease_s: float = default("job_lease")
     """Replicas sharing --output-dir: a replica that has not renewed its lease for this long is
     taken for dead and its unfinished jobs are failed by the others."""
 

@@ -81,13 +81,14 @@ def torchrun_args(argv: list[str]):
 
 
 def check_wan_flags(args: list[str]) -> None:
-    """Every `--flag` given to a wan_spmd command names one of its options (or a pending one)."""
+    """Every `--flag` given to a wan_spmd command names one of its options (or a pending one), as the
+    CLI itself parses them (the option table's commands and make-tiny alike)."""
     import typer
 
     from wan_spmd.cli import app
 
     command = typer.main.get_command(app).commands[args[0]]
-    known = {opt for param in command.params for opt in param.opts}
+    known = {opt for p in command.params for opt in (*p.opts, *p.secondary_opts) if opt.startswith("--")}
     given = {arg.split("=", 1)[0] for arg in args[1:] if arg.startswith("--")}
     assert given - known <= PENDING_FLAGS, f"wan_spmd {args[0]} has no {sorted(given - known - PENDING_FLAGS)}"
 

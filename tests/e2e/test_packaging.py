@@ -18,6 +18,7 @@ TORCH_FREE = (
     "wan_spmd.config",
     "wan_spmd.families",
     "wan_spmd.launch",
+    "wan_spmd.options",
     "wan_spmd.params",
     "wan_spmd.images",
     "wan_spmd.jobs",

@@ -128,6 +128,17 @@ def test_fronts_write_no_video():
     assert found == []
 
 
+def test_the_option_table_imports_only_the_standard_library():
+    """options.py is read by the CLI before anything else and by the HTTP layer: if this fails, a
+    bad flag value pays for the import of whatever it now pulls in (or a cycle waits for it)."""
+    import sys
+
+    tree = ast.parse((PACKAGE / "options.py").read_text())
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert {name.split(".")[0] for name in names} <= set(sys.stdlib_module_names) | {"__future__"}, names
+
+
 def test_runtime_and_parallel_do_not_import_the_pipeline():
     """DESIGN.md's arrows: the pipeline calls the runtime's and the parallel package's objects, never
     the other way (the runtime once imported it for JobCancelled, and parallel/vae.py called back
