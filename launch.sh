@@ -21,10 +21,10 @@ if [ ! -f "$venv/.installed" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "$venv/bin/python" -m pip install -q --index-url https://download.pytorch.org/whl/cu130 "torch==2.11.0"
     extras=test,gpu
-  elif [ "$(uname -s)" = Darwin ]; then
-    "$venv/bin/python" -m pip install -q "torch==2.13.0"  # macOS wheels on PyPI are CPU (and MPS) builds
   else
-    "$venv/bin/python" -m pip install -q --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
+    # Exactly 2.13.0: where pip is configured with a local CPU wheel of it (CI), that is what it takes;
+    # elsewhere PyPI's (macOS: a CPU/MPS build). An open range would pull a newer, multi-GB CUDA build.
+    "$venv/bin/python" -m pip install -q "torch==2.13.0"
   fi
   "$venv/bin/python" -m pip install -q -e "$here[$extras]"
   touch "$venv/.installed"

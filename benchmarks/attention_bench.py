@@ -81,9 +81,7 @@ def main() -> None:
     quiet_hub_logging()
     info = resolve_model("tiny") if args.tiny else REAL_MODELS["wan2.2-i2v-a14b"]
     start = time.perf_counter()
-    comps = load_components(
-        info, device, Dtypes.for_device(device), load_format="auto" if args.tiny else "dummy"
-    )
+    comps = load_components(info, device, Dtypes.for_device(device), load_format="auto" if args.tiny else "dummy")
     sync(device)
     result: dict = {"versions": versions(), "load_s": time.perf_counter() - start, "rows": {}}
     expert = comps.transformer
