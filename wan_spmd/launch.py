@@ -15,7 +15,7 @@ from typing import Any
 
 from wan_spmd.config import REAL_MODELS, TINY_NAMES, ModelFolderError, ModelInfo, inspect_model_folder, tiny_cache_dir
 from wan_spmd.families import Family
-from wan_spmd.options import CACHE_BACKENDS, CACHE_DIT_REFUSED, split_warmup_shapes
+from wan_spmd.options import CACHE_BACKENDS, CACHE_DIT_REFUSED, cache_config_text, split_warmup_shapes
 
 
 @dataclass(frozen=True)
@@ -307,12 +307,7 @@ def parse_cache_spec(backend: str, config: str | None, summary: bool = False) ->
         raise ValueError(CACHE_DIT_REFUSED)
     given: dict[str, Any] = {}
     if config is not None and config.strip():
-        try:
-            given = json.loads(config)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"--cache-config is not JSON ({exc.msg} at character {exc.pos})") from None
-        if not isinstance(given, dict):
-            raise ValueError("--cache-config must be a JSON object, e.g. '{\"rel_l1_thresh\": 0.2}'")
+        given = json.loads(cache_config_text(config))  # a JSON object, or the one-line error
     if given and name == "none":
         raise ValueError("--cache-config needs --cache-backend tea_cache or mag_cache")
     allowed = CACHE_CONFIG_KEYS.get(name, {})
