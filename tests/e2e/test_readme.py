@@ -1,7 +1,7 @@
 """README.md's code blocks as a newcomer runs them (issue 34): every fenced block is classified
 below, by its first line; the ones that need no GPU run as written (the quick start through
-launch.sh, the OpenAI SDK snippet against a real tiny server), and the ones that cannot run here say
-why and have their flags checked against the CLI. A new block fails the first test until it is
+launch.sh, the curl lines and the OpenAI SDK snippet against a real tiny server), and the ones
+that cannot run here say why and have their flags checked against the CLI. A new block fails the first test until it is
 classified, so no example goes unchecked."""
 
 from __future__ import annotations
@@ -23,14 +23,17 @@ README = ROOT / "README.md"
 # First line of a block -> "run" (a test below runs it) or why it is not run here.
 BLOCKS = {
     "./launch.sh generate": "run",
+    "./launch.sh test": "skip: the test suite itself (this test is part of it)",
     "# CPU only": "skip: downloads torch from PyTorch's index (no network in tests); its pins are checked",
     "# NVIDIA GPUs": "skip: a CUDA wheel for a GPU machine (no network, no GPU here); its pins are checked",
     'wan_spmd generate --prompt "..."': "skip: a synopsis with placeholders; its flags are checked",
     "torchrun --nproc-per-node 2 -m wan_spmd serve --model DIR --config": "skip: needs the A14B weights and LoRA "
     "files (a GPU); its flags are checked",
-    "wan_spmd/families.py": "skip: the source layout, not a command",
+    "pip install huggingface_hub": "skip: downloads a model from the Hugging Face Hub (no network in tests); "
+    "its flags are checked",
     "torchrun --nproc-per-node 8": "skip: 8 ranks on a model folder (a GPU host); its flags are checked",
     "from openai import OpenAI": "run",
+    "curl -s http://localhost:8000/v1/models": "run",
 }
 
 
@@ -153,6 +156,28 @@ def test_sdk_snippet_runs_as_written(tiny_server, tmp_path):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = probe_mp4(tmp_path / "out.mp4")
+    assert meta["num_frames"] >= 1 and max(meta["width"], meta["height"]) <= 512
+
+
+def test_curl_block_runs_as_written(tiny_server, tmp_path):
+    """The README's curl lines, run as written by bash in a folder holding examples/example.png
+    (only the address is the test server's): the models listing names the tiny model and the
+    synchronous POST writes a playable out.mp4. If this fails, the README's curl example fails on
+    the model the quick start gives."""
+    code = block("curl -s http://localhost:8000/v1/models")
+    base = str(tiny_server.client.base_url).rstrip("/")
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "example.png").write_bytes(EXAMPLE_IMAGE.read_bytes())
+    proc = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", code.replace("http://localhost:8000", base)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '"tiny"' in proc.stdout, proc.stdout[:500]
     meta = probe_mp4(tmp_path / "out.mp4")
     assert meta["num_frames"] >= 1 and max(meta["width"], meta["height"]) <= 512
 
