@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for users and CI. On first use it makes a virtual environment (.venv, or
 # $WAN_SPMD_VENV) and installs wan_spmd into it with a pinned torch: 2.11.0 for CUDA 13 on a GPU
-# machine, the 2.13.0 CPU wheel elsewhere.
+# machine, exactly 2.13.0 elsewhere (a local CPU wheel where pip is configured with one).
 #   ./launch.sh generate --prompt "..." --image examples/example.png   # any wan_spmd command
 #   ./launch.sh test [pytest args]                                      # the test suite
 #   ./launch.sh torchrun --nproc-per-node 2 -m wan_spmd serve ...       # torchrun from the venv
