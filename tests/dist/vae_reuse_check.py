@@ -19,6 +19,7 @@ from diffusers import AutoencoderKLWan
 
 from wan_spmd.families import FAMILIES
 from wan_spmd.parallel.vae import split_vae
+from wan_spmd.process import finish_process
 from wan_spmd.tiny import tiny_vae_config
 from wan_spmd.vae_reuse import EncodeStats, reuse_encode_mode
 
@@ -52,7 +53,10 @@ def main(out: Path) -> None:
         saved[name] = {"full": full, "reuse": mine, "reused": stats.reused, "calls": stats.calls}
     if rank == 0:
         torch.save(saved, out / f"reuse-{world}.pt")
-    dist.destroy_process_group()
+    dist.barrier()  # rank 0's file is written before any rank ends
+    # not destroy_process_group/finalisation: gloo's threads then abort a rank now and then
+    # (SIGABRT, "terminate called without an active exception"); finish_process says why
+    finish_process(0)
 
 
 if __name__ == "__main__":
