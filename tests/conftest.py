@@ -14,6 +14,20 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_IMAGE = ROOT / "examples" / "example.png"
 
 
+@pytest.fixture
+def keep_compile_cache_settings(monkeypatch):
+    """What `compile_cache` sets for torch (the cache folders' environment, torch's switch that
+    disables its caches) is put back after the test, so one test's cache set-up never reaches another."""
+    import torch
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        monkeypatch.delenv(name)
+    disabled = torch.compiler.config.force_disable_caches
+    yield
+    torch.compiler.config.force_disable_caches = disabled
+
+
 @pytest.fixture(scope="session")
 def cache_home(tmp_path_factory) -> Path:
     """A private XDG_CACHE_HOME so `--model tiny` builds its cache fresh for this test session."""

@@ -45,13 +45,8 @@ OTHER = {
 
 
 @pytest.fixture(autouse=True)
-def _keep_torch_settings(monkeypatch):
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-        monkeypatch.delenv(name)
-    disabled = torch.compiler.config.force_disable_caches
+def _keep_torch_settings(keep_compile_cache_settings):
     yield
-    torch.compiler.config.force_disable_caches = disabled
 
 
 @pytest.mark.parametrize("ingredient", sorted(BASE))

@@ -5,7 +5,6 @@ needs and the first request after them compiles none."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -22,18 +21,13 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "example.png"
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo(monkeypatch):
+def _fresh_dynamo(keep_compile_cache_settings):
     """Counters from zero; the cache's settings (environment, torch's switches) put back after."""
     from torch._dynamo.utils import counters
 
-    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        monkeypatch.setenv(name, os.environ.get(name, ""))
-        monkeypatch.delenv(name)
-    disabled = torch.compiler.config.force_disable_caches
     torch._dynamo.reset()
     counters.clear()
     yield
-    torch.compiler.config.force_disable_caches = disabled
 
 
 @pytest.mark.parametrize("variant", ["tiny", "tiny-ti2v"])
