@@ -1,7 +1,7 @@
 """Host memory of sharded loading: each rank's peak RSS while it loads its half of an expert.
 
   python benchmarks/host_memory.py write DIR --layers 24 --dim 2048 --ffn 8192   # a random checkpoint
-  torchrun --nproc-per-node 2 benchmarks/host_memory.py load DIR                   # one JSON line per rank
+  torchrun --nproc-per-node 2 benchmarks/host_memory.py load DIR                   # rank 0 prints a JSON line per rank
   python benchmarks/host_memory.py write-lora DIR --rank 64                        # DIR/lora.safetensors
   torchrun --nproc-per-node 2 benchmarks/host_memory.py load DIR --lora DIR/lora.safetensors   # fused at load
 
@@ -88,8 +88,9 @@ def write_lora(folder: Path, rank: int) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def load(folder: Path, lora: Path | None = None) -> dict:
-    """Load this rank's shard under torchrun (gloo) and report memory."""
+def load(folder: Path, lora: Path | None = None) -> list[dict]:
+    """Load this rank's shard under torchrun (gloo) and report memory: every rank's report on rank 0
+    (empty elsewhere), so that one process prints them and lines of two ranks never interleave."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from wan_spmd.loading import load_expert_sharded
@@ -129,8 +130,14 @@ def load(folder: Path, lora: Path | None = None) -> dict:
         "peak_growth_mib": peak_rss_mib() - before,
         "checksum": checksum,
     }
+    reports = [result]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        reports = [None] * world_size
+        dist.all_gather_object(reports, result)
     shutdown(d)
-    return result
+    return reports if rank == 0 else []
 
 
 if __name__ == "__main__":
@@ -151,5 +158,6 @@ if __name__ == "__main__":
     else:
         from wan_spmd.process import finish_process
 
-        print(json.dumps(load(args.folder, args.lora)))
+        for report in load(args.folder, args.lora):
+            print(json.dumps(report), flush=True)
         finish_process(0)

@@ -48,6 +48,7 @@ from wan_spmd.config import ModelInfo
 from wan_spmd.jobs import JobCancelled
 from wan_spmd.models import Components
 from wan_spmd.params import GenerationParams
+from wan_spmd.vae_reuse import Between, ConditionEncoder, encode_mode
 
 if TYPE_CHECKING:
     from wan_spmd.step_cache import Agree, StepCache
@@ -139,8 +140,9 @@ class Placement(Protocol):
 class VaeSplit(Protocol):
     """The VAE's encode and decode split over the ranks (`parallel.vae.RowSplit`)."""
 
-    def encode(self, vae: torch.nn.Module, video: torch.Tensor) -> torch.Tensor:
-        """(vae, video (1, 3, F, H, W)) -> the latent mode (1, z, T_lat, H/8, W/8), on every rank."""
+    def encode(self, vae: torch.nn.Module, video: torch.Tensor, between: Between | None = None) -> torch.Tensor:
+        """(vae, video (1, 3, F, H, W)) -> the latent mode (1, z, T_lat, H/8, W/8), on every rank;
+        `between(done, total)` after each chunk but the last (the stop check, which raises)."""
 
     def decode(
         self, decode_chunks: Callable[[torch.Tensor], Iterator[torch.Tensor]], latents: torch.Tensor
@@ -206,9 +208,10 @@ class WanVideoPipeline:
         """Prompt embeddings across requests (`caches`); None: every prompt is encoded."""
         self.condition_cache: LruCache[torch.Tensor] | None = None
         """I2V conditions across requests (`caches`); None: every image is encoded."""
-        self.condition_encoder: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None
-        """This rank's own encode of the I2V condition when the VAE is not split, (vae, video) -> latent
-        mode (`vae_reuse.reuse_encode_mode`); None: diffusers' `encode(...).latent_dist.mode()`."""
+        self.condition_encoder: ConditionEncoder = encode_mode
+        """This rank's own encode of the I2V condition when the VAE is not split, (vae, video, between)
+        -> latent mode: `vae_reuse.encode_mode` (diffusers' encode, chunk by chunk) or
+        `vae_reuse.reuse_encode_mode`."""
         self.step_cache: StepCache | None = None
         """Set (and installed on the experts) by the engine for --cache-backend tea_cache/mag_cache."""
         self.vae_scale_temporal = int(components.vae.config.scale_factor_temporal)
@@ -262,13 +265,21 @@ class WanVideoPipeline:
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
 
     @torch.inference_mode()
-    def image_condition(self, params: GenerationParams, cached: bool = True) -> torch.Tensor:
-        """I2V condition (1, 4 + 16, T_lat, h, w): first-frame mask then the image's latent mode."""
+    def image_condition(
+        self, params: GenerationParams, cached: bool = True, control: StepControl | None = None
+    ) -> torch.Tensor:
+        """I2V condition (1, 4 + 16, T_lat, h, w): first-frame mask then the image's latent mode.
+        `control` is asked between the encode's chunks (on every rank), so a stop lands within one."""
         vae = self.c.vae
         if cached and self.condition_cache is not None:
             image = params.image
             key = (pixels_digest(image.width, image.height, image.rgb), params.size, params.num_frames, str(vae.dtype))
-            return self.condition_cache.get_or_make(key, lambda: self.image_condition(params, cached=False))
+            return self.condition_cache.get_or_make(key, lambda: self.image_condition(params, False, control))
+
+        def between(done: int, total: int) -> None:
+            if control is not None and not control(done, total, "encode"):
+                raise JobCancelled(f"stopped while encoding the image, after chunk {done} of {total}")
+
         # decoded once on rank 0 by validation; here only made into a PIL image
         image = self.video_processor.preprocess(params.image.to_pil(), height=params.height, width=params.width)
         image = image.to(self.device, dtype=torch.float32)  # (1, 3, H, W) in [-1, 1]
@@ -277,11 +288,9 @@ class WanVideoPipeline:
             [image.unsqueeze(2), image.new_zeros(1, 3, params.num_frames - 1, params.height, params.width)], dim=2
         ).to(vae.dtype)
         if self.vae_split is not None:
-            latent = self.vae_split.encode(vae, video_condition)
-        elif self.condition_encoder is not None:
-            latent = self.condition_encoder(vae, video_condition)
+            latent = self.vae_split.encode(vae, video_condition, between)
         else:
-            latent = vae.encode(video_condition).latent_dist.mode()
+            latent = self.condition_encoder(vae, video_condition, between)
         latent = latent.to(torch.float32)
         latent = (latent - self.latents_mean.to(latent)) * self.inv_latents_std.to(latent)
 
@@ -470,7 +479,7 @@ class WanVideoPipeline:
             condition = first_frame = None
             conditioning = self.info.family.conditioning
             if conditioning == "channel_concat":
-                condition = self.image_condition(params)
+                condition = self.image_condition(params, control=control)
             elif conditioning == "first_frame" and params.image is not None:
                 first_frame = self.first_frame_latent(params)
         timer.ms.update(lookup_counts(caches, counts_before))  # cache hits and misses, counts not ms

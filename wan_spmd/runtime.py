@@ -314,7 +314,8 @@ class JobAgreement:
         self.ended = False
 
     def __call__(self, step: int, total: int, stage: str = "step") -> bool:
-        """Before denoising step `step` (stage "step"), or after decoded chunk `step` (stage "decode")."""
+        """Before denoising step `step` (stage "step"), or after chunk `step` of the I2V condition's
+        encode (stage "encode") or of the decode (stage "decode")."""
         cancel = self.plane.d.is_main and self.cancelled()
         failed, cancel = self.plane.any_flags(False, cancel, f"{stage} {step}", after_job=True)
         if failed:

@@ -34,12 +34,17 @@ stage is the next one's input, so that is one chunk's activation at every stage 
 A14B VAE (base 96, fp32) that is 6.55 GB at 1280x720 and 2.84 GB at 832x480 on one rank (two thirds
 of it the full-resolution level; half of it in bf16, a 1/n share on each of n ranks): measured as
 `EncodeStats.held_bytes`, 7.28 MB at 32x32, which scales with the area.
+
+`encode_mode` is the same loop without reuse, the default encode: both run diffusers' chunks here
+rather than inside `vae.encode`, so that the job's stop check (`between`) runs after every chunk
+and a deadline, cancel or SIGTERM lands within one chunk of the encode, as it does in the decode.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -47,6 +52,17 @@ from torch import nn
 CACHE_T = 2  # diffusers' frames kept per causal cache (autoencoder_kl_wan.CACHE_T)
 
 Agree = Callable[[torch.Tensor], bool]
+Between = Callable[[int, int], None]
+"""Called after encoded chunk `done` of `total` (not after the last) on every rank alike: the job's
+stop check, which raises to stop."""
+
+
+class ConditionEncoder(Protocol):
+    """(vae, video) -> the latent mode of `vae.encode(video)`, with the stop check between chunks."""
+
+    def __call__(self, vae: nn.Module, video: torch.Tensor, between: Between | None = None) -> torch.Tensor: ...
+
+
 """(0-dim bool tensor: this rank's stage may be reused) -> whether every rank's may; one rank: bool()."""
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -185,11 +201,15 @@ def _one_rank(flag: torch.Tensor) -> bool:
 
 
 def reuse_encode_mode(
-    vae: nn.Module, video: torch.Tensor, agree: Agree | None = None, stats: EncodeStats | None = None
+    vae: nn.Module,
+    video: torch.Tensor,
+    between: Between | None = None,
+    agree: Agree | None = None,
+    stats: EncodeStats | None = None,
 ) -> torch.Tensor:
     """`vae.encode(video).latent_dist.mode()`, bitwise, computing each stage only when its input or
-    cache changed. `agree` makes the ranks of a row split take the same branches; `stats` is filled
-    in when given."""
+    cache changed. `between` is the stop check after each chunk but the last; `agree` makes the
+    ranks of a row split take the same branches; `stats` is filled in when given."""
     if vae.config.patch_size is not None or vae.use_tiling:  # not the A14B condition's VAE: plainly
         return vae.encode(video).latent_dist.mode()
     agree = agree or _one_rank
@@ -197,19 +217,43 @@ def reuse_encode_mode(
     memos = [_Memo(stage, StageStats(name)) for name, stage in encoder_stages(vae.encoder)]
     stats.stages = [m.stats for m in memos]
     cache = _TrackedCache(_cache_slots(vae.encoder))
-    num_frames = video.shape[2]
     outs = []
-    # 1 frame, then 4 at a time: diffusers' `_encode` loop
-    for i in range(1 + (num_frames - 1) // 4):
-        x = video[:, :, :1] if i == 0 else video[:, :, 1 + 4 * (i - 1) : 1 + 4 * i]
-        feat_idx = [0]
+    chunks = encode_chunks(video.shape[2])
+    for done, frames in enumerate(chunks, 1):
+        x, feat_idx = video[:, :, frames], [0]
         for memo in memos:
             x = memo(x, cache, feat_idx, agree)
         outs.append(x)
+        if between is not None and done < len(chunks):
+            between(done, len(chunks))
     video_storage = video.untyped_storage().data_ptr()
     stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for m in memos for t in (m.x, m.out)}
     stored.pop(video_storage, None)  # the first stage's input is a view of the video itself
     stats.held_bytes = sum(stored.values())
     del memos, cache
+    return _mode(vae, outs)
+
+
+def encode_chunks(num_frames: int) -> list[slice]:
+    """The frames of each encoder call: 1, then 4 at a time (diffusers' `_encode` loop)."""
+    return [slice(0, 1)] + [slice(1 + 4 * i, 5 + 4 * i) for i in range((num_frames - 1) // 4)]
+
+
+def _mode(vae: nn.Module, outs: list[torch.Tensor]) -> torch.Tensor:
     moments = vae.quant_conv(torch.cat(outs, dim=2))  # (1, 2z, T_lat, h, w): mean then log-variance
     return moments[:, : moments.shape[1] // 2]  # DiagonalGaussianDistribution(...).mode() is the mean
+
+
+def encode_mode(vae: nn.Module, video: torch.Tensor, between: Between | None = None) -> torch.Tensor:
+    """`vae.encode(video).latent_dist.mode()`, bitwise: diffusers' chunk loop run here, `between`
+    called after each chunk but the last."""
+    if vae.config.patch_size is not None or vae.use_tiling:  # not the A14B condition's VAE: plainly
+        return vae.encode(video).latent_dist.mode()
+    cache: list = [None] * _cache_slots(vae.encoder)
+    chunks = encode_chunks(video.shape[2])
+    outs = []
+    for done, frames in enumerate(chunks, 1):
+        outs.append(vae.encoder(video[:, :, frames], feat_cache=cache, feat_idx=[0]))
+        if between is not None and done < len(chunks):
+            between(done, len(chunks))
+    return _mode(vae, outs)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -376,12 +377,14 @@ def run_many(d, out: Path, specs: list[str]) -> int:
             # each mode compiles as a process of its own would: dynamo's recompile limits count per
             # code object, and the blocks of every mode share theirs
             sys.modules["torch._dynamo"].reset()
+        started = time.monotonic()
         try:
             MODES[mode](d, folder, *([arg] if arg else []))
         except BaseException:
             (folder / f"error-{d.world_size}-{d.rank}.txt").write_text(traceback.format_exc())
             return 1
-        (folder / f"ok-{d.world_size}-{d.rank}").touch()
+        # the seconds it took: where the shared launch's time goes (a slow mode shows here)
+        (folder / f"ok-{d.world_size}-{d.rank}").write_text(f"{time.monotonic() - started:.1f}\n")
     return 0
 
 

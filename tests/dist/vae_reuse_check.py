@@ -21,7 +21,7 @@ from wan_spmd.families import FAMILIES
 from wan_spmd.parallel.vae import split_vae
 from wan_spmd.process import finish_process
 from wan_spmd.tiny import tiny_vae_config
-from wan_spmd.vae_reuse import EncodeStats, reuse_encode_mode
+from wan_spmd.vae_reuse import EncodeStats, encode_mode, reuse_encode_mode
 
 CASES = [  # (name, height, width, frames, dtype, black top half)
     ("32x48x33-fp32", 32, 48, 33, torch.float32, False),
@@ -46,7 +46,7 @@ def main(out: Path) -> None:
         vae.to(dtype)
         stats = EncodeStats()
         with torch.inference_mode():
-            split.band_encoder = None
+            split.band_encoder = encode_mode
             full = split.encode(vae, video)
             split.band_encoder = functools.partial(reuse_encode_mode, agree=split.all_true, stats=stats)
             mine = split.encode(vae, video)

@@ -322,13 +322,16 @@ def test_shutdown_watch_acts_while_the_main_thread_is_blocked(tmp_path):
 # -- a signal to the whole process group in the middle of a video --------------------------------
 
 
-def test_signal_to_the_group_mid_decode_stops_within_a_chunk(tmp_path, tiny_i2v):
-    """Issue 33.3/33.4: Ctrl-C (SIGINT to the whole process group: torchrun, both ranks) while the
-    VAE decodes a long video and rank 0 streams it into `.part`. Every rank stops after the chunk in
-    hand (agreed as the steps are), the partial file is removed, the job is recorded cancelled (not
-    generation_failed VideoWriteError), and every rank exits 0 well inside --stop-grace. A `.part`
-    left by an earlier run is removed at start-up. If this fails, a stop waits for the whole decode
-    (or past --stop-grace: exit 1), or half-written videos stay in --output-dir."""
+def test_stops_land_within_a_vae_chunk_encode_then_decode(tmp_path, tiny_i2v):
+    """Issue 33.3/33.4, on one server. First a DELETE while the 2-rank row-split VAE encodes a
+    121-frame I2V condition (31 chunks, seconds of work): the job stops after the chunk in hand, on
+    every rank alike, and the server takes the next job. Then Ctrl-C (SIGINT to the whole process
+    group: torchrun, both ranks) while the VAE decodes a long video and rank 0 streams it into
+    `.part`. Every rank stops after the chunk in hand (agreed as the steps are), the partial file is
+    removed, the job is recorded cancelled (not generation_failed VideoWriteError), and every rank
+    exits 0 well inside --stop-grace. A `.part` left by an earlier run is removed at start-up. If this
+    fails, a stop waits for the whole encode or decode (or past --stop-grace: exit 1), or
+    half-written videos stay in --output-dir."""
     out = tmp_path / "videos"
     out.mkdir()
     stale = out / f".20261207-010203_video_t1_{'a' * 24}-{'0' * 12}.mp4.part"
@@ -336,6 +339,20 @@ def test_signal_to_the_group_mid_decode_stops_within_a_chunk(tmp_path, tiny_i2v)
     server = _start(tmp_path, "--replica-name", "t1", "--stop-grace", "30", uds=tmp_path / "wan.sock")
     try:
         assert not stale.exists()
+        # the encode: stopped by a DELETE as soon as the job runs (its text encoding takes milliseconds)
+        form = {"prompt": "a dog", "size": "192x192", "num_frames": "121", "num_inference_steps": "1"}
+        r = server.client.post("/v1/videos", data=form, files=_files())
+        assert r.status_code == 200, r.text
+        encoding = r.json()["id"]
+        running = lambda: server.client.get(f"/v1/videos/{encoding}").json()["status"] == "in_progress"  # noqa: E731
+        _wait_for(running, 60, "the encode starting", server)
+        assert server.client.delete(f"/v1/videos/{encoding}").status_code == 200
+        pattern = r"stopped while encoding the image, after chunk (\d+) of (\d+)"
+        _wait_for(lambda: re.search(pattern, server.log_text()), 60, "the encode stopping", server)
+        done, total = map(int, re.search(pattern, server.log_text()).groups())
+        assert total == 31 and done < total, server.log_text()
+        # the decode (the next job: both ranks left the encode at the same chunk, or its collectives
+        # would not meet)
         form = {"prompt": "a cat", "size": "192x192", "num_frames": "81", "num_inference_steps": "1"}
         r = server.client.post("/v1/videos", data=form, files=_files(), headers={"Prefer": "respond-async"})
         assert r.status_code == 200, r.text

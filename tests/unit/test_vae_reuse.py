@@ -8,7 +8,7 @@ from diffusers import AutoencoderKLWan
 
 from wan_spmd.families import FAMILIES
 from wan_spmd.tiny import tiny_vae_config
-from wan_spmd.vae_reuse import EncodeStats, bits_equal, reuse_encode_mode
+from wan_spmd.vae_reuse import EncodeStats, bits_equal, encode_mode, reuse_encode_mode
 
 
 def condition_video(height: int, width: int, frames: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -49,6 +49,36 @@ def test_reuse_is_bitwise_the_full_encode(tiny_vae, dtype, height, width, frames
         assert first["conv_in"].reused == chunks - 3
         assert first["down_blocks.0"].reused >= chunks - 4
         assert stats.held_bytes > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_encode_is_bitwise_diffusers_and_stops_between_chunks(tiny_vae, dtype):
+    """`encode_mode` (the default condition encode) is diffusers' encode, bit for bit, and asks
+    `between` after every chunk but the last; an exception there ends the encode at that chunk
+    (both encoders). If this fails, the chunk loop drifted from diffusers' `_encode`, or a stop
+    during the encode waits for the whole encode (issue 33.3)."""
+    vae = tiny_vae.to(dtype)
+    video = condition_video(32, 48, 21, dtype, seed=3)  # 6 chunks: 1 frame, then 5 x 4
+    asked: list[tuple[int, int]] = []
+    with torch.inference_mode():
+        full = vae.encode(video).latent_dist.mode()
+        mine = encode_mode(vae, video, between=lambda done, total: asked.append((done, total)))
+    assert same_bits(full, mine) and full.float().std() > 0
+    assert asked == [(i, 6) for i in range(1, 6)]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_two(done: int, total: int) -> None:
+        asked.append((done, total))
+        if done == 2:
+            raise Stop
+
+    for encoder in (encode_mode, reuse_encode_mode):
+        asked.clear()
+        with torch.inference_mode(), pytest.raises(Stop):
+            encoder(vae, video, between=stop_at_two)
+        assert asked == [(1, 6), (2, 6)], encoder.__name__
 
 
 def test_a_video_that_never_repeats_is_computed_whole(tiny_vae):

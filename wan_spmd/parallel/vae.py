@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wan_spmd.compat import causal_conv_padding
+from wan_spmd.vae_reuse import Between, ConditionEncoder, encode_mode
 
 log = logging.getLogger("wan_spmd")
 
@@ -62,9 +63,9 @@ class RowSplit:
         self.group = group or dist.group.WORLD
         self.bands: list[tuple[int, int]] | None = None
         """Latent-row bands of the running encode/decode; None outside one (the wrappers pass through)."""
-        self.band_encoder: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
-        """(vae, band of the video) -> its latent mode; None: `vae.encode(...).latent_dist.mode()`.
-        `vae_reuse.reuse_encode_mode` goes here, with `all_true` as its agreement."""
+        self.band_encoder: ConditionEncoder = encode_mode
+        """(vae, band of the video, between) -> its latent mode: `vae_reuse.encode_mode`, or
+        `vae_reuse.reuse_encode_mode` with `all_true` as its agreement."""
 
     @property
     def active(self) -> bool:
@@ -125,16 +126,15 @@ class RowSplit:
 
     # -- the two seams --------------------------------------------------------------------------
 
-    def encode(self, vae: nn.Module, video: torch.Tensor) -> torch.Tensor:
-        """The I2V condition's encode (`VaeSplit.encode`): each rank encodes a band of rows, all gather the latent."""
+    def encode(self, vae: nn.Module, video: torch.Tensor, between: Between | None = None) -> torch.Tensor:
+        """The I2V condition's encode (`VaeSplit.encode`): each rank encodes a band of rows, all
+        gather the latent. `between` (the job's stop check) runs after each chunk on every rank."""
         rows = video.shape[-2] // self.scale
-        if rows < self.size:
-            return vae.encode(video).latent_dist.mode()
+        if rows < self.size:  # too few rows to split: every rank encodes the whole video
+            return encode_mode(vae, video, between)
         with self.split(rows) as (start, stop):
             band = video[..., start * self.scale : stop * self.scale, :].contiguous()
-            if self.band_encoder is not None:
-                return self.all_rows(self.band_encoder(vae, band))
-            return self.all_rows(vae.encode(band).latent_dist.mode())
+            return self.all_rows(self.band_encoder(vae, band, between=between))
 
     def decode(
         self, decode_chunks: ChunkDecoder, latents: torch.Tensor, follow: ChunkDecoder | None = None
