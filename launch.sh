@@ -10,6 +10,12 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 venv=${WAN_SPMD_VENV:-$here/.venv}
 python=${PYTHON:-python3}
 
+gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
+extras=test
+if [ "$gpu" = 1 ]; then extras=test,gpu; fi
+# the install is redone when pyproject.toml changed since (a new dependency reaches old venvs too)
+stamp=$(cksum <"$here/pyproject.toml")
 if [ ! -f "$venv/.installed" ]; then
   echo "launch.sh: setting up $venv (first use only)" >&2
   "$python" -m venv "$venv"
@@ -17,22 +23,26 @@ if [ ! -f "$venv/.installed" ]; then
   # Pinned per platform. A GPU: the torch the benchmarks ran, built for CUDA 13 (pyproject's `gpu`
   # extra; the NVIDIA driver must be 580 or newer). No GPU: the CPU wheel CI runs (an unpinned or
   # PyPI torch would pull a multi-GB CUDA build onto a CPU-only machine).
-  extras=test
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  if [ "$gpu" = 1 ]; then
     "$venv/bin/python" -m pip install -q --index-url https://download.pytorch.org/whl/cu130 "torch==2.11.0"
-    extras=test,gpu
   else
     # Exactly 2.13.0: where pip is configured with a local CPU wheel of it (CI), that is what it takes;
     # elsewhere PyPI's (macOS: a CPU/MPS build). An open range would pull a newer, multi-GB CUDA build.
     "$venv/bin/python" -m pip install -q "torch==2.13.0"
   fi
   "$venv/bin/python" -m pip install -q -e "$here[$extras]"
-  touch "$venv/.installed"
+  echo "$stamp" >"$venv/.installed"
+elif [ "$(cat "$venv/.installed")" != "$stamp" ]; then
+  echo "launch.sh: pyproject.toml changed; updating $venv" >&2
+  "$venv/bin/python" -m pip install -q -e "$here[$extras]"
+  echo "$stamp" >"$venv/.installed"
 fi
 
 cmd=${1:-}
 case "$cmd" in
-  test) shift; cd "$here" && exec "$venv/bin/python" -m pytest "$@" ;;
+  # two pytest-xdist workers, each module's tests together on one (tests/conftest.py's groups);
+  # `-n 0` after `test` runs them in this process
+  test) shift; cd "$here" && exec "$venv/bin/python" -m pytest -n 2 "$@" ;;
   torchrun) shift; exec "$venv/bin/torchrun" "$@" ;;
   "") exec "$venv/bin/wan_spmd" --help ;;
   *) exec "$venv/bin/wan_spmd" "$@" ;;

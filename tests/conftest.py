@@ -83,9 +83,65 @@ def run_torchrun_script(script: Path, args: list[str], nproc: int = 2, timeout: 
     )
 
 
+# Modules that share a session-scoped launch or server run on one pytest-xdist worker, which then
+# makes it once (a worker has its own session); every other module is a group of its own, so its
+# module-scoped fixtures are made once and its tests keep their file order.
+SHARED_GROUPS = {
+    "tests/dist/test_parallel_modes.py": "spmd_runs",  # tests/dist/conftest.py's launches
+    "tests/dist/test_sharded_loading.py": "spmd_runs",
+    "tests/dist/test_tensor_parallel.py": "spmd_runs",
+    "tests/e2e/test_serve.py": "server http",  # servers.get("http", ...)
+    "tests/e2e/test_hostile_http.py": "server http",
+    "tests/e2e/test_readme.py": "server http",
+    "tests/e2e/test_video_jobs.py": "server jobs",  # servers.get("jobs", ...)
+    "tests/e2e/test_hostile_inputs.py": "server jobs",
+}
+
+
+# The longest groups (seconds on two cores), handed out first so that the short ones even out the
+# end; the others follow in collection order.
+LONGEST_FIRST = [
+    "spmd_runs",
+    "tests/dist/test_step_cache.py",
+    "server http",
+    "server jobs",
+    "tests/e2e/test_resilience.py",
+    "tests/e2e/test_compile_cache.py",
+]
+
+
+def worker_group(nodeid: str) -> str:
+    """The group of a test (`tests/x.py::test_y[...]`): its module's shared group, else the module."""
+    module = nodeid.split("::", 1)[0]
+    return SHARED_GROUPS.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist, never called
+def pytest_xdist_make_scheduler(config, log):
+    """Whole groups (`worker_group`) to each worker, in collection order: xdist's loadscope
+    scheduling with our groups as the scopes (its own `xdist_group` marks do not reach pytest 9's
+    node ids)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # the collection's order (LONGEST_FIRST), not by test count
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need a CUDA device; elsewhere they are skipped with that reason."""
+    """The longest groups first (LONGEST_FIRST; a stable sort: each module keeps its order). Tests
+    marked `gpu` need a CUDA device; elsewhere they are skipped with that reason."""
     import torch
+
+    def rank(item: pytest.Item) -> int:
+        group = worker_group(item.nodeid)
+        return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
 
     if torch.cuda.is_available():
         return

@@ -1,5 +1,5 @@
 """The step cache (--cache-backend tea_cache/mag_cache) under real torchrun (gloo) launches: every
-layout on 2 and 4 ranks gives one rank's video with the same backend and config, and ranks whose
+layout on 2 ranks and CFG x TP on 4 gives one rank's video with the same backend and config, and ranks whose
 decision inputs differ still take one decision (no hang). One launch per world size serves all."""
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from tests.dist.step_cache_check import BACKENDS, CASES
 SCRIPT = Path(__file__).with_name("step_cache_check.py")
 LATENT_TOLERANCE = 1e-4  # as test_parallel_modes: partial-sum order under TP, float32 rounding only
 TWO_RANKS = ("tp2", "u2", "cfg")
-FOUR_RANKS = ("cfg-tp2", "tp2-u2")
+# 4 ranks: CFG groups of a TP pair each. TP with Ulysses (tp2-u2) is left to the 2-rank runs of
+# each and to test_parallel_modes: its step cache records and agrees as tp2's and u2's do.
+FOUR_RANKS = ("cfg-tp2",)
 WORLD = {**dict.fromkeys(TWO_RANKS, 2), **dict.fromkeys(FOUR_RANKS, 4)}
 
 

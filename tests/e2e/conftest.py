@@ -2,9 +2,8 @@
 
 `servers.get(key, start)` starts a server with `start(folder)` the first time `key` is asked for and
 hands the same one to every later test (a test that stops it, on purpose, makes the next `get`
-start a fresh one). A test module may name servers to start in the background as soon as the e2e
-tests begin (`PRESTART = {key: start}`): they load while other modules run, and a test that needs a
-server idle for a while finds it so already instead of sleeping."""
+start a fresh one). `servers.start_soon(key, start)` starts one loading in the background, so that
+a test that needs a server idle for a while finds it so already instead of sleeping."""
 
 from __future__ import annotations
 
@@ -82,14 +81,3 @@ def servers(tmp_path_factory) -> Iterator[ServerPool]:
     pool = ServerPool(tmp_path_factory)
     yield pool
     pool.close()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _prestart(request, servers) -> None:
-    """Start the servers that selected modules name in PRESTART (see the module's doc)."""
-    items = [item for item in request.session.items if getattr(item, "module", None) is not None]
-    for module in {item.module for item in items}:
-        for key, start in getattr(module, "PRESTART", {}).items():
-            if any(key in item.fixturenames for item in items if item.module is module):
-                request.getfixturevalue("tiny_i2v")  # the servers load it: built first, once
-                servers.start_soon(key, start)

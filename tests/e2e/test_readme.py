@@ -116,7 +116,11 @@ def test_quick_start_generate_runs_as_written(tiny_i2v, tmp_path):
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "wan_spmd").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m wan_spmd "$@"\n')
     (venv / "bin" / "wan_spmd").chmod(0o755)
-    (venv / ".installed").touch()
+    (clone / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
+    # launch.sh's stamp of the pyproject.toml it installed (cksum's line): no reinstall is due
+    with (clone / "pyproject.toml").open("rb") as pyproject:
+        stamp = subprocess.run(["cksum"], stdin=pyproject, capture_output=True, check=True).stdout
+    (venv / ".installed").write_bytes(stamp)
     proc = subprocess.run(
         ["bash", "-c", line],
         cwd=clone,

@@ -37,13 +37,17 @@ def _start_steady(tmp: Path) -> Server:
     return _start(tmp, *flags, uds=tmp / "wan.sock")
 
 
-# started as the e2e tests begin: by its first test it has been idle for as long as they took
-PRESTART = {"steady": _start_steady}
-
-
 @pytest.fixture(scope="module")
 def steady(servers, tiny_i2v) -> Server:
     return servers.get("steady", _start_steady)
+
+
+@pytest.fixture
+def steady_loads_meanwhile(servers, tiny_i2v) -> None:
+    """Start the steady server loading in the background: the test that asks for this runs just
+    before the steady server's tests (the last in this file), so by then it has been idle for a
+    while, which the first of them would otherwise wait out."""
+    servers.start_soon("steady", _start_steady)
 
 
 @pytest.fixture(scope="module")
@@ -107,91 +111,6 @@ def _assert_503(r: httpx.Response, *reasons: str) -> None:
     assert r.headers.get("retry-after"), r.headers
     message = r.json()["error"]["message"]
     assert any(reason in message for reason in reasons), message
-
-
-# -- a steady server --------------------------------------------------------------------------
-
-
-def test_idle_past_the_collective_timeout(steady, servers):
-    """Idle 25 s or more since it became healthy (the server is started as the e2e tests begin, so
-    it usually has been for minutes; else the rest is waited), over six times --collective-timeout
-    4 (and past one --heartbeat-timeout 20), then a request succeeds: if this fails, idle ranks wait
-    inside a default-group collective (which times out) rather than on the control plane between
-    heartbeats, and a server dies of a quiet night."""
-    assert _metric(steady.client, "wan_spmd_stage_seconds_count", stage="PipelineWall") == 0  # no job yet
-    time.sleep(max(0.0, servers.idle_since("steady") + 25 - time.monotonic()))
-    r = steady.client.post("/v1/videos/sync", data=_form(2), files=_files())
-    assert r.status_code == 200, r.text
-    assert "ERROR" not in steady.log_text()
-
-
-def test_overload_gets_429_and_the_admitted_finish(steady):
-    """With one job running and --max-queue 2, five more requests at once: two are admitted and
-    three get 429 with Retry-After, and every admitted one finishes with a video. If this fails,
-    overload blocks clients, drops admitted work, or lets the queue grow without bound."""
-    queue_full = _metric(steady.client, "wan_spmd_requests_total", endpoint="/v1/videos/sync", outcome="queue_full")
-    first = Call(steady, steps=10)  # about 3 s
-    _wait_for(lambda: _running(steady), 10, "the first job starting", steady)
-    burst = [Call(steady, steps=2) for _ in range(5)]
-    answers = [call.answer() for call in burst]
-    refused = [r for r in answers if r.status_code == 429]
-    assert len(refused) == 3, [r.status_code for r in answers]
-    for r in refused:
-        assert r.headers["retry-after"] == "5" and r.json()["error"]["type"] == "rate_limit_error"
-    for r in [first.answer(), *(r for r in answers if r.status_code != 429)]:
-        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4", r.text
-    after = _metric(steady.client, "wan_spmd_requests_total", endpoint="/v1/videos/sync", outcome="queue_full")
-    assert after == queue_full + 3
-
-
-def _post_and_hang_up(server: Server, steps: int, after_s: float) -> None:
-    """A raw HTTP client that sends a whole request, then closes its socket without reading."""
-    request = httpx.Request("POST", "http://serve/v1/videos/sync", data=_form(steps), files=_files())
-    head = "POST /v1/videos/sync HTTP/1.1\r\nHost: serve\r\n"  # a synchronous request: its client waits
-    head += "".join(f"{k}: {v}\r\n" for k, v in request.headers.items() if k.lower() != "host")
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.connect(str(server.uds))
-        sock.sendall(head.encode() + b"\r\n" + request.read())
-        time.sleep(after_s)
-
-
-def test_client_that_hangs_up_cancels_its_job(steady):
-    """A client that closes its connection 1.5 s into a 40-step job (about 12 s): the job stops at
-    its next step (the log names one before the 40th), no video is kept, /metrics counts it as
-    disconnected, and the next request succeeds. If this fails, abandoned requests keep the GPUs
-    busy (or break the loop)."""
-    c = steady.client
-    gone = _metric(c, "wan_spmd_requests_total", endpoint="/v1/videos/sync", outcome="disconnected")
-    videos = set(steady.output_dir.glob("*.mp4"))
-    _post_and_hang_up(steady, steps=40, after_s=1.5)
-    r = c.post("/v1/videos/sync", data=_form(2), files=_files())  # waits behind the cancelled job
-    assert r.status_code == 200, r.text
-    found = re.search(r"cancelled at step (\d+) of 40: the client went away", steady.log_text())
-    assert found and 0 < int(found.group(1)) < 40, steady.log_text()
-    assert _metric(c, "wan_spmd_requests_total", endpoint="/v1/videos/sync", outcome="disconnected") == gone + 1
-    assert len(set(steady.output_dir.glob("*.mp4")) - videos) == 1  # only the later request's
-
-
-def test_sigint_to_torchrun_stops_every_rank(steady):
-    """SIGINT to torchrun alone (Ctrl-C, or `docker stop` with STOPSIGNAL SIGINT) with one job
-    running and one queued: both clients get 503 saying the server is shutting down, every rank
-    exits with status 0 within 30 s, no worker outlives torchrun, the socket file is gone. If this
-    fails, a restart or redeploy loses answers, leaves orphans, or cannot bind its socket."""
-    workers = steady.ranks()
-    running = Call(steady, steps=40)
-    _wait_for(lambda: _running(steady), 10, "the job starting", steady)
-    queued = Call(steady, steps=2)
-    _wait_for(lambda: _metric(steady.client, "wan_spmd_queue_depth") == 1, 10, "a request queued", steady)
-    os.kill(steady.proc.pid, signal.SIGINT)
-    _assert_503(queued.answer(), f"{STOPPING} (SIGINT)")
-    _assert_503(running.answer(), f"{STOPPING} (SIGINT)")
-    steady.proc.wait(timeout=30)
-    log = steady.log_text()
-    assert "rank 0 exits with status 0" in log and "rank 1 exits with status 0" in log, log
-    assert re.search(r"cancelled at step \d+ of 40: the server is shutting down \(SIGINT\)", log), log
-    assert "SignalException" in log and "got signal: 2" in log  # what torchrun says on its own
-    assert not [pid for pid in workers.values() if alive(pid)]
-    assert not steady.uds.exists()
 
 
 # -- a server under torchrun --max-restarts 2 ---------------------------------------------------
@@ -322,7 +241,7 @@ def test_shutdown_watch_acts_while_the_main_thread_is_blocked(tmp_path):
 # -- a signal to the whole process group in the middle of a video --------------------------------
 
 
-def test_stops_land_within_a_vae_chunk_encode_then_decode(tmp_path, tiny_i2v):
+def test_stops_land_within_a_vae_chunk_encode_then_decode(tmp_path, tiny_i2v, steady_loads_meanwhile):
     """Issue 33.3/33.4, on one server. First a DELETE while the 2-rank row-split VAE encodes a
     121-frame I2V condition (31 chunks, seconds of work): the job stops after the chunk in hand, on
     every rank alike, and the server takes the next job. Then Ctrl-C (SIGINT to the whole process
@@ -372,3 +291,88 @@ def test_stops_land_within_a_vae_chunk_encode_then_decode(tmp_path, tiny_i2v):
     assert record["status"] == "failed" and record["error"]["code"] == "cancelled", record
     assert "VideoWriteError" not in log, log
     assert f"SIGINT: stopping job {video_id} at its next step or decoded chunk" in log, log
+
+
+# -- a steady server --------------------------------------------------------------------------
+
+
+def test_idle_past_the_collective_timeout(steady, servers):
+    """Idle 25 s or more since it became healthy (it starts loading during the test above, so part
+    of that has passed; the rest is waited), over six times --collective-timeout
+    4 (and past one --heartbeat-timeout 20), then a request succeeds: if this fails, idle ranks wait
+    inside a default-group collective (which times out) rather than on the control plane between
+    heartbeats, and a server dies of a quiet night."""
+    assert _metric(steady.client, "wan_spmd_stage_seconds_count", stage="PipelineWall") == 0  # no job yet
+    time.sleep(max(0.0, servers.idle_since("steady") + 25 - time.monotonic()))
+    r = steady.client.post("/v1/videos/sync", data=_form(2), files=_files())
+    assert r.status_code == 200, r.text
+    assert "ERROR" not in steady.log_text()
+
+
+def test_overload_gets_429_and_the_admitted_finish(steady):
+    """With one job running and --max-queue 2, five more requests at once: two are admitted and
+    three get 429 with Retry-After, and every admitted one finishes with a video. If this fails,
+    overload blocks clients, drops admitted work, or lets the queue grow without bound."""
+    queue_full = _metric(steady.client, "wan_spmd_requests_total", endpoint="/v1/videos/sync", outcome="queue_full")
+    first = Call(steady, steps=10)  # about 3 s
+    _wait_for(lambda: _running(steady), 10, "the first job starting", steady)
+    burst = [Call(steady, steps=2) for _ in range(5)]
+    answers = [call.answer() for call in burst]
+    refused = [r for r in answers if r.status_code == 429]
+    assert len(refused) == 3, [r.status_code for r in answers]
+    for r in refused:
+        assert r.headers["retry-after"] == "5" and r.json()["error"]["type"] == "rate_limit_error"
+    for r in [first.answer(), *(r for r in answers if r.status_code != 429)]:
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4", r.text
+    after = _metric(steady.client, "wan_spmd_requests_total", endpoint="/v1/videos/sync", outcome="queue_full")
+    assert after == queue_full + 3
+
+
+def _post_and_hang_up(server: Server, steps: int, after_s: float) -> None:
+    """A raw HTTP client that sends a whole request, then closes its socket without reading."""
+    request = httpx.Request("POST", "http://serve/v1/videos/sync", data=_form(steps), files=_files())
+    head = "POST /v1/videos/sync HTTP/1.1\r\nHost: serve\r\n"  # a synchronous request: its client waits
+    head += "".join(f"{k}: {v}\r\n" for k, v in request.headers.items() if k.lower() != "host")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(server.uds))
+        sock.sendall(head.encode() + b"\r\n" + request.read())
+        time.sleep(after_s)
+
+
+def test_client_that_hangs_up_cancels_its_job(steady):
+    """A client that closes its connection 1.5 s into a 40-step job (about 12 s): the job stops at
+    its next step (the log names one before the 40th), no video is kept, /metrics counts it as
+    disconnected, and the next request succeeds. If this fails, abandoned requests keep the GPUs
+    busy (or break the loop)."""
+    c = steady.client
+    gone = _metric(c, "wan_spmd_requests_total", endpoint="/v1/videos/sync", outcome="disconnected")
+    videos = set(steady.output_dir.glob("*.mp4"))
+    _post_and_hang_up(steady, steps=40, after_s=1.5)
+    r = c.post("/v1/videos/sync", data=_form(2), files=_files())  # waits behind the cancelled job
+    assert r.status_code == 200, r.text
+    found = re.search(r"cancelled at step (\d+) of 40: the client went away", steady.log_text())
+    assert found and 0 < int(found.group(1)) < 40, steady.log_text()
+    assert _metric(c, "wan_spmd_requests_total", endpoint="/v1/videos/sync", outcome="disconnected") == gone + 1
+    assert len(set(steady.output_dir.glob("*.mp4")) - videos) == 1  # only the later request's
+
+
+def test_sigint_to_torchrun_stops_every_rank(steady):
+    """SIGINT to torchrun alone (Ctrl-C, or `docker stop` with STOPSIGNAL SIGINT) with one job
+    running and one queued: both clients get 503 saying the server is shutting down, every rank
+    exits with status 0 within 30 s, no worker outlives torchrun, the socket file is gone. If this
+    fails, a restart or redeploy loses answers, leaves orphans, or cannot bind its socket."""
+    workers = steady.ranks()
+    running = Call(steady, steps=40)
+    _wait_for(lambda: _running(steady), 10, "the job starting", steady)
+    queued = Call(steady, steps=2)
+    _wait_for(lambda: _metric(steady.client, "wan_spmd_queue_depth") == 1, 10, "a request queued", steady)
+    os.kill(steady.proc.pid, signal.SIGINT)
+    _assert_503(queued.answer(), f"{STOPPING} (SIGINT)")
+    _assert_503(running.answer(), f"{STOPPING} (SIGINT)")
+    steady.proc.wait(timeout=30)
+    log = steady.log_text()
+    assert "rank 0 exits with status 0" in log and "rank 1 exits with status 0" in log, log
+    assert re.search(r"cancelled at step \d+ of 40: the server is shutting down \(SIGINT\)", log), log
+    assert "SignalException" in log and "got signal: 2" in log  # what torchrun says on its own
+    assert not [pid for pid in workers.values() if alive(pid)]
+    assert not steady.uds.exists()
