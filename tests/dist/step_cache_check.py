@@ -28,7 +28,7 @@ BACKENDS = {
     "tea": ("tea_cache", '{"rel_l1_thresh": 0.4, "ret_steps": 2, "coefficients": [1.0, 0.0]}'),
     "mag": ("mag_cache", '{"magcache_K": 3}'),
 }
-REQUESTS = {"cfg": {"num_inference_steps": 8}, "g1": {"num_inference_steps": 8, "guidance_scale": 1.0}}
+REQUESTS = {"cfg": {"num_inference_steps": 6}, "g1": {"num_inference_steps": 6, "guidance_scale": 1.0}}
 CASES = [("tiny-t2v", "cfg"), ("tiny-t2v", "g1"), ("tiny", "cfg")]
 
 

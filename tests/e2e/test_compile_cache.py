@@ -5,6 +5,7 @@ and a corrupted copy survived by a fourth."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,10 @@ def finish(proc: subprocess.Popen) -> tuple[dict, str]:
 
 def test_shared_cache_two_writers_a_reader_and_a_corrupt_copy(cache_home, tmp_path):
     """Two processes compiling the same graphs into one folder both succeed and compute the same
-    numbers; a third finds every graph in the cache (no fresh compile); after every kernel file is
-    truncated, a fourth warns, compiles again and still computes the same numbers. If this fails,
-    ranks or replicas sharing a cache corrupt it, a restart compiles again, or a damaged cache
-    stops a server from starting."""
+    numbers; a third finds every graph in the cache (no fresh compile); beside it, a fourth reads a
+    copy of the folder whose kernel files were all truncated: it warns, compiles again and still
+    computes the same numbers. If this fails, ranks or replicas sharing a cache corrupt it, a
+    restart compiles again, or a damaged cache stops a server from starting."""
     folder = tmp_path / "cache"
     writers = [start(folder), start(folder)]  # at once: the same entries written concurrently
     first, second = (finish(p)[0] for p in writers)
@@ -44,16 +45,19 @@ def test_shared_cache_two_writers_a_reader_and_a_corrupt_copy(cache_home, tmp_pa
     assert first["graphs"] == second["graphs"] == 1
     assert first["checksum"] == second["checksum"]
 
-    reader, _ = finish(start(folder))
-    assert reader["graphs"] == reader["cache_hits"] == 1, reader
-    assert reader["checksum"] == first["checksum"] and reader["fell_back"] is None
-    assert "1 from the cache" in reader["ready"]
-
-    kernels = [p for p in (Path(first["folder"]) / "inductor").rglob("*") if p.suffix in (".so", ".py")]
+    # the reader on the folder and the survivor on a corrupted copy of it, at once
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    kernels = [p for p in (copy / Path(first["folder"]).name / "inductor").rglob("*") if p.suffix in (".so", ".py")]
     assert kernels
     for path in kernels:
         path.write_bytes(b"")
-    survivor, err = finish(start(folder))
+    reading, surviving = start(folder), start(copy)
+    (reader, _), (survivor, err) = finish(reading), finish(surviving)
+    assert reader["graphs"] == reader["cache_hits"] == 1, reader
+    assert reader["checksum"] == first["checksum"] and reader["fell_back"] is None
+    assert "1 from the cache" in reader["ready"]
+    assert Path(survivor["folder"]).parent == copy
     assert survivor["fell_back"] and survivor["cache_hits"] == 0, survivor
     assert "could not be read" in err and "compiling again without it" in err
     assert survivor["checksum"] == first["checksum"]
