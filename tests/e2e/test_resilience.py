@@ -30,10 +30,10 @@ STOPPING = "the server is shutting down"
 
 
 def _start_steady(tmp: Path) -> Server:
-    """A collective timeout (4 s) shorter than the idle heartbeat period (20/4 = 5 s): any idle wait
+    """A collective timeout (4 s) shorter than the idle heartbeat period (18/4 = 4.5 s): any idle wait
     in a default-group collective would outlast it and fail. (It also bounds the ranks' start-up
     rendezvous, so it is not smaller: two ranks importing torch on busy cores start seconds apart.)"""
-    flags = ("--collective-timeout", "4", "--heartbeat-timeout", "20", "--stop-grace", "10", "--max-queue", "2")
+    flags = ("--collective-timeout", "4", "--heartbeat-timeout", "18", "--stop-grace", "10", "--max-queue", "2")
     return _start(tmp, *flags, uds=tmp / "wan.sock")
 
 
@@ -297,13 +297,13 @@ def test_stops_land_within_a_vae_chunk_encode_then_decode(tmp_path, tiny_i2v, st
 
 
 def test_idle_past_the_collective_timeout(steady, servers):
-    """Idle 25 s or more since it became healthy (it starts loading during the test above, so part
-    of that has passed; the rest is waited), over six times --collective-timeout
-    4 (and past one --heartbeat-timeout 20), then a request succeeds: if this fails, idle ranks wait
+    """Idle 19 s or more since it became healthy (it starts loading during the test above, so part
+    of that has passed; the rest is waited), over four times --collective-timeout
+    4 (and past one --heartbeat-timeout 18), then a request succeeds: if this fails, idle ranks wait
     inside a default-group collective (which times out) rather than on the control plane between
     heartbeats, and a server dies of a quiet night."""
     assert _metric(steady.client, "wan_spmd_stage_seconds_count", stage="PipelineWall") == 0  # no job yet
-    time.sleep(max(0.0, servers.idle_since("steady") + 25 - time.monotonic()))
+    time.sleep(max(0.0, servers.idle_since("steady") + 19 - time.monotonic()))
     r = steady.client.post("/v1/videos/sync", data=_form(2), files=_files())
     assert r.status_code == 200, r.text
     assert "ERROR" not in steady.log_text()
