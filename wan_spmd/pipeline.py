@@ -59,8 +59,9 @@ MAX_SEQUENCE_LENGTH = 512  # UMT5 context; the experts' cross-attention always s
 
 
 class StepControl(Protocol):
-    """Called before each denoising step, and between decoded chunks (`stage` "decode"), on every
-    rank that runs the loop; returns False to stop the job.
+    """Called before each denoising step, between the I2V condition's encoded chunks (`stage`
+    "encode") and between decoded chunks (`stage` "decode"), on every rank that runs the loop;
+    returns False to stop the job.
 
     The runtime's implementation agrees across ranks, so all ranks stop at the same step or chunk.
     """
