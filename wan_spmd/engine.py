@@ -312,7 +312,7 @@ def build_pipeline(
     )
     if options.vae_encode_reuse:  # the I2V condition's encode, split or not
         if vae_split is not None:
-            vae_split.band_encoder = functools.partial(reuse_encode_mode, agree=vae_split.all_true)  # type: ignore[assignment]
+            vae_split.band_encoder = functools.partial(reuse_encode_mode, agree=vae_split.all_true)
         else:
             pipe.condition_encoder = reuse_encode_mode
     # across requests; a row-split encode is collective, so there every rank agrees on each lookup

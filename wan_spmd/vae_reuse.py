@@ -52,6 +52,7 @@ from torch import nn
 CACHE_T = 2  # diffusers' frames kept per causal cache (autoencoder_kl_wan.CACHE_T)
 
 Agree = Callable[[torch.Tensor], bool]
+"""(0-dim bool tensor: this rank's stage may be reused) -> whether every rank's may; one rank: bool()."""
 Between = Callable[[int, int], None]
 """Called after encoded chunk `done` of `total` (not after the last) on every rank alike: the job's
 stop check, which raises to stop."""
@@ -62,8 +63,6 @@ class ConditionEncoder(Protocol):
 
     def __call__(self, vae: nn.Module, video: torch.Tensor, between: Between | None = None) -> torch.Tensor: ...
 
-
-"""(0-dim bool tensor: this rank's stage may be reused) -> whether every rank's may; one rank: bool()."""
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
