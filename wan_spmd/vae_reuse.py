@@ -209,33 +209,49 @@ def reuse_encode_mode(
     """`vae.encode(video).latent_dist.mode()`, bitwise, computing each stage only when its input or
     cache changed. `between` is the stop check after each chunk but the last; `agree` makes the
     ranks of a row split take the same branches; `stats` is filled in when given."""
-    if vae.config.patch_size is not None or vae.use_tiling:  # not the A14B condition's VAE: plainly
+    if _whole_only(vae):
         return vae.encode(video).latent_dist.mode()
     agree = agree or _one_rank
     stats = stats if stats is not None else EncodeStats()
     memos = [_Memo(stage, StageStats(name)) for name, stage in encoder_stages(vae.encoder)]
     stats.stages = [m.stats for m in memos]
     cache = _TrackedCache(_cache_slots(vae.encoder))
-    outs = []
-    chunks = encode_chunks(video.shape[2])
-    for done, frames in enumerate(chunks, 1):
-        x, feat_idx = video[:, :, frames], [0]
+
+    def through_stages(x: torch.Tensor) -> torch.Tensor:
+        feat_idx = [0]
         for memo in memos:
             x = memo(x, cache, feat_idx, agree)
-        outs.append(x)
-        if between is not None and done < len(chunks):
-            between(done, len(chunks))
+        return x
+
+    outs = _by_chunks(video, through_stages, between)
     video_storage = video.untyped_storage().data_ptr()
     stored = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for m in memos for t in (m.x, m.out)}
     stored.pop(video_storage, None)  # the first stage's input is a view of the video itself
     stats.held_bytes = sum(stored.values())
-    del memos, cache
+    # the stages' stored chunks and the cache slots, freed before quant_conv (as `del` did)
+    memos.clear()
+    cache.clear()
     return _mode(vae, outs)
 
 
-def encode_chunks(num_frames: int) -> list[slice]:
-    """The frames of each encoder call: 1, then 4 at a time (diffusers' `_encode` loop)."""
-    return [slice(0, 1)] + [slice(1 + 4 * i, 5 + 4 * i) for i in range((num_frames - 1) // 4)]
+def _whole_only(vae: nn.Module) -> bool:
+    """Not the A14B condition's VAE (patchified: TI2V's; or tiled): encoded by diffusers in one call."""
+    return vae.config.patch_size is not None or vae.use_tiling
+
+
+def _by_chunks(
+    video: torch.Tensor, encode_chunk: Callable[[torch.Tensor], torch.Tensor], between: Between | None
+) -> list[torch.Tensor]:
+    """diffusers' `_encode` loop: `encode_chunk` on 1 frame, then 4 at a time; `between(done, total)`
+    after each chunk but the last. The encoder outputs, in order."""
+    num_frames = video.shape[2]
+    chunks = [slice(0, 1)] + [slice(1 + 4 * i, 5 + 4 * i) for i in range((num_frames - 1) // 4)]
+    outs = []
+    for done, frames in enumerate(chunks, 1):
+        outs.append(encode_chunk(video[:, :, frames]))
+        if between is not None and done < len(chunks):
+            between(done, len(chunks))
+    return outs
 
 
 def _mode(vae: nn.Module, outs: list[torch.Tensor]) -> torch.Tensor:
@@ -246,13 +262,7 @@ def _mode(vae: nn.Module, outs: list[torch.Tensor]) -> torch.Tensor:
 def encode_mode(vae: nn.Module, video: torch.Tensor, between: Between | None = None) -> torch.Tensor:
     """`vae.encode(video).latent_dist.mode()`, bitwise: diffusers' chunk loop run here, `between`
     called after each chunk but the last."""
-    if vae.config.patch_size is not None or vae.use_tiling:  # not the A14B condition's VAE: plainly
+    if _whole_only(vae):
         return vae.encode(video).latent_dist.mode()
     cache: list = [None] * _cache_slots(vae.encoder)
-    chunks = encode_chunks(video.shape[2])
-    outs = []
-    for done, frames in enumerate(chunks, 1):
-        outs.append(vae.encoder(video[:, :, frames], feat_cache=cache, feat_idx=[0]))
-        if between is not None and done < len(chunks):
-            between(done, len(chunks))
-    return _mode(vae, outs)
+    return _mode(vae, _by_chunks(video, lambda x: vae.encoder(x, feat_cache=cache, feat_idx=[0]), between))
