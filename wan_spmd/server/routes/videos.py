@@ -68,21 +68,25 @@ REQUEST_BODY = {
         "content": {"multipart/form-data": {"schema": _upload_schema}, "application/json": {"schema": _schema}},
     }
 }
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in (
-        (401, "Missing or wrong API key."),
-        (403, "Without --api-key: the Host is not this server's address, or the Origin is another site."),
-        (400, "A field is invalid or not supported (error.param names it), or the model is not served here."),
-        (408, "The request's headers or body did not arrive within --header-timeout / --body-timeout."),
-        (413, "The image upload is over --max-upload-bytes, or the body over its byte budget."),
-        (415, "The body is neither multipart/form-data nor JSON."),
-        (429, "--max-queue requests are already waiting; retry after Retry-After seconds."),
-        (499, "Never seen by a client: it closed the connection, and the job was cancelled (counted in /metrics)."),
-        (500, "The generation failed on some rank, or the server failed (the log has a traceback)."),
-        (503, "The model is still loading, or the server is stopping or lost a rank; retry after Retry-After."),
-    )
-}
+
+
+def documented(*errors: tuple[int, str]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of a route: each status with the JSON error body and what it means."""
+    return {code: {"model": ErrorResponse, "description": text} for code, text in errors}
+
+
+ERRORS = documented(
+    (401, "Missing or wrong API key."),
+    (403, "Without --api-key: the Host is not this server's address, or the Origin is another site."),
+    (400, "A field is invalid or not supported (error.param names it), or the model is not served here."),
+    (408, "The request's headers or body did not arrive within --header-timeout / --body-timeout."),
+    (413, "The image upload is over --max-upload-bytes, or the body over its byte budget."),
+    (415, "The body is neither multipart/form-data nor JSON."),
+    (429, "--max-queue requests are already waiting; retry after Retry-After seconds."),
+    (499, "Never seen by a client: it closed the connection, and the job was cancelled (counted in /metrics)."),
+    (500, "The generation failed on some rank, or the server failed (the log has a traceback)."),
+    (503, "The model is still loading, or the server is stopping or lost a rank; retry after Retry-After."),
+)
 
 videos_router = APIRouter(tags=["videos"])
 
@@ -386,15 +390,12 @@ async def create_video_sync(request: Request) -> Response:
 
 VARIANTS = {"video": "video/mp4", "thumbnail": "image/jpeg"}
 MAX_LIMIT = 100
-JOB_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in (
-        (400, "A query parameter is invalid (error.param names it)."),
-        (401, "Missing or wrong API key."),
-        (404, "No such video (never made, deleted or expired), or no content yet."),
-        (422, "The video failed: it will never have content (its object says why)."),
-    )
-}
+JOB_ERRORS = documented(
+    (400, "A query parameter is invalid (error.param names it)."),
+    (401, "Missing or wrong API key."),
+    (404, "No such video (never made, deleted or expired), or no content yet."),
+    (422, "The video failed: it will never have content (its object says why)."),
+)
 UNSERVED = "this server makes videos from a prompt (and an image) only; OpenAI's {what} is not served here"
 
 
